@@ -1,0 +1,33 @@
+# make test   : create .venv on first use, install everything, run the fast suite
+# make test-slow : the slow tests too (real SmolLM2 model at long windows)
+# make demo   : the paper in miniature (see README)
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test test-slow demo smollm2 bench clean
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+# pytest exits 5 when it collects no test: that is a failure here, not a pass.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow tests
+
+smollm2: $(STAMP)
+	$(BIN)/python -m pi_jax.fetch smollm2
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/cpu_forward.py
+
+clean:
+	rm -rf $(VENV) .cache runs

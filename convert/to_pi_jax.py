@@ -1,0 +1,85 @@
+"""Import a model into a pi_jax checkpoint.
+
+  python -m convert.to_pi_jax SRC OUT [--rope-scaling linear:4] [--dtype float32|bfloat16] [--force]
+
+SRC is a Hugging Face model directory (config.json + *.safetensors or pytorch_model*.bin), a
+Meta LLaMA directory (params.json + consolidated.NN.pth), or a .gguf file. The source's RoPE
+scaling is kept unless --rope-scaling sets or replaces it (KIND:FACTOR or a JSON object).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from convert.assemble import ConversionError, assemble_params
+from pi_jax import checkpoint
+
+
+def open_source(src: str):
+  """The right reader for SRC, by what is on disk."""
+  if not os.path.exists(src):
+    raise ConversionError(f"{src}: no such file or directory")
+  if os.path.isfile(src) and src.endswith(".gguf"):
+    from convert.gguf_source import GGUFSource
+    return GGUFSource(src)
+  if os.path.isdir(src):
+    if os.path.isfile(os.path.join(src, "config.json")):
+      from convert.hf_source import HFSource
+      return HFSource(src)
+    if os.path.isfile(os.path.join(src, "params.json")):
+      from convert.meta_source import MetaSource
+      return MetaSource(src)
+    raise ConversionError(f"{src}: neither config.json (Hugging Face) nor params.json (Meta) found")
+  raise ConversionError(f"{src}: expected a model directory or a .gguf file")
+
+
+def convert(src: str, out: str, rope_scaling: str | None = None, dtype: str = "float32",
+            force: bool = False, progress: bool = False) -> str:
+  """Converts SRC to a pi_jax checkpoint at OUT (written atomically); returns OUT."""
+  if os.path.exists(out) and not force:
+    raise ConversionError(f"{out} already exists; pass --force to replace it")
+  source = open_source(src)
+  config = source.config().replace(param_dtype=dtype)
+  if rope_scaling is not None:
+    try:
+      config = config.with_rope_scaling(rope_scaling)
+    except ValueError as e:
+      raise ConversionError(f"--rope-scaling {rope_scaling!r}: {e}") from None
+  bar = None
+  if progress:
+    from tqdm import tqdm
+    bar = lambda items: tqdm(items, desc=f"converting {os.path.basename(src.rstrip('/'))}",
+                             unit="tensor", file=sys.stderr)
+  params = assemble_params(config, source.tensor, src, dtype=dtype, progress=bar)
+  return checkpoint.save_checkpoint(out, config, params, force=force,
+                                    extra_files=source.tokenizer_files())
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m convert.to_pi_jax", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("src", help="HF directory, Meta directory, or .gguf file")
+  p.add_argument("out", help="pi_jax checkpoint directory to write")
+  p.add_argument("--rope-scaling", default=None,
+                 help="set/replace RoPE scaling: KIND:FACTOR (e.g. linear:4) or a JSON object")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="parameter dtype of the output (default float32)")
+  p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+  args = p.parse_args(argv)
+  start = time.time()
+  try:
+    out = convert(args.src, args.out, args.rope_scaling, args.dtype, args.force, progress=True)
+  except (ConversionError, FileExistsError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  config = checkpoint.load_config(out)
+  print(f"wrote {out} in {time.time() - start:.1f}s: {config.num_layers} layers, "
+        f"window {config.max_position_embeddings}, rope scaling {config.rope_scaling.describe()}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

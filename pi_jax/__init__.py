@@ -1,0 +1,9 @@
+"""pi_jax: extend the context window of LLaMA-family models by Position Interpolation, in JAX."""
+
+from pi_jax.checkpoint import load_checkpoint, save_checkpoint
+from pi_jax.config import ModelConfig, RopeScaling
+from pi_jax.model import (abstract_params, count_params, forward, hidden_states, init_cache,
+                          init_params, logits_from_hidden, param_axes)
+from pi_jax.rope import apply_rope, inv_freq_and_factor, rope_tables
+
+__version__ = "0.1.0"

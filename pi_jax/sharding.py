@@ -1,0 +1,132 @@
+"""Logical axis names -> mesh axes: the one table, the mesh, and the `shard` helper.
+
+Parameters are annotated with logical names where they are created (model.param_axes);
+activations pass through `shard(x, names)`. An unknown name is an error, never a silent
+replication. A dimension that a mesh axis does not divide is left unsharded on that axis
+(SmolLM2's 9 heads on tensor=2, say): that is a property of the shape, not a typo.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+
+# logical name -> mesh axes it is split over (None: replicated).
+LOGICAL_AXIS_RULES: dict[str, tuple[str, ...] | None] = {
+    # parameters
+    "layers": None,  # the scanned layer axis
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "head_dim": None,
+    "mlp": ("tensor",),
+    "vocab": ("tensor",),
+    "norm": None,
+    # activations
+    "batch": ("data", "fsdp"),
+    "length": ("sequence",),
+    "act_embed": None,
+    "act_heads": ("tensor",),
+    "act_kv_heads": ("tensor",),
+    "act_mlp": ("tensor",),
+    "act_vocab": ("tensor",),
+}
+
+
+def parse_mesh_spec(spec: str | dict | None) -> dict[str, int]:
+  """`data:2,fsdp:2,tensor:2` -> {'data': 2, 'fsdp': 2, 'tensor': 2, 'sequence': 1}.
+
+  One axis may be -1 (or omitted entirely from the spec, then fsdp takes the rest): it takes
+  all remaining devices.
+  """
+  sizes = {}
+  if isinstance(spec, dict):
+    sizes = {k: int(v) for k, v in spec.items()}
+  elif spec:
+    for part in spec.split(","):
+      name, sep, size = part.strip().partition(":")
+      if not sep or not size.strip().lstrip("-").isdigit():
+        raise ValueError(f"mesh spec {spec!r}: expected AXIS:SIZE items like data:2,fsdp:4")
+      sizes[name.strip()] = int(size)
+  unknown = set(sizes) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"mesh spec {spec!r}: unknown axes {sorted(unknown)}; known: {MESH_AXES}")
+  if not sizes:
+    sizes = {"fsdp": -1}  # no spec: plain FSDP over every device
+  return {name: sizes.get(name, 1) for name in MESH_AXES}
+
+
+def make_mesh(spec: str | dict | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor, sequence) mesh over `devices` (default: all devices)."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = parse_mesh_spec(spec)
+  free = [k for k, v in sizes.items() if v == -1]
+  if len(free) > 1:
+    raise ValueError(f"mesh spec {spec!r}: at most one axis may be -1")
+  known = math.prod(v for v in sizes.values() if v != -1)
+  if free:
+    if len(devices) % known:
+      raise ValueError(f"mesh spec {spec!r}: {len(devices)} devices not divisible by {known}")
+    sizes[free[0]] = len(devices) // known
+  total = math.prod(sizes.values())
+  if total != len(devices):
+    raise ValueError(
+        f"mesh spec {spec!r} needs {total} devices ({sizes}); {len(devices)} are available")
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  if devices == list(jax.devices()):
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
+              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = None,
+                    mesh_shape: dict[str, int] | None = None) -> P:
+  """PartitionSpec for logical `names`; axes that do not divide `shape` are dropped."""
+  spec, used = [], set()
+  for i, name in enumerate(names):
+    if name is None:
+      spec.append(None)
+      continue
+    if name not in LOGICAL_AXIS_RULES:
+      raise KeyError(f"logical axis {name!r} has no rule in LOGICAL_AXIS_RULES")
+    axes = [a for a in (LOGICAL_AXIS_RULES[name] or ()) if a not in used]
+    if mesh_shape is not None:
+      axes = [a for a in axes if mesh_shape.get(a, 1) > 1]
+      if shape is not None:
+        kept, size = [], 1
+        for a in axes:  # keep the leading axes whose product divides the dimension
+          if shape[i] % (size * mesh_shape[a]) == 0:
+            kept.append(a)
+            size *= mesh_shape[a]
+        axes = kept
+    used.update(axes)
+    spec.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
+  return P(*spec)
+
+
+def named_sharding(mesh: Mesh, names, shape=None) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(names, shape, dict(mesh.shape)))
+
+
+def tree_shardings(mesh: Mesh, axes_tree, shapes_tree):
+  """NamedShardings for a pytree of logical-name tuples and matching ShapeDtypeStructs."""
+  return jax.tree.map(lambda names, s: named_sharding(mesh, names, s.shape), axes_tree, shapes_tree,
+                      is_leaf=lambda x: isinstance(x, tuple))
+
+
+def shard(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Constrains activation `x` to the logical layout `names` under the current mesh (else no-op)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    for name in names:  # still reject typos off-mesh, so single-device tests catch them
+      if name is not None and name not in LOGICAL_AXIS_RULES:
+        raise KeyError(f"logical axis {name!r} has no rule in LOGICAL_AXIS_RULES")
+    return x
+  spec = logical_to_spec(names, x.shape, dict(mesh.shape))
+  return jax.lax.with_sharding_constraint(x, spec)
