@@ -22,39 +22,67 @@ class ConversionError(ValueError):
   """A source that cannot be converted; the message names the file and what is wrong."""
 
 
+def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+  """np.empty, but 64-byte aligned: jax.device_put on CPU then aliases it instead of copying."""
+  dtype = np.dtype(dtype)
+  nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  buf = np.empty(nbytes + align, np.uint8)
+  start = (-buf.ctypes.data) % align
+  return buf[start:start + nbytes].view(dtype).reshape(shape)
+
+
 def assemble_params(config: ModelConfig, get_tensor, source_name: str, dtype: str = "float32",
-                    progress=None) -> dict:
-  """get_tensor(hf_name) -> np.ndarray (HF layout) or None if absent."""
+                    progress=None, get_rows=None) -> dict:
+  """get_tensor(hf_name) -> np.ndarray (HF layout) or None if absent.
+
+  get_rows(hf_name) -> (shape, read(start, stop)) or None, optional: lets the big embedding /
+  LM head be copied in row blocks instead of through one full-size temporary.
+  """
   np_dtype = NUMPY_DTYPES[dtype]
   shapes = model_lib.param_shapes(config)
   params: dict = {"layers": {}}
   names = list(hf_layout.hf_names(config))
   for hf_name, path, kind, layer in (progress(names) if progress else names):
+    rows = get_rows(hf_name) if get_rows and layer is None and kind in ("identity", "transpose") else None
+    if rows is not None:
+      params[path[0]] = _copy_by_rows(config, hf_name, kind, rows, shapes[path[0]], np_dtype,
+                                      source_name)
+      continue
     w = get_tensor(hf_name)
     if w is None:
       raise ConversionError(f"{source_name}: tensor {hf_name!r} is missing")
-    want_hf = hf_layout.expected_hf_shape(config, kind)
-    if want_hf is not None and tuple(w.shape) != want_hf:
+    want = shapes[path[0]] if layer is None else shapes["layers"][path[1]][1:]
+    # The HF shape the config implies, from the pi_jax shape (zero-stride view: no memory).
+    want_hf = hf_layout.pi_to_hf(config, kind, np.broadcast_to(np.uint8(0), want)).shape
+    if tuple(w.shape) != tuple(want_hf):
       raise ConversionError(f"{source_name}: tensor {hf_name!r} has shape {tuple(w.shape)}, "
-                            f"but the config implies {want_hf}")
-    try:
-      w = hf_layout.hf_to_pi(config, kind, np.asarray(w))
-    except ValueError as e:
-      raise ConversionError(f"{source_name}: tensor {hf_name!r} of shape {tuple(w.shape)} does "
-                            f"not fit the config: {e}") from None
+                            f"but the config implies {tuple(want_hf)}")
+    w = hf_layout.hf_to_pi(config, kind, np.asarray(w))
     if layer is None:
-      want = shapes[path[0]]
-      if tuple(w.shape) != tuple(want):
-        raise ConversionError(f"{source_name}: tensor {hf_name!r} has shape {tuple(w.shape)} in "
-                              f"pi_jax layout, the config implies {tuple(want)}")
-      params[path[0]] = np.ascontiguousarray(w.astype(np_dtype))
+      out = params[path[0]] = aligned_empty(w.shape, np_dtype)
+      out[...] = w  # one copy, cast included
     else:
-      want = shapes["layers"][path[1]]
-      if tuple(w.shape) != tuple(want[1:]):
-        raise ConversionError(f"{source_name}: tensor {hf_name!r} has shape {tuple(w.shape)} in "
-                              f"pi_jax layout, the config implies {tuple(want[1:])}")
       slot = params["layers"].get(path[1])
       if slot is None:
-        slot = params["layers"][path[1]] = np.empty(want, np_dtype)
-      slot[layer] = w.astype(np_dtype)
+        slot = params["layers"][path[1]] = aligned_empty(shapes["layers"][path[1]], np_dtype)
+      slot[layer] = w  # casts while copying: no temporary
   return params
+
+
+def _copy_by_rows(config, hf_name, kind, rows, want, np_dtype, source_name,
+                  block_bytes: int = 16 * 2**20) -> np.ndarray:
+  shape, read = rows
+  want_hf = tuple(want) if kind == "identity" else tuple(want[::-1])
+  if tuple(shape) != want_hf:
+    raise ConversionError(f"{source_name}: tensor {hf_name!r} has shape {tuple(shape)}, "
+                          f"but the config implies {want_hf}")
+  out = aligned_empty(want, np_dtype)
+  step = max(1, block_bytes // (4 * int(np.prod(shape[1:], dtype=np.int64))))
+  for start in range(0, shape[0], step):
+    stop = min(start + step, shape[0])
+    block = read(start, stop)
+    if kind == "identity":
+      out[start:stop] = block
+    else:  # HF [V, D] rows -> pi_jax [D, V] columns
+      out[:, start:stop] = block.T
+  return out

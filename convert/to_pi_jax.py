@@ -53,9 +53,28 @@ def convert(src: str, out: str, rope_scaling: str | None = None, dtype: str = "f
     from tqdm import tqdm
     bar = lambda items: tqdm(items, desc=f"converting {os.path.basename(src.rstrip('/'))}",
                              unit="tensor", file=sys.stderr)
-  params = assemble_params(config, source.tensor, src, dtype=dtype, progress=bar)
-  return checkpoint.save_checkpoint(out, config, params, force=force,
-                                    extra_files=source.tokenizer_files())
+  # Tokenizer first: a GGUF's is rebuilt by transformers, whose peak memory should not add
+  # to the assembled parameters'; it also fails fast.
+  tokenizer_files = source.tokenizer_files()
+  params = assemble_params(config, source.tensor, src, dtype=dtype, progress=bar,
+                           get_rows=getattr(source, "tensor_rows", None))
+  _to_device_in_place(params)
+  return checkpoint.save_checkpoint(out, config, params, force=force, extra_files=tokenizer_files)
+
+
+def _to_device_in_place(tree: dict) -> None:
+  """numpy leaves -> jax arrays, one at a time.
+
+  On CPU, device_put of a 64-byte aligned buffer (assemble allocates them so) aliases it: no
+  copy. Orbax saves jax arrays without the extra host copy it makes of numpy leaves
+  (benchmarks/convert_memory.py measures both).
+  """
+  import jax
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      _to_device_in_place(value)
+    else:
+      tree[key] = jax.device_put(value, may_alias=True).block_until_ready()
 
 
 def main(argv=None) -> int:

@@ -5,15 +5,28 @@ heads of a group share one K/V head, which is never copied per query head) and r
 [B, L, N, H]. Softmax statistics are float32 whatever the compute dtype.
 
 - reference: plain softmax over the full L×L score matrix; the oracle for every fast path.
+- xla_blockwise: flash-attention in plain XLA. Online softmax over key blocks; query block i
+  visits only key blocks 0..i (the blocks above the causal diagonal are never computed, which
+  halves the work at long lengths), memory is linear in L, and a custom VJP recomputes the
+  blocks from the saved log-sum-exp so training memory is linear too.
+- cudnn: jax.nn.dot_product_attention's cuDNN flash kernel (NVIDIA GPU, bf16/fp16).
+- splash: the Pallas TPU splash-attention kernel with a causal mask.
+- ring: context parallelism over the `sequence` mesh axis (pi_jax.ring).
+- auto: splash on TPU, cudnn on GPU for bf16/fp16, else xla_blockwise.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Large finite negative instead of -inf: a fully masked row then gives zeros, not NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+IMPLS = ("auto", "reference", "xla_blockwise", "cudnn", "splash", "ring")
 
 
 def group_queries(q_BLNH: jax.Array, num_kv_heads: int) -> jax.Array:
@@ -44,8 +57,264 @@ def reference_attention(q_BLNH, k_BSKH, v_BSKH, *, q_offset=0, kv_length=None):
   return out_BLKGH.reshape(b, l, n, h).astype(q_BLNH.dtype)
 
 
+# --- xla_blockwise ------------------------------------------------------------------------------
+#
+# Internal layout: the block axis leads (a dynamic index on it reads one contiguous block) and
+# the G query heads of a K/V head are folded into the rows next to the T positions of a block:
+#   q, dq, out  [nb, B, K, R, H]  with R = T·G, row r = position t·G + head g
+#   k, v        [nb, B, K, T, H]
+#   lse         [nb, B, K, R]     float32
+# so each block pair is one [R, H] × [H, T] matmul per (B, K) with no transposes inside loops.
+
+
+def _to_blocks_q(x_BLNH, num_kv_heads, t):
+  b, l, n, h = x_BLNH.shape
+  x = x_BLNH.reshape(b, l // t, t, num_kv_heads, n // num_kv_heads, h)
+  return x.transpose(1, 0, 3, 2, 4, 5).reshape(l // t, b, num_kv_heads, t * (n // num_kv_heads), h)
+
+
+def _from_blocks_q(x_nBKRH, t):
+  nb, b, k, r, h = x_nBKRH.shape
+  g = r // t
+  return x_nBKRH.reshape(nb, b, k, t, g, h).transpose(1, 0, 3, 2, 4, 5).reshape(b, nb * t, k * g, h)
+
+
+def _to_blocks_kv(x_BLKH, t):
+  b, l, k, h = x_BLKH.shape
+  return x_BLKH.reshape(b, l // t, t, k, h).transpose(1, 0, 3, 2, 4)
+
+
+def _diag_mask(t, g):
+  """[R, T] True where row r (position r // G of the block) may see key s of the same block."""
+  return jnp.asarray(np.arange(t)[None, :] <= (np.arange(t * g) // g)[:, None])
+
+
+def _scores(q_BKRH, k_BKTH, scale):
+  return jnp.einsum("BKRH,BKTH->BKRT", q_BKRH, k_BKTH, preferred_element_type=jnp.float32) * scale
+
+
+def _online_step(carry, q_BKRH, k_BKTH, v_BKTH, scale, mask_RT=None):
+  """One key block of the online softmax; carry = (running max, running sum, accumulator)."""
+  m_BKR, l_BKR, acc_BKRH = carry
+  s_BKRT = _scores(q_BKRH, k_BKTH, scale)
+  if mask_RT is not None:
+    s_BKRT = jnp.where(mask_RT, s_BKRT, MASK_VALUE)
+  m_new = jnp.maximum(m_BKR, jnp.max(s_BKRT, axis=-1))
+  p_BKRT = jnp.exp(s_BKRT - m_new[..., None])
+  alpha = jnp.exp(m_BKR - m_new)
+  l_new = alpha * l_BKR + jnp.sum(p_BKRT, axis=-1)
+  pv_BKRH = jnp.einsum("BKRT,BKTH->BKRH", p_BKRT.astype(v_BKTH.dtype), v_BKTH,
+                       preferred_element_type=jnp.float32)
+  return m_new, l_new, alpha[..., None] * acc_BKRH + pv_BKRH
+
+
+def _key_mask(j, t, kv_valid):
+  """[1, T] True for the keys of block j before kv_valid (None: no padding, no mask)."""
+  if kv_valid is None:
+    return None
+  return (j * t + jnp.arange(t) < kv_valid)[None, :]
+
+
+def _blockwise_fwd_core(q, k, v, causal: bool, kv_valid: int | None = None):
+  """(out [nb,B,K,R,H] f32, lse [nb,B,K,R] f32); causal: q block i visits key blocks ≤ i only.
+
+  causal=False attends every query block to every key block (ring attention's blocks from
+  earlier shards), masking keys at or past kv_valid (block padding); q and k may then have
+  different block counts.
+  """
+  nb, b, kh, r, h = q.shape
+  nk, t = k.shape[0], k.shape[3]
+  scale = 1.0 / math.sqrt(h)
+  mask_RT = _diag_mask(t, r // t) if causal else None
+
+  def q_block(i):
+    q_i = q[i]
+    init = (jnp.full((b, kh, r), -jnp.inf, jnp.float32), jnp.zeros((b, kh, r), jnp.float32),
+            jnp.zeros((b, kh, r, h), jnp.float32))
+    if causal:
+      # The key blocks strictly below the diagonal need no mask; the dynamic trip count (i) is
+      # what skips the blocks above it.
+      carry = jax.lax.fori_loop(0, i, lambda j, c: _online_step(c, q_i, k[j], v[j], scale), init)
+      carry = _online_step(carry, q_i, k[i], v[i], scale, mask_RT)
+    else:
+      carry = jax.lax.fori_loop(
+          0, nk, lambda j, c: _online_step(c, q_i, k[j], v[j], scale, _key_mask(j, t, kv_valid)),
+          init)
+    m, l, acc = carry
+    return acc / l[..., None], m + jnp.log(l)
+
+  return jax.lax.map(q_block, jnp.arange(nb))
+
+
+def _blockwise_bwd_core(q, k, v, out, lse, dout, dlse, causal: bool, kv_valid: int | None):
+  """Flash-attention backward: key block j (outer) meets query blocks i ≥ j (inner).
+
+  dK_j, dV_j accumulate in the inner loop's carry; dQ accumulates in a float32 buffer updated in
+  place. `dlse` is the cotangent of the log-sum-exp output (ring attention merges with it).
+  """
+  nb, b, kh, r, h = q.shape
+  nk, t = k.shape[0], k.shape[3]
+  scale = 1.0 / math.sqrt(h)
+  mask_RT = _diag_mask(t, r // t) if causal else None
+  # dS = P ∘ (dP − D) with D = rowsum(dO ∘ O); the lse cotangent adds P ∘ dlse.
+  delta = jnp.sum(dout * out, axis=-1) - dlse
+  dout = dout.astype(q.dtype)
+
+  def pair(i, j, carry, mask_RT=None):
+    dk_BKTH, dv_BKTH, dq = carry
+    q_i, do_i = q[i], dout[i]
+    k_j, v_j = k[j], v[j]
+    s_BKRT = _scores(q_i, k_j, scale)
+    if mask_RT is not None:
+      s_BKRT = jnp.where(mask_RT, s_BKRT, MASK_VALUE)
+    p_BKRT = jnp.exp(s_BKRT - lse[i][..., None])
+    dv_BKTH += jnp.einsum("BKRT,BKRH->BKTH", p_BKRT.astype(do_i.dtype), do_i,
+                          preferred_element_type=jnp.float32)
+    dp_BKRT = jnp.einsum("BKRH,BKTH->BKRT", do_i, v_j, preferred_element_type=jnp.float32)
+    ds_BKRT = (p_BKRT * (dp_BKRT - delta[i][..., None]) * scale).astype(q.dtype)
+    dk_BKTH += jnp.einsum("BKRT,BKRH->BKTH", ds_BKRT, q_i, preferred_element_type=jnp.float32)
+    dq_i = jnp.einsum("BKRT,BKTH->BKRH", ds_BKRT, k_j, preferred_element_type=jnp.float32)
+    dq = jax.lax.dynamic_update_index_in_dim(dq, dq[i] + dq_i, i, 0)
+    return dk_BKTH, dv_BKTH, dq
+
+  def k_block(j, carry):
+    dk, dv, dq = carry
+    zeros = jnp.zeros((b, kh, t, h), jnp.float32)
+    inner = (zeros, zeros, dq)
+    if causal:
+      inner = pair(j, j, inner, mask_RT)
+      dk_j, dv_j, dq = jax.lax.fori_loop(j + 1, nb, lambda i, c: pair(i, j, c), inner)
+    else:
+      key_mask = _key_mask(j, t, kv_valid)
+      dk_j, dv_j, dq = jax.lax.fori_loop(0, nb, lambda i, c: pair(i, j, c, key_mask), inner)
+    dk = jax.lax.dynamic_update_index_in_dim(dk, dk_j, j, 0)
+    dv = jax.lax.dynamic_update_index_in_dim(dv, dv_j, j, 0)
+    return dk, dv, dq
+
+  init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32),
+          jnp.zeros(q.shape, jnp.float32))
+  dk, dv, dq = jax.lax.fori_loop(0, nk, k_block, init)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def blockwise_core(q, k, v, causal, kv_valid=None):
+  """(out f32, lse f32) in the blocked layout; differentiable in q, k, v through both outputs."""
+  return _blockwise_fwd_core(q, k, v, causal, kv_valid)
+
+
+def _core_fwd(q, k, v, causal, kv_valid):
+  out, lse = _blockwise_fwd_core(q, k, v, causal, kv_valid)
+  return (out, lse), (q, k, v, out, lse)
+
+
+def _core_bwd(causal, kv_valid, res, cotangents):
+  q, k, v, out, lse = res
+  dout, dlse = cotangents
+  return _blockwise_bwd_core(q, k, v, out, lse, dout.astype(jnp.float32),
+                             dlse.astype(jnp.float32), causal, kv_valid)
+
+
+blockwise_core.defvjp(_core_fwd, _core_bwd)
+
+
+def block_length(length: int, block_size: int) -> int:
+  """The block length actually used: block_size, or L rounded up to 8 when L is shorter."""
+  if block_size <= 0:
+    raise ValueError(f"attention block_size must be positive, got {block_size}")
+  return min(block_size, -(-length // 8) * 8)
+
+
+def blockwise_attention(q_BLNH, k_BLKH, v_BLKH, *, block_size: int = 512):
+  """Causal flash attention in plain XLA (see the module docstring); exact up to rounding."""
+  b, l, n, h = q_BLNH.shape
+  kh = k_BLKH.shape[2]
+  t = block_length(l, block_size)
+  pad = (-l) % t
+  if pad:  # padded keys sit after every real query, so the causal mask alone hides them
+    widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+    q_BLNH, k_BLKH, v_BLKH = (jnp.pad(x, widths) for x in (q_BLNH, k_BLKH, v_BLKH))
+  out, _ = blockwise_core(_to_blocks_q(q_BLNH, kh, t), _to_blocks_kv(k_BLKH, t),
+                          _to_blocks_kv(v_BLKH, t), True)
+  return _from_blocks_q(out, t)[:, :l].astype(q_BLNH.dtype)
+
+
+# --- vendor kernels (imported lazily: they exist only on their own backends) -------------------
+
+
+def _backend() -> str:
+  return jax.default_backend()
+
+
+def cudnn_attention(q_BLNH, k_BLKH, v_BLKH):
+  """cuDNN flash attention (NVIDIA GPU; bf16 or fp16). Causality comes from is_causal, never a
+  dense mask."""
+  if _backend() != "gpu":
+    raise ValueError(f"attention impl 'cudnn' needs an NVIDIA GPU; the JAX backend is {_backend()!r}."
+                     " Use 'xla_blockwise' (or 'auto').")
+  if q_BLNH.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"attention impl 'cudnn' needs bfloat16 or float16 inputs, got {q_BLNH.dtype};"
+                     " set compute_dtype=bfloat16 or use 'xla_blockwise'.")
+  return jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, is_causal=True,
+                                      implementation="cudnn")
+
+
+def splash_attention(q_BLNH, k_BLKH, v_BLKH, *, block_size: int = 512):
+  """Pallas TPU splash attention with a lazy causal mask; GQA as one MQA kernel per K/V head."""
+  if _backend() != "tpu":
+    raise ValueError(f"attention impl 'splash' needs a TPU; the JAX backend is {_backend()!r}."
+                     " Use 'xla_blockwise' (or 'auto').")
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  b, l, n, h = q_BLNH.shape
+  kh = k_BLKH.shape[2]
+  g = n // kh
+  pad = (-l) % 128  # the kernel tiles by 128; trailing padding is hidden by the causal mask
+  lp = l + pad
+  if pad:
+    widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+    q_BLNH, k_BLKH, v_BLKH = (jnp.pad(x, widths) for x in (q_BLNH, k_BLKH, v_BLKH))
+  blk = max(128, min(block_size, lp) // 128 * 128)
+  while lp % blk:
+    blk -= 128
+  sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk,
+                        block_kv_dkv=blk, block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
+  mask = sm.MultiHeadMask([sm.CausalMask((lp, lp)) for _ in range(g)])
+  kernel = sk.make_splash_mqa_single_device(mask=mask, block_sizes=sizes)
+  q_BKGLH = (group_queries(q_BLNH, kh) / jnp.sqrt(jnp.float32(h)).astype(q_BLNH.dtype)
+             ).transpose(0, 2, 3, 1, 4)  # splash does not scale the scores itself
+  k_BKLH, v_BKLH = k_BLKH.transpose(0, 2, 1, 3), v_BLKH.transpose(0, 2, 1, 3)
+  out_BKGLH = jax.vmap(jax.vmap(kernel))(q_BKGLH, k_BKLH, v_BKLH)
+  return out_BKGLH.transpose(0, 3, 1, 2, 4).reshape(b, lp, n, h)[:, :l]
+
+
+def resolve_impl(impl: str, dtype) -> str:
+  """The implementation `auto` stands for on this backend and compute dtype."""
+  if impl not in IMPLS:
+    raise ValueError(f"unknown attention implementation {impl!r}; expected one of {IMPLS}")
+  if impl != "auto":
+    return impl
+  backend = _backend()
+  if backend == "tpu":
+    return "splash"
+  if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    return "cudnn"
+  return "xla_blockwise"
+
+
 def attention(q_BLNH, k_BLKH, v_BLKH, *, impl: str = "auto", block_size: int = 512):
   """Causal self-attention with the implementation named by `impl`."""
-  if impl in ("auto", "reference"):
+  if q_BLNH.shape[2] % k_BLKH.shape[2]:
+    raise ValueError(f"query heads {q_BLNH.shape[2]} are not a multiple of kv heads "
+                     f"{k_BLKH.shape[2]}")
+  impl = resolve_impl(impl, q_BLNH.dtype)
+  if impl == "reference":
     return reference_attention(q_BLNH, k_BLKH, v_BLKH)
-  raise ValueError(f"attention implementation {impl!r} is not available")
+  if impl == "xla_blockwise":
+    return blockwise_attention(q_BLNH, k_BLKH, v_BLKH, block_size=block_size)
+  if impl == "cudnn":
+    return cudnn_attention(q_BLNH, k_BLKH, v_BLKH)
+  if impl == "splash":
+    return splash_attention(q_BLNH, k_BLKH, v_BLKH, block_size=block_size)
+  from pi_jax import ring
+  return ring.ring_attention(q_BLNH, k_BLKH, v_BLKH, block_size=block_size)

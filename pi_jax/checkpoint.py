@@ -25,6 +25,7 @@ from pi_jax.config import ModelConfig
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
+OCDBT_FILE_BYTES = 32 * 2**20
 
 
 def is_checkpoint(path: str) -> bool:
@@ -58,9 +59,12 @@ def save_checkpoint(path: str, config: ModelConfig, params, *, force: bool = Fal
   tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
   try:
     os.makedirs(tmp)
-    with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
-      ckptr.wait_until_finished()
+    # Small OCDBT data files: tensorstore keeps a data file's bytes in memory until it is
+    # written, so orbax's default (~2 GB files) adds up to a second model copy to peak host
+    # memory (benchmarks/convert_memory.py). Restores read it like any orbax checkpoint.
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+      ckptr.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(
+          params, ocdbt_target_data_file_size=OCDBT_FILE_BYTES))
     for name, src in (extra_files or {}).items():
       dst = os.path.join(tmp, name)
       os.makedirs(os.path.dirname(dst), exist_ok=True)

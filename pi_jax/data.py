@@ -81,8 +81,20 @@ def _iter_tfds(spec: str, data_dir: str | None):
   except ImportError:
     raise ImportError(f"data spec {spec!r} needs tensorflow-datasets (pip install "
                       "'pi_jax[tfds]' tensorflow)") from None
-  builder = tfds.builder(name, data_dir=data_dir)
-  source = builder.as_data_source(split=split)
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # tfds raises its own DatasetNotFoundError and friends
+    raise ValueError(f"data spec {spec!r}: tensorflow-datasets cannot open {name!r}: {e}") from None
+  if not builder.is_prepared():
+    raise FileNotFoundError(
+        f"data spec {spec!r}: {name} is not prepared under {builder.data_dir} (data_dir="
+        f"{data_dir!r}); prepare it once with `tfds build {name} --file_format=array_record "
+        "--data_dir DIR` (needs tensorflow) and pass --data-dir DIR")
+  try:
+    source = builder.as_data_source(split=split)
+  except NotImplementedError as e:  # TFRECORD files need tensorflow itself to be read
+    raise ValueError(f"data spec {spec!r}: {builder.data_dir} holds a format pi_jax cannot read "
+                     f"without tensorflow; rebuild it with --file_format=array_record ({e})") from None
   for i in range(len(source)):
     record = source[i]
     text = record.get("book_text", record.get("text"))

@@ -21,6 +21,10 @@ def chunked_nll(config: ModelConfig, params, h_BLD: jax.Array, targets_BL: jax.A
                 chunk: int = DEFAULT_CHUNK) -> jax.Array:
   """Per-position negative log-likelihood [B, L] (float32) of `targets` given hidden states."""
   b, l, d = h_BLD.shape
+  if not isinstance(chunk, int) or chunk <= 0:
+    raise ValueError(f"loss chunk must be a positive number of positions, got {chunk!r}")
+  if targets_BL.shape != (b, l):
+    raise ValueError(f"targets shape {targets_BL.shape} does not match hidden states {(b, l)}")
   chunk = min(chunk, l)
   pad = (-l) % chunk
   if pad:

@@ -41,8 +41,112 @@ class ByteTokenizer:
     return path
 
 
+def _special_id(value, lookup) -> int | None:
+  """A token id from tokenizer_config's bos_token/eos_token (a string or {"content": ...})."""
+  if isinstance(value, dict):
+    value = value.get("content")
+  return lookup(value) if isinstance(value, str) else None
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.isfile(path):
+    return {}
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: invalid JSON: {e}") from None
+
+
+def _template_adds_bos(processor: dict | None, bos_token: str | None) -> bool:
+  """Whether a tokenizer.json post-processor puts `bos_token` in front of a single sequence."""
+  if not processor:
+    return False
+  if processor.get("type") == "Sequence":
+    return any(_template_adds_bos(p, bos_token) for p in processor.get("processors", []))
+  if processor.get("type") in ("TemplateProcessing",):
+    single = processor.get("single") or []
+    first = single[0] if single else {}
+    return "SpecialToken" in first and first["SpecialToken"].get("id") == bos_token
+  if processor.get("type") in ("BertProcessing", "RobertaProcessing"):
+    return bos_token is not None and processor.get("cls", [None])[0] == bos_token
+  return False
+
+
+class HFTokenizer:
+  """A Hugging Face tokenizer.json, run by the `tokenizers` package (no transformers).
+
+  Special tokens are never added by the Rust post-processor; BOS is prepended here when the
+  source model's tokenizer does (tokenizer_config.json add_bos_token, else its post-processor),
+  so add_bos can be switched per call.
+  """
+
+  kind = "tokenizer.json"
+
+  def __init__(self, folder: str, fallback_ids: dict | None = None):
+    from tokenizers import Tokenizer
+    file = os.path.join(folder, "tokenizer.json")
+    try:
+      self._tok = Tokenizer.from_file(file)
+    except Exception as e:
+      raise ValueError(f"{file}: not a readable tokenizers file: {e}") from None
+    tok_config = _read_json(os.path.join(folder, "tokenizer_config.json"))
+    spec = _read_json(file)
+    lookup = self._tok.token_to_id
+    fallback_ids = fallback_ids or {}
+    self.bos_id = _special_id(tok_config.get("bos_token"), lookup)
+    if self.bos_id is None:
+      self.bos_id = fallback_ids.get("bos_token_id")
+    self.eos_id = _special_id(tok_config.get("eos_token"), lookup)
+    if self.eos_id is None:
+      self.eos_id = fallback_ids.get("eos_token_id")
+    bos_token = self._tok.id_to_token(self.bos_id) if self.bos_id is not None else None
+    if "add_bos_token" in tok_config:
+      self.add_bos = bool(tok_config["add_bos_token"]) and self.bos_id is not None
+    else:
+      self.add_bos = _template_adds_bos(spec.get("post_processor"), bos_token)
+    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+  def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+    ids = self._tok.encode(text, add_special_tokens=False).ids
+    return ([self.bos_id] + ids) if (self.add_bos if add_bos is None else add_bos) else ids
+
+  def decode(self, ids) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+class SentencePieceTokenizer:
+  """A sentencepiece tokenizer.model (LLaMA 1/2, Meta checkpoints); BOS prepended by default."""
+
+  kind = "tokenizer.model"
+
+  def __init__(self, folder: str):
+    import sentencepiece as spm
+    file = os.path.join(folder, "tokenizer.model")
+    self._sp = spm.SentencePieceProcessor()
+    try:
+      self._sp.Load(file)
+    except Exception as e:
+      raise ValueError(f"{file}: not a readable sentencepiece model: {e}") from None
+    ids = (self._sp.bos_id(), self._sp.eos_id())
+    self.bos_id, self.eos_id = (i if i >= 0 else None for i in ids)
+    tok_config = _read_json(os.path.join(folder, "tokenizer_config.json"))
+    self.add_bos = bool(tok_config.get("add_bos_token", True)) and self.bos_id is not None
+    self.vocab_size = self._sp.GetPieceSize()
+
+  def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+    ids = self._sp.EncodeAsIds(text)
+    return ([self.bos_id] + ids) if (self.add_bos if add_bos is None else add_bos) else ids
+
+  def decode(self, ids) -> str:
+    return self._sp.DecodeIds([int(i) for i in ids])
+
+
 def load_tokenizer(path: str):
-  """The tokenizer stored with checkpoint `path` (or in tokenizer folder `path`)."""
+  """The tokenizer stored with checkpoint `path` (or in tokenizer folder `path`).
+
+  Looks for bytes.json, then tokenizer.json, then tokenizer.model.
+  """
   folder = os.path.join(path, "tokenizer")
   if not os.path.isdir(folder):
     folder = path
@@ -50,5 +154,11 @@ def load_tokenizer(path: str):
   if os.path.isfile(byte_file):
     with open(byte_file) as f:
       return ByteTokenizer(add_bos=json.load(f).get("add_bos", True))
+  if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+    # The checkpoint's config.json (pi_jax or HF) names BOS/EOS when the tokenizer files do not.
+    ids = _read_json(os.path.join(path, "config.json"))
+    return HFTokenizer(folder, fallback_ids=ids)
+  if os.path.isfile(os.path.join(folder, "tokenizer.model")):
+    return SentencePieceTokenizer(folder)
   raise FileNotFoundError(f"{path}: no tokenizer found (expected {folder}/bytes.json, "
                           "tokenizer.json or tokenizer.model)")

@@ -1,0 +1,258 @@
+"""pi_jax vs transformers on CPU: forward + next-token NLL of one long window, SmolLM2-135M, fp32.
+
+  python benchmarks/cpu_forward.py --lengths 2048,8192,16384 --repeats 3 --json runs/cpu_forward.json
+  python benchmarks/cpu_forward.py --lengths 32768 --sides jax          # the 32K memory check
+
+Each side runs in its own subprocess (so their peak RSS do not mix) and is warmed first (pi_jax:
+compiled; the compile time is reported separately). Then the parent asks them for one timed run
+at a time, alternating which side goes first (A B B A A B ...), so load from other processes on a
+shared machine hits both sides alike; the table shows medians. Both sides score the same random
+tokens with the same weights (the real SmolLM2-135M-Instruct when `pi_jax.fetch` has it, else
+random weights of the exact shape: timing does not depend on the weights), and the mean NLLs are
+printed side by side as a check that they computed the same thing.
+
+transformers runs `model(ids, labels=ids)` with attn_implementation="sdpa" (the full float32
+logits exist there: 6.4 GB at 32K); pi_jax runs `loss.mean_loss` (blockwise attention, chunked
+logits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                    num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
+                    rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=8192)
+
+
+def _tokens(length: int, vocab: int) -> np.ndarray:
+  return np.random.RandomState(0).randint(0, vocab, size=(1, length)).astype(np.int32)
+
+
+def _peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _real_weights_available() -> bool:
+  try:
+    from pi_jax import fetch
+    from pi_jax.checkpoint import is_checkpoint
+  except ImportError:
+    return False
+  return (is_checkpoint(os.path.join(fetch.cache_dir(), fetch.CKPT_NAME))
+          and os.path.isfile(os.path.join(fetch.cache_dir(), fetch.GGUF_NAME)))
+
+
+def _jax_side(length: int, weights: str, block_size: int, chunk: int):
+  import jax
+  import jax.numpy as jnp
+  from pi_jax import loss as loss_lib
+  from pi_jax import model as model_lib
+  from pi_jax.config import ModelConfig
+  overrides = dict(attention_impl="xla_blockwise", attention_block_size=block_size)
+  if weights == "real":
+    from pi_jax import fetch
+    from pi_jax.checkpoint import load_checkpoint
+    config, params = load_checkpoint(fetch.smollm2_checkpoint(), config_overrides=overrides)
+  else:
+    config = ModelConfig(**SMOLLM2_135M, **overrides)
+    params = jax.jit(model_lib.init_params, static_argnums=0)(config, jax.random.key(0))
+  tokens = jnp.asarray(_tokens(length, config.vocab_size))
+  targets = jnp.roll(tokens, -1, axis=1)
+  mask = jnp.ones_like(tokens).at[:, -1].set(0)  # the last position has no target
+
+  def fwd(params, tokens, targets, mask):
+    return loss_lib.mean_loss(config, params, tokens, targets, mask, chunk=chunk)[0]
+
+  start = time.perf_counter()
+  compiled = jax.jit(fwd).lower(params, tokens, targets, mask).compile()
+  compile_s = time.perf_counter() - start
+  mem = compiled.memory_analysis()
+  memory = {"compiled_temp_mb": mem.temp_size_in_bytes / 2**20,
+            "compiled_argument_mb": mem.argument_size_in_bytes / 2**20}
+  run = lambda: float(compiled(params, tokens, targets, mask))
+  return run, compile_s, memory
+
+
+def _torch_side(length: int, weights: str):
+  import torch
+  import transformers
+  if weights == "real":
+    from pi_jax import fetch
+    path = fetch.smollm2_gguf()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32,
+        attn_implementation="sdpa")
+  else:
+    c = SMOLLM2_135M
+    cfg = transformers.LlamaConfig(
+        vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
+        intermediate_size=c["intermediate_size"], num_hidden_layers=c["num_layers"],
+        num_attention_heads=c["num_heads"], num_key_value_heads=c["num_kv_heads"],
+        head_dim=c["head_dim"], rms_norm_eps=c["rms_norm_eps"],
+        tie_word_embeddings=True, max_position_embeddings=c["max_position_embeddings"],
+        rope_parameters={"rope_type": "default", "rope_theta": c["rope_theta"]})
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa",
+                                                       dtype=torch.float32)
+  model.eval()
+  ids = torch.from_numpy(_tokens(length, model.config.vocab_size).astype(np.int64))
+
+  def run():
+    with torch.inference_mode():
+      return float(model(input_ids=ids, labels=ids).loss)
+  return run, 0.0, {}
+
+
+def worker(side: str, length: int, weights: str, block_size: int, chunk: int,
+           warmup: int) -> None:
+  """Line protocol on stdin/stdout: prints a 'ready' record, then one record per 'run'."""
+  if side == "jax":
+    run, compile_s, memory = _jax_side(length, weights, block_size, chunk)
+  else:
+    run, compile_s, memory = _torch_side(length, weights)
+  start, nll = time.perf_counter(), None
+  for _ in range(warmup):  # pi_jax is already compiled; torch allocates and picks kernels
+    nll = run()
+  warm_s = time.perf_counter() - start
+  print(json.dumps({"ready": True, "compile_s": compile_s, "warmup_s": warm_s, "nll": nll,
+                    "rss_after_setup_mb": _peak_rss_mb(), **memory}), flush=True)
+  for line in sys.stdin:
+    if line.strip() != "run":
+      break
+    start = time.perf_counter()
+    nll = run()
+    print(json.dumps({"seconds": time.perf_counter() - start, "nll": nll}), flush=True)
+  print(json.dumps({"peak_rss_mb": _peak_rss_mb()}), flush=True)
+
+
+class Worker:
+
+  def __init__(self, side, args, length):
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--lengths", str(length),
+           "--weights", args.weights, "--block-size", str(args.block_size),
+           "--chunk", str(args.chunk), "--warmup", str(args.warmup)]
+    self.side = side
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self.ready = self._read()
+
+  def _read(self):
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f"{self.side} worker died (exit {self.proc.wait()}); see its stderr above")
+    return json.loads(line)
+
+  def run(self):
+    self.proc.stdin.write("run\n")
+    self.proc.stdin.flush()
+    return self._read()
+
+  def close(self):
+    self.proc.stdin.write("quit\n")
+    self.proc.stdin.flush()
+    rss = self._read()["peak_rss_mb"]
+    self.proc.wait()
+    return rss
+
+
+def bench_length(args, length):
+  sides = [s for s in args.sides.split(",") if s != "torch" or length <= args.torch_max_length]
+  workers = {}
+  for side in sides:  # set up one at a time so start-up work does not overlap
+    print(f"[{length}] starting {side} ...", file=sys.stderr, flush=True)
+    workers[side] = Worker(side, args, length)
+  times = {s: [] for s in sides}
+  nlls = {s: workers[s].ready["nll"] for s in sides}
+  for r in range(args.repeats):
+    order = sides if r % 2 == 0 else sides[::-1]
+    for side in order:
+      rec = workers[side].run()
+      times[side].append(rec["seconds"])
+      nlls[side] = rec["nll"]
+      print(f"[{length}] {side} run {r + 1}: {rec['seconds']:.2f}s", file=sys.stderr, flush=True)
+  row = {"length": length, "repeats": args.repeats}
+  for side in sides:
+    row[side] = {**workers[side].ready, "times_s": times[side], "nll": nlls[side],
+                 "median_s": statistics.median(times[side]) if times[side] else None,
+                 "peak_rss_mb": workers[side].close()}
+    row[side].pop("ready")
+  if args.repeats and "jax" in row and "torch" in row:
+    row["speedup"] = row["torch"]["median_s"] / row["jax"]["median_s"]
+  return row
+
+
+def _fmt(row, side, key, fmt):
+  value = row.get(side, {}).get(key)
+  return "–" if value is None else format(value, fmt)
+
+
+def markdown(rows, weights):
+  lines = [f"SmolLM2-135M shape, float32, batch 1, {weights} weights; median of the repeats.", "",
+           "| length | pi_jax s | transformers s | speedup | pi_jax compile s | pi_jax peak RSS MB"
+           " | transformers peak RSS MB | pi_jax compiled temp MB | NLL pi_jax / transformers"
+           " | repeats |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for row in rows:
+    speed = f"{row['speedup']:.2f}×" if "speedup" in row else "–"
+    lines.append(
+        f"| {row['length']} | {_fmt(row, 'jax', 'median_s', '.2f')} | "
+        f"{_fmt(row, 'torch', 'median_s', '.2f')} | {speed} | {_fmt(row, 'jax', 'compile_s', '.1f')} | "
+        f"{_fmt(row, 'jax', 'peak_rss_mb', '.0f')} | {_fmt(row, 'torch', 'peak_rss_mb', '.0f')} | "
+        f"{_fmt(row, 'jax', 'compiled_temp_mb', '.0f')} | {_fmt(row, 'jax', 'nll', '.4f')} / {_fmt(row, 'torch', 'nll', '.4f')} | {row['repeats']} |")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--lengths", default="2048,8192,16384,32768",
+                 help="comma-separated window lengths (default: %(default)s)")
+  p.add_argument("--repeats", type=int, default=3,
+                 help="timed runs per side and length (0: only set up, compile and warm up)")
+  p.add_argument("--warmup", type=int, default=1, help="untimed runs per side first")
+  p.add_argument("--sides", default="jax,torch", help="jax, torch, or both (default)")
+  p.add_argument("--torch-max-length", type=int, default=16384,
+                 help="skip transformers above this length (its float32 logits alone are "
+                      "L × 49152 × 4 bytes: 6.4 GB at 32K) (default: %(default)s)")
+  p.add_argument("--weights", choices=("auto", "real", "random"), default="auto",
+                 help="real SmolLM2 weights (needs `python -m pi_jax.fetch smollm2`), random "
+                      "weights of the same shape, or auto: real when cached")
+  p.add_argument("--block-size", type=int, default=256,
+                 help="pi_jax attention block size (256 was the fastest on this 2-core CPU)")
+  p.add_argument("--chunk", type=int, default=1024, help="pi_jax loss chunk (positions)")
+  p.add_argument("--json", default=None, help="write the results here as JSON")
+  p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if args.weights == "auto":
+    args.weights = "real" if _real_weights_available() else "random"
+  lengths = [int(x) for x in args.lengths.split(",")]
+  if args.worker:
+    worker(args.worker, lengths[0], args.weights, args.block_size, args.chunk, args.warmup)
+    return 0
+  bad = set(args.sides.split(",")) - {"jax", "torch"}
+  if bad:
+    p.error(f"--sides: unknown {sorted(bad)}; use jax and/or torch")
+  rows = []
+  for length in lengths:
+    rows.append(bench_length(args, length))
+    print(markdown(rows[-1:], args.weights), flush=True)
+  print()
+  print(markdown(rows, args.weights))
+  if args.json:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+      json.dump({"weights": args.weights, "block_size": args.block_size, "chunk": args.chunk,
+                 "cpu_count": os.cpu_count(), "rows": rows}, f, indent=2)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

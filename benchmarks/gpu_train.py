@@ -1,0 +1,165 @@
+"""Train-step throughput and MFU of a ~1B LLaMA at long windows (meant for one GPU/TPU).
+
+  python benchmarks/gpu_train.py --lengths 8192,32768 --json runs/gpu_train.json   # on a GPU
+  python benchmarks/gpu_train.py --shape smoke                                     # CPU smoke run
+
+Shape `tinyllama`: TinyLlama-1.1B (vocab 32000, hidden 2048, mlp 5632, 22 layers, 32 heads,
+4 kv heads). Parameters and AdamW state in float32, compute in bfloat16, random tokens, batch 1
+window per step, full remat, attention `auto` (cuDNN on NVIDIA GPUs, splash on TPU).
+
+FLOPs per token = 6·N + 6·layers·L·d: N counts the parameters that take part in matmuls (all
+but the input embedding table), 6·layers·L·d is causal attention's QKᵀ and PV (12·layers·L·d
+for the full square, halved). MFU = tokens/s × FLOPs per token / the device's peak dense bf16
+FLOP/s (--peak-tflops, else looked up from the device kind).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from pi_jax import loss as loss_lib
+from pi_jax import model as model_lib
+from pi_jax.config import ModelConfig
+
+SHAPES = {
+    "tinyllama": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22,
+                      num_heads=32, num_kv_heads=4, rms_norm_eps=1e-5),
+    "smoke": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2,
+                  num_heads=4, num_kv_heads=2),
+}
+# Peak dense bf16 TFLOP/s by device kind substring (vendor data sheets, without sparsity).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "TPU v5 lite": 197.0,
+               "TPU v5p": 459.0, "TPU v4": 275.0, "TPU v6": 918.0}
+
+
+def flops_per_token(config: ModelConfig, length: int) -> float:
+  n = model_lib.count_params(config)
+  if not config.tie_word_embeddings:
+    n -= config.vocab_size * config.hidden_size  # the input table is a lookup, not a matmul
+  return 6.0 * n + 6.0 * config.num_layers * length * config.hidden_size
+
+
+def peak_flops(device, override_tflops):
+  if override_tflops:
+    return override_tflops * 1e12
+  for name, tflops in PEAK_TFLOPS.items():
+    if name.lower() in device.device_kind.lower():
+      return tflops * 1e12
+  return None
+
+
+def bench(config: ModelConfig, length: int, steps: int, warmup: int, batch: int, chunk: int):
+  optimizer = optax.adamw(1e-5, b1=0.9, b2=0.95, weight_decay=0.0)
+
+  @jax.jit
+  def init(key):
+    params = model_lib.init_params(config, key)
+    return params, optimizer.init(params)
+
+  def train_step(state, tokens):
+    params, opt_state = state
+    mask = jnp.ones_like(tokens).at[:, -1].set(0)
+    targets = jnp.roll(tokens, -1, axis=1)
+    loss, grads = jax.value_and_grad(
+        lambda p: loss_lib.mean_loss(config, p, tokens, targets, mask, chunk=chunk)[0])(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), loss
+
+  step = jax.jit(train_step, donate_argnums=0)
+  state = init(jax.random.key(0))
+  rng = np.random.RandomState(0)
+  batches = [jnp.asarray(rng.randint(0, config.vocab_size, (batch, length)), jnp.int32)
+             for _ in range(2)]
+  start = time.perf_counter()
+  compiled = step.lower(state, batches[0]).compile()
+  compile_s = time.perf_counter() - start
+  mem = compiled.memory_analysis()
+  for i in range(warmup):
+    state, loss = compiled(state, batches[i % 2])
+  jax.block_until_ready(state)
+  times = []
+  for i in range(steps):
+    t0 = time.perf_counter()
+    state, loss = compiled(state, batches[i % 2])
+    jax.block_until_ready((state, loss))
+    times.append(time.perf_counter() - t0)
+  device = jax.devices()[0]
+  stats = device.memory_stats() or {}
+  step_s = statistics.median(times)
+  tokens_per_s = batch * length / step_s
+  peak = peak_flops(device, None)
+  fpt = flops_per_token(config, length)
+  return {
+      "length": length, "batch": batch, "steps": steps, "step_s_median": step_s,
+      "tokens_per_s": tokens_per_s, "flops_per_token": fpt,
+      "model_tflops_per_s": tokens_per_s * fpt / 1e12,
+      "mfu": tokens_per_s * fpt / peak if peak else None,
+      "compile_s": compile_s, "loss": float(loss),
+      "peak_device_bytes": stats.get("peak_bytes_in_use"),
+      "compiled_temp_bytes": mem.temp_size_in_bytes if mem else None,
+      "compiled_argument_bytes": mem.argument_size_in_bytes if mem else None,
+      "device": device.device_kind, "attention": config.attention_impl,
+  }
+
+
+def _gib(x):
+  return "–" if x is None else f"{x / 2**30:.2f}"
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama")
+  p.add_argument("--lengths", default=None, help="comma-separated (default 8192,32768; smoke: 256)")
+  p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--attention", default="auto", help="attention_impl (default: auto)")
+  p.add_argument("--block-size", type=int, default=512)
+  p.add_argument("--remat", default="full")
+  p.add_argument("--compute-dtype", default="bfloat16")
+  p.add_argument("--chunk", type=int, default=2048, help="loss chunk (positions)")
+  p.add_argument("--peak-tflops", type=float, default=None,
+                 help="the device's peak dense bf16 TFLOP/s (default: looked up by device kind)")
+  p.add_argument("--json", default=None)
+  args = p.parse_args(argv)
+  lengths = [int(x) for x in (args.lengths or ("256" if args.shape == "smoke" else "8192,32768")).split(",")]
+  rows = []
+  for length in lengths:
+    config = ModelConfig(**SHAPES[args.shape], max_position_embeddings=length,
+                         param_dtype="float32", compute_dtype=args.compute_dtype, remat=args.remat,
+                         attention_impl=args.attention, attention_block_size=args.block_size)
+    row = bench(config, length, args.steps, args.warmup, args.batch, args.chunk)
+    if args.peak_tflops and row["mfu"] is None:
+      row["mfu"] = row["model_tflops_per_s"] / args.peak_tflops
+    rows.append(row)
+    print(f"[{length}] {row['step_s_median']:.3f}s/step", file=sys.stderr, flush=True)
+  n = model_lib.count_params(config)
+  print(f"{args.shape}: {n / 1e6:.1f}M parameters, {args.compute_dtype} compute, remat "
+        f"{args.remat}, attention {args.attention}, device {rows[0]['device']}\n")
+  print("| length | step s | tokens/s | TFLOP/s (model) | MFU | peak device GiB | compiled temp GiB"
+        " | compile s |")
+  print("|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    mfu = "–" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+    print(f"| {r['length']} | {r['step_s_median']:.3f} | {r['tokens_per_s']:.0f} | "
+          f"{r['model_tflops_per_s']:.2f} | {mfu} | {_gib(r['peak_device_bytes'])} | "
+          f"{_gib(r['compiled_temp_bytes'])} | {r['compile_s']:.1f} |")
+  if args.json:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+      json.dump({"shape": args.shape, "params": n, "rows": rows}, f, indent=2)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

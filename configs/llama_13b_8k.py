@@ -1,0 +1,7 @@
+"""LLaMA 13B, 2048 -> 8192 by Position Interpolation (lr 2e-5, batch 64, 1000 steps)."""
+
+from pi_jax.train.recipes import extend
+
+
+def get_config():
+  return extend("llama-13b", "13b", 8192, "pi")

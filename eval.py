@@ -1,0 +1,292 @@
+"""Evaluate a pi_jax checkpoint: sliding-window perplexity and passkey retrieval (PI §3.2, §3.3).
+
+  python eval.py perplexity --ckpt CKPT --data pg19_standin --windows 2048,4096,8192 --stride 256 \\
+      --rope-scaling none,linear:2 --json out.json --plot out.png
+  python eval.py passkey --ckpt CKPT --lengths 4096,8192 --trials 10 --depths 32 \\
+      --rope-scaling linear:2 --json out.json --plot out.png
+
+Each writes a Markdown table to stdout, progress to stderr, and optionally JSON and a PNG.
+The definitions are in pi_jax/evals/perplexity.py and pi_jax/evals/passkey.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _int_list(text: str, what: str) -> list[int]:
+  out = []
+  for part in text.split(","):
+    part = part.strip().lower()
+    mult = 1024 if part.endswith("k") else 1
+    try:
+      value = int(part[:-1] if mult > 1 else part) * mult
+    except ValueError:
+      raise ValueError(f"{what}: {part!r} in {text!r} is not an integer (e.g. 2048,4096 or 4k)")
+    if value < 1:
+      raise ValueError(f"{what}: {value} must be positive")
+    out.append(value)
+  if not out:
+    raise ValueError(f"{what}: empty list")
+  return out
+
+
+def _scalings(values: list[str] | None) -> list[str | None]:
+  """--rope-scaling may repeat and each may be a comma list; JSON objects are kept whole."""
+  if not values:
+    return [None]  # the checkpoint's own scaling
+  out = []
+  for v in values:
+    out.extend([v] if v.strip().startswith("{") else [p.strip() for p in v.split(",") if p.strip()])
+  return out
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--ckpt", required=True, help="pi_jax checkpoint directory")
+  p.add_argument("--rope-scaling", action="append", metavar="KIND:FACTOR",
+                 help="replace the checkpoint's RoPE scaling (none, linear:2, ntk:2, yarn:2, "
+                      "dynamic:2, or JSON); repeat or comma-separate to compare several; "
+                      "default: the checkpoint's own")
+  p.add_argument("--batch-size", type=int, default=None,
+                 help="sequences per step (default: the number of data shards of the mesh)")
+  p.add_argument("--mesh", default=None, help="e.g. data:2,fsdp:2,tensor:2 (default: one device)")
+  p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                 help="compute dtype (default: the checkpoint's)")
+  p.add_argument("--attention-impl", default=None, help="override the attention implementation")
+  p.add_argument("--json", dest="json_out", default=None, help="write the results here")
+  p.add_argument("--plot", default=None, help="write a PNG plot here")
+  p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="eval.py", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="task", required=True)
+  p = sub.add_parser("perplexity", help="sliding-window perplexity (Press et al. 2022)")
+  _common(p)
+  p.add_argument("--data", required=True,
+                 help="directory / glob of text files, JSONL with 'text', tfds:NAME[:SPLIT], or "
+                      "a bundled name (pg19_standin, proofpile_standin)")
+  p.add_argument("--data-dir", default=None, help="tfds data_dir")
+  p.add_argument("--windows", default="2048,4096,8192", help="comma-separated window sizes")
+  p.add_argument("--stride", type=int, default=256)
+  p.add_argument("--max-tokens", type=int, default=None,
+                 help="cut each document to its first N tokens (BOS included)")
+  p.add_argument("--max-docs", type=int, default=None)
+  p.add_argument("--skip-short", action="store_true",
+                 help="drop documents shorter than the largest window + 1 (default: score whole)")
+  p.add_argument("--per-window-mean", action="store_true",
+                 help="YaRN's variant: exp(mean over windows of each window's mean NLL)")
+  p.add_argument("--chunk", type=int, default=1024, help="loss chunk (positions per logits block)")
+
+  p = sub.add_parser("passkey", help="passkey retrieval and k_max (PI §3.3)")
+  _common(p)
+  p.add_argument("--lengths", default="4096,8192", help="comma-separated prompt lengths (tokens)")
+  p.add_argument("--trials", type=int, default=10, help="random keys per (length, k)")
+  p.add_argument("--depths", type=int, default=32, help="values of k per length, over [0, L)")
+  p.add_argument("--mode", default="generate", choices=("generate", "score"))
+  p.add_argument("--seed", type=int, default=0)
+
+  p = sub.add_parser("report", help="merge JSON files of one task into one table and plot")
+  p.add_argument("inputs", nargs="+", help="JSON files written by --json")
+  p.add_argument("--json", dest="json_out", default=None)
+  p.add_argument("--plot", default=None)
+  return parser
+
+
+def _progress(args):
+  from tqdm import tqdm
+  return lambda desc, total: tqdm(total=total, desc=desc, file=sys.stderr, unit="seq",
+                                  disable=args.no_progress, dynamic_ncols=True, leave=False)
+
+
+def _load(args):
+  """(mesh, config, params, tok, batch size)."""
+  import pi_jax
+  from pi_jax.evals import runtime
+  mesh = None
+  if args.mesh:
+    from pi_jax import sharding
+    mesh = sharding.make_mesh(args.mesh)
+  batch = runtime.check_batch_size(
+      runtime.batch_shards(mesh) if args.batch_size is None else args.batch_size, mesh)
+  overrides = {k: v for k, v in (("compute_dtype", args.dtype),
+                                 ("attention_impl", args.attention_impl)) if v}
+  config, params = pi_jax.load_checkpoint(args.ckpt, mesh=mesh, config_overrides=overrides or None)
+  tok = pi_jax.load_tokenizer(args.ckpt)
+  return mesh, config, params, tok, batch
+
+
+def _with_scaling(config, spec, ckpt):
+  if spec is None:
+    return config
+  try:
+    return config.with_rope_scaling(spec)
+  except ValueError as e:
+    raise ValueError(f"--rope-scaling {spec!r} does not fit checkpoint {ckpt}: {e}") from None
+
+
+def _check_scalings(config, specs, ckpt):
+  return [(_with_scaling(config, s, ckpt)) for s in specs]  # all, before any work
+
+
+def run_perplexity(args) -> dict:
+  from pi_jax import data as data_lib
+  from pi_jax.evals import perplexity as ppl
+  from pi_jax.evals import report
+  windows = _int_list(args.windows, "--windows")
+  for w in windows:
+    if not 1 <= args.stride <= w:
+      raise ValueError(f"--stride {args.stride} must be between 1 and every window ({w})")
+  if args.max_tokens is not None and args.max_tokens < 2:
+    raise ValueError(f"--max-tokens {args.max_tokens}: need at least 2 tokens to score one")
+  info = report.run_info(args.argv)
+  docs = list(data_lib.iter_documents(args.data, data_dir=args.data_dir, max_docs=args.max_docs))
+  mesh, config, params, tok, batch = _load(args)
+  configs = _check_scalings(config, _scalings(args.rope_scaling), args.ckpt)
+  documents = ppl.tokenize_documents(tok, docs, args.max_tokens)
+  definition = "per_window_mean" if args.per_window_mean else "sliding"
+  bar = _progress(args)
+  runs = []
+  for cfg in configs:
+    label = cfg.rope_scaling.describe()
+    results = ppl.evaluate_perplexity(
+        cfg, params, documents, windows, args.stride, batch_size=batch, mesh=mesh,
+        skip_short=args.skip_short, chunk=args.chunk,
+        progress=lambda w, n, label=label: bar(f"{label} W={w}", n))
+    records = [dict(r.record(definition, cfg.max_position_embeddings), rope_scaling=label)
+               for r in results]
+    runs.append({"rope_scaling": label, "model_window": cfg.max_position_embeddings,
+                 "original_window": cfg.original_window, "results": records})
+    for r in records:
+      print(f"[{label}] window {r['window']}: perplexity {r['perplexity']:.4f} over "
+            f"{r['tokens']} tokens, {r['documents']} docs, "
+            f"{r['scored_tokens_per_second']} scored tok/s", file=sys.stderr, flush=True)
+  return {
+      "task": "perplexity",
+      "definition": definition,
+      "definition_text": (
+          "sliding window (Press et al. 2022, PI §3.2): windows of W tokens at 0, S, 2S, ...; each "
+          "scores only targets no earlier window scored; exp(total NLL / total scored tokens)"
+          if definition == "sliding" else
+          "YaRN's per-window mean: the same windows and scored targets; exp(mean over windows of "
+          "each window's mean NLL)"),
+      "bos_policy": (f"BOS (id {tok.bos_id}) prepended to each document, as context only"
+                     if tok.add_bos else "no BOS (the model's tokenizer adds none)"),
+      "short_documents_policy": ("skipped (shorter than the largest window + 1)" if args.skip_short
+                                 else "scored whole as one window"),
+      "settings": {"ckpt": args.ckpt, "data": args.data, "data_dir": args.data_dir,
+                   "windows": windows, "stride": args.stride, "max_tokens": args.max_tokens,
+                   "max_docs": args.max_docs, "batch_size": batch, "mesh": args.mesh,
+                   "compute_dtype": config.compute_dtype,
+                   "attention_impl": config.attention_impl, "chunk": args.chunk,
+                   "documents_loaded": len(documents),
+                   "document_tokens": int(sum(len(t) for _, t in documents))},
+      **info,
+      "runs": runs,
+  }
+
+
+def run_passkey(args) -> dict:
+  from pi_jax.evals import passkey
+  from pi_jax.evals import report
+  lengths = _int_list(args.lengths, "--lengths")
+  if args.trials < 1:
+    raise ValueError(f"--trials must be >= 1, got {args.trials}")
+  info = report.run_info(args.argv)
+  mesh, config, params, tok, batch = _load(args)
+  configs = _check_scalings(config, _scalings(args.rope_scaling), args.ckpt)
+  trials = passkey.PromptBuilder(tok).trials(lengths, args.depths, args.trials, args.seed)
+  bar = _progress(args)
+  runs = []
+  for cfg in configs:
+    label = cfg.rope_scaling.describe()
+    results = passkey.run_trials(cfg, params, tok, trials, mode=args.mode, batch_size=batch,
+                                 progress=lambda n, label=label: bar(f"passkey {label}", n))
+    summary = passkey.summarize(results)
+    runs.append({"rope_scaling": label, "model_window": cfg.max_position_embeddings,
+                 "lengths": summary, "trials": results})
+    for length, s in summary.items():
+      print(f"[{label}] length {length}: mean accuracy {s['mean_accuracy']:.2f}, "
+            f"k_max {s['k_max']}", file=sys.stderr, flush=True)
+  return {
+      "task": "passkey",
+      "protocol": "PI §3.3 / Mohtashami & Jaggi 2023; k = tokens from the key to the end; "
+                  "k_max = largest k with every k' <= k at >= 20% accuracy",
+      "settings": {"ckpt": args.ckpt, "lengths": lengths, "trials": args.trials,
+                   "depths": args.depths, "mode": args.mode, "seed": args.seed,
+                   "batch_size": batch, "mesh": args.mesh, "compute_dtype": config.compute_dtype,
+                   "attention_impl": config.attention_impl},
+      **info,
+      "k_max": {r["rope_scaling"]: {L: s["k_max"] for L, s in r["lengths"].items()} for r in runs},
+      "runs": runs,
+  }
+
+
+def run_report(args) -> dict:
+  """Runs with the same RoPE scaling label are merged (their windows or lengths joined)."""
+  import json
+  payloads = []
+  for path in args.inputs:
+    try:
+      with open(path) as f:
+        payloads.append(json.load(f))
+    except (OSError, json.JSONDecodeError) as e:
+      raise ValueError(f"{path}: cannot read an eval.py JSON file: {e}") from None
+  tasks = {p.get("task") for p in payloads}
+  if len(tasks) != 1 or tasks - {"perplexity", "passkey"}:
+    raise ValueError(f"report needs JSON files of one task (perplexity or passkey), got {tasks}")
+  task = tasks.pop()
+  runs: dict[str, dict] = {}
+  for p in payloads:
+    for run in p["runs"]:
+      field = "results" if task == "perplexity" else "lengths"
+      merged = runs.setdefault(run["rope_scaling"], {"rope_scaling": run["rope_scaling"],
+                                                    field: [] if field == "results" else {}})
+      if field == "results":
+        merged["results"] = sorted(merged["results"] + run["results"], key=lambda r: r["window"])
+      else:
+        merged["lengths"].update(run["lengths"])
+  return {"task": task, "sources": [{"file": f, "command": p.get("command"),
+                                     "settings": p.get("settings")}
+                                    for f, p in zip(args.inputs, payloads)],
+          "runs": list(runs.values())}
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  args.argv = sys.argv[1:] if argv is None else list(argv)
+  try:
+    from pi_jax.evals import report
+    if args.task == "report":
+      out = run_report(args)
+      table = report.perplexity_table if out["task"] == "perplexity" else report.passkey_table
+      print(table(out["runs"]))
+      if args.plot:
+        plot = report.plot_perplexity if out["task"] == "perplexity" else report.plot_passkey
+        plot(out["runs"], args.plot, f"{out['task']}: " + ", ".join(
+            os.path.basename(f) for f in args.inputs))
+    elif args.task == "perplexity":
+      out = run_perplexity(args)
+      print(report.perplexity_table(out["runs"]))
+      if args.plot:
+        s = out["settings"]
+        report.plot_perplexity(out["runs"], args.plot,
+                               f"{s['ckpt']} on {s['data']}, stride {s['stride']} ({out['definition']})")
+    else:
+      out = run_passkey(args)
+      print(report.passkey_table(out["runs"]))
+      if args.plot:
+        report.plot_passkey(out["runs"], args.plot, f"passkey: {args.ckpt} ({args.mode})")
+    if args.json_out:
+      report.write_json(args.json_out, out)
+  except (ValueError, FileNotFoundError, ImportError, MemoryError, KeyError) as e:
+    print(f"eval.py {args.task}: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

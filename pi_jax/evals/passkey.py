@@ -1,0 +1,222 @@
+"""Passkey retrieval (Mohtashami & Jaggi 2023) and the effective context window (PI §3.3).
+
+The prompt is the paper's template: a task line, the filler sentence group repeated, the pass key
+line at a chosen depth, more filler, and the question. k is the distance in tokens from the
+key's first token to the end of the input; for each length L, `depths` values of k are evenly
+spaced over [0, L) (k = 0 puts the key just before the question, the nearest it can be) and each
+gets `trials` random 5-digit keys. The filler count is chosen so the prompt is as long as
+possible without exceeding L tokens.
+
+Modes:
+  generate  greedy decoding with the KV cache; success when the continuation, leading spaces
+            stripped, starts with the key (the paper's protocol).
+  score     teacher forcing, no decoding loop: the prompt plus " KEY" in one forward; success
+            when every key token is the argmax given what precedes it. Also reports the key's
+            log-probability.
+
+k_max (the effective context window) = the largest k of the grid such that every k' <= k
+succeeds in at least 20% of its trials (None when even the nearest k fails).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pi_jax.config import ModelConfig
+
+TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
+        "them. I will quiz you about the important information there.")
+FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+KEY_LINE = " The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = " What is the pass key? The pass key is"
+KEY_HEAD = " The pass key is"  # the text of the key line before the key itself
+SUCCESS_THRESHOLD = 0.2  # PI §3.3: a distance counts when >= 20% of its trials succeed
+MODES = ("generate", "score")
+
+
+def passkey_prompt(key: int | str, n_before: int, n_after: int) -> str:
+  """The paper's prompt with `n_before` filler groups before the key line and `n_after` after."""
+  return TASK + FILLER * n_before + KEY_LINE.format(key=key) + FILLER * n_after + QUESTION
+
+
+def effective_window(ks, accuracies, threshold: float = SUCCESS_THRESHOLD):
+  """k_max: the largest k such that every k' <= k has accuracy >= threshold (None if none)."""
+  best = None
+  for k, acc in sorted(zip(ks, accuracies)):
+    if acc < threshold:
+      break
+    best = k
+  return best
+
+
+def depth_grid(length: int, depths: int) -> list[int]:
+  """`depths` values of k evenly spaced over [0, length)."""
+  if depths < 1:
+    raise ValueError(f"--depths must be >= 1, got {depths}")
+  return [int(i * length // depths) for i in range(depths)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+  length: int  # the target L
+  k: int  # the nominal distance from the grid
+  key: int
+  ids: tuple[int, ...]  # prompt tokens (BOS as the model's tokenizer adds it)
+  key_ids: tuple[int, ...]  # the tokens of " KEY" that follow the prompt
+  actual_k: int  # measured distance of the key's first token from the end
+
+
+class PromptBuilder:
+  """Chooses filler counts so a prompt is <= L tokens with its key ~k tokens from the end."""
+
+  def __init__(self, tok):
+    self.tok = tok
+    self._len_cache: dict[tuple, int] = {}
+
+  def _len(self, key, n_before, n_after) -> int:
+    sig = (len(str(key)), n_before, n_after)
+    if sig not in self._len_cache:
+      self._len_cache[sig] = len(self.tok.encode(passkey_prompt(key, n_before, n_after)))
+    return self._len_cache[sig]
+
+  def trial(self, length: int, k: int, key: int) -> Trial:
+    tok = self.tok
+    base = self._len(key, 0, 0)
+    if base >= length:
+      raise ValueError(f"passkey length {length} is shorter than the prompt without filler "
+                       f"({base} tokens)")
+    per = self._len(key, 0, 1) - base  # tokens per filler group
+    total = (length - base) // per
+    while total > 0 and self._len(key, 0, total) > length:  # merges at the seams may add tokens
+      total -= 1
+    tail = base - len(tok.encode(TASK + KEY_HEAD))  # k with no filler after the key
+    n_after = min(total, max(0, round((k - tail) / per)))
+    text = passkey_prompt(key, total - n_after, n_after)
+    ids = tok.encode(text)
+    head = tok.encode(TASK + FILLER * (total - n_after) + KEY_HEAD)
+    full = tok.encode(text + f" {key}")
+    if full[:len(ids)] != ids:
+      raise ValueError("the tokenizer merges the key into the prompt's last token; cannot "
+                       "score the key's tokens separately")
+    return Trial(length, k, key, tuple(ids), tuple(full[len(ids):]), len(ids) - len(head))
+
+  def trials(self, lengths, depths: int, num_trials: int, seed: int) -> list[Trial]:
+    rng = random.Random(seed)
+    out = []
+    for length in lengths:
+      for k in depth_grid(length, depths):
+        for _ in range(num_trials):
+          out.append(self.trial(length, k, rng.randint(10000, 99999)))
+    return out
+
+
+def _score_fn(config: ModelConfig):
+  from pi_jax import model as model_lib
+
+  def fn(params, tokens_BL, key_pos_BM, key_ids_BM):
+    """Argmax hit and log-prob of each key token [B, M] (positions predict the next token)."""
+    h_BLD = model_lib.hidden_states(config, params, tokens_BL)
+    h_BMD = jnp.take_along_axis(h_BLD, key_pos_BM[..., None], axis=1)
+    logits_BMV = model_lib.logits_from_hidden(config, params, h_BMD)
+    logp_BMV = jax.nn.log_softmax(logits_BMV, axis=-1)
+    hit_BM = jnp.argmax(logits_BMV, axis=-1) == key_ids_BM
+    return hit_BM, jnp.take_along_axis(logp_BMV, key_ids_BM[..., None], axis=-1)[..., 0]
+
+  return jax.jit(fn)
+
+
+def run_trials(config: ModelConfig, params, tok, trials: list[Trial], *, mode: str = "generate",
+               batch_size: int = 1, progress: Callable[[int], object] | None = None,
+               generate_fn=None) -> list[dict]:
+  """One result dict per trial: success, generated text or key log-prob, timings."""
+  if mode not in MODES:
+    raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
+  bar = progress(len(trials)) if progress else None
+  results = []
+  groups: dict[tuple, list[Trial]] = {}
+  for t in trials:  # equal-length prompts share one batch (and one compilation)
+    groups.setdefault((t.length, len(t.ids) if mode == "generate" else 0), []).append(t)
+  score = _score_fn(config) if mode == "score" else None
+  for group in groups.values():
+    for b0 in range(0, len(group), batch_size):
+      batch = group[b0:b0 + batch_size]
+      t0 = time.perf_counter()
+      if mode == "generate":
+        out = _generate_batch(config, params, tok, batch, batch_size, generate_fn)
+      else:
+        out = _score_batch(score, params, batch, batch_size)
+      seconds = (time.perf_counter() - t0) / len(batch)
+      for t, o in zip(batch, out):
+        results.append({"length": t.length, "k": t.k, "actual_k": t.actual_k, "key": t.key,
+                        "tokens": len(t.ids), "seconds": round(seconds, 3), **o})
+      if bar is not None:
+        bar.update(len(batch))
+  if bar is not None:
+    bar.close()
+  return results
+
+
+def _generate_batch(config, params, tok, batch, batch_size, generate_fn):
+  if generate_fn is None:
+    from pi_jax.generate import generate as generate_fn
+  prompt = np.array([t.ids for t in batch] + [batch[0].ids] * (batch_size - len(batch)), np.int32)
+  new = max(len(t.key_ids) for t in batch) + 2
+  out = np.asarray(generate_fn(config, params, jnp.asarray(prompt), new, temperature=0.0,
+                               eos_id=tok.eos_id))
+  results = []
+  for t, row in zip(batch, out):
+    ids = [int(i) for i in row]
+    if tok.eos_id is not None and tok.eos_id in ids:
+      ids = ids[:ids.index(tok.eos_id)]
+    text = tok.decode(ids)
+    results.append({"success": text.lstrip().startswith(str(t.key)), "output": text,
+                    "output_ids": ids})
+  return results
+
+
+def _score_batch(score, params, batch, batch_size):
+  # One shape per target length (prompts of a length differ by a few tokens), not per prompt.
+  width = max(batch[0].length + 16, max(len(t.ids) + len(t.key_ids) for t in batch))
+  m = max(len(t.key_ids) for t in batch)
+  tokens = np.zeros((batch_size, width), np.int32)
+  pos = np.zeros((batch_size, m), np.int32)
+  key_ids = np.zeros((batch_size, m), np.int32)
+  valid = np.zeros((batch_size, m), bool)
+  for row, t in enumerate(batch):
+    seq = t.ids + t.key_ids
+    tokens[row, :len(seq)] = seq
+    n = len(t.key_ids)
+    pos[row, :n] = np.arange(len(t.ids) - 1, len(t.ids) - 1 + n)  # logits there predict the key
+    key_ids[row, :n] = t.key_ids
+    valid[row, :n] = True
+  hit, logp = score(params, jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(key_ids))
+  hit, logp = np.asarray(hit), np.asarray(logp, np.float64)
+  return [{"success": bool(hit[r][valid[r]].all()),
+           "key_logprob": float(logp[r][valid[r]].sum())} for r in range(len(batch))]
+
+
+def summarize(results: list[dict]) -> dict:
+  """Accuracy per (length, k) and k_max per length."""
+  by_length: dict[int, dict[int, list]] = {}
+  for r in results:
+    by_length.setdefault(r["length"], {}).setdefault(r["k"], []).append(r)
+  out = {}
+  for length, by_k in sorted(by_length.items()):
+    ks = sorted(by_k)
+    acc = [float(np.mean([r["success"] for r in by_k[k]])) for k in ks]
+    out[length] = {
+        "k": ks,
+        "actual_k": [float(np.mean([r["actual_k"] for r in by_k[k]])) for k in ks],
+        "accuracy": acc,
+        "trials": [len(by_k[k]) for k in ks],
+        "mean_accuracy": float(np.mean(acc)),
+        "k_max": effective_window(ks, acc),
+    }
+  return out

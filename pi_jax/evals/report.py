@@ -1,0 +1,124 @@
+"""Run metadata, Markdown tables, JSON files and plots for the evaluations."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+
+
+def run_info(argv=None, prog: str = "eval.py") -> dict:
+  """What a number needs to be reproduced: command line, versions, device, commit, time."""
+  import jax
+  import numpy
+  import pi_jax
+  commit = None
+  try:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.dirname(pi_jax.__file__)),
+                            timeout=10).stdout.strip() or None
+  except (OSError, subprocess.SubprocessError):
+    pass
+  devices = jax.devices()
+  return {
+      "command": shlex.join([prog] + list(sys.argv[1:] if argv is None else argv)),
+      "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "versions": {"pi_jax": pi_jax.__version__, "jax": jax.__version__,
+                   "numpy": numpy.__version__, "python": platform.python_version()},
+      "git_commit": commit,
+      "device": {"platform": devices[0].platform, "kind": devices[0].device_kind,
+                 "count": len(devices)},
+  }
+
+
+def write_json(path: str, payload: dict) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(payload, f, indent=2, sort_keys=False)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def _fmt_ppl(x: float) -> str:
+  if x != x:  # NaN
+    return "nan"
+  return f"{x:.3g}" if x >= 1000 else f"{x:.3f}"
+
+
+def perplexity_table(runs: list[dict]) -> str:
+  """Rows: one per RoPE scaling; columns: windows. Each cell is the perplexity."""
+  windows = sorted({r["window"] for run in runs for r in run["results"]})
+  lines = ["| scaling | " + " | ".join(str(w) for w in windows) + " |",
+           "|---|" + "---|" * len(windows)]
+  for run in runs:
+    by_w = {r["window"]: r for r in run["results"]}
+    cells = [_fmt_ppl(by_w[w]["perplexity"]) if w in by_w else "–" for w in windows]
+    lines.append(f"| {run['rope_scaling']} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def passkey_table(runs: list[dict]) -> str:
+  """Rows: scaling × length; mean accuracy over depths and k_max."""
+  lines = ["| scaling | length | mean accuracy | k_max | accuracy by k |", "|---|---|---|---|---|"]
+  for run in runs:
+    for length, s in run["lengths"].items():
+      by_k = " ".join(f"{k}:{a:.1f}" for k, a in zip(s["k"], s["accuracy"]))
+      lines.append(f"| {run['rope_scaling']} | {length} | {s['mean_accuracy']:.2f} | "
+                   f"{s['k_max'] if s['k_max'] is not None else 'none'} | {by_k} |")
+  return "\n".join(lines)
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def plot_perplexity(runs: list[dict], path: str, title: str) -> None:
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for run in runs:
+    rs = sorted(run["results"], key=lambda r: r["window"])
+    ax.plot([r["window"] for r in rs], [r["perplexity"] for r in rs], marker="o",
+            label=run["rope_scaling"])
+  ax.set_xscale("log", base=2)
+  ax.set_yscale("log")
+  ax.set_xlabel("evaluation window (tokens)")
+  ax.set_ylabel("perplexity")
+  ax.set_title(title, fontsize=9)
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_passkey(runs: list[dict], path: str, title: str) -> None:
+  """One heatmap per scaling: rows = prompt length, columns = depth index (k grid)."""
+  import numpy as np
+  plt = _pyplot()
+  fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 3), squeeze=False)
+  for ax, run in zip(axes[0], runs):
+    lengths = list(run["lengths"])
+    depths = max(len(s["k"]) for s in run["lengths"].values())
+    grid = np.full((len(lengths), depths), np.nan)
+    for i, length in enumerate(lengths):
+      acc = run["lengths"][length]["accuracy"]
+      grid[i, :len(acc)] = acc
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+    ax.set_yticks(range(len(lengths)), [str(x) for x in lengths])
+    ax.set_xlabel("k / L × depths (key distance from the end)")
+    ax.set_ylabel("prompt length L")
+    ax.set_title(run["rope_scaling"], fontsize=9)
+  fig.colorbar(im, ax=axes[0].tolist(), label="accuracy")
+  fig.suptitle(title, fontsize=9)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

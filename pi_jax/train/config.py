@@ -1,0 +1,206 @@
+"""The run configuration: a frozen dataclass, loaded from a Python file, overridden by --set.
+
+A run config is a Python file defining `get_config() -> TrainConfig`. Every field can be replaced
+from the command line with `--set key=value` (parsed by the field's type); `model.FIELD=value`
+replaces one field of a literal `ModelConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import os
+import types
+import typing
+from typing import Any
+
+from pi_jax.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything a run needs. Defaults follow the paper's fine-tuning recipe (PI §3.1)."""
+
+  workdir: str = "runs/default"
+  # Model: init_checkpoint (a pi_jax checkpoint) or else `model` (a preset name or a literal
+  # ModelConfig) for a random init.
+  init_checkpoint: str | None = None
+  model: ModelConfig | str | None = None
+  rope_scaling: str | None = None  # e.g. linear:4 (PI); none removes scaling; None keeps it
+  max_position_embeddings: int | None = None  # the window, for direct fine-tuning without PI
+  param_dtype: str | None = None  # None keeps the model's
+  compute_dtype: str | None = None
+  remat: str | None = None
+  attention_impl: str | None = None
+  loss_chunk: int = 1024
+  # Data.
+  data: str = "pg19_standin"
+  data_dir: str | None = None
+  max_docs: int | None = None
+  seq_len: int = 2048
+  eval_sequences: int = 0  # packed sequences held out of training for eval_loss
+  # Batch: global_batch sequences per step, as grad_accum micro-batches of micro_batch.
+  global_batch: int = 64
+  micro_batch: int | None = None  # None: global_batch // grad_accum
+  grad_accum: int = 1
+  # Optimizer and schedule (AdamW, linear warm-up from a fraction of the peak, then constant).
+  steps: int = 1000
+  learning_rate: float = 2e-5
+  warmup_steps: int = 20
+  warmup_start_fraction: float = 0.1
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  grad_clip: float | None = None  # global-norm clipping; the paper does not clip
+  seed: int = 0
+  # Parallelism.
+  mesh: str | None = None  # e.g. data:2,fsdp:2,tensor:2; None: FSDP over every device
+  distributed: str = "auto"  # auto | on | off: jax.distributed.initialize()
+  coordinator: str | None = None  # HOST:PORT of process 0 (explicit multi-process)
+  num_processes: int | None = None
+  process_id: int | None = None
+  # Checkpoints, logging, evaluation.
+  checkpoint_every: int = 200
+  keep_checkpoints: int = 2
+  async_checkpoints: bool = True
+  log_every: int = 1  # console / TensorBoard cadence; metrics.jsonl gets every step
+  eval_every: int = 0  # 0: never
+  peak_tflops: float | None = None  # per device, for MFU when the device kind is not known
+  tensorboard: bool = True
+
+  def __post_init__(self):
+    for name in ("steps", "seq_len", "global_batch", "grad_accum", "checkpoint_every",
+                 "keep_checkpoints", "log_every", "loss_chunk"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    for name in ("warmup_steps", "eval_every", "eval_sequences"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+    if self.micro_batch is not None:
+      if self.micro_batch < 1 or self.global_batch % self.micro_batch:
+        raise ValueError(f"micro_batch {self.micro_batch} must divide global_batch "
+                         f"{self.global_batch}")
+    elif self.global_batch % self.grad_accum:
+      raise ValueError(f"grad_accum {self.grad_accum} must divide global_batch {self.global_batch}")
+    if not 0.0 <= self.warmup_start_fraction <= 1.0:
+      raise ValueError(f"warmup_start_fraction must be in [0, 1], got {self.warmup_start_fraction}")
+    if self.learning_rate < 0:
+      raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}")
+    if self.distributed not in ("auto", "on", "off"):
+      raise ValueError(f"distributed must be auto, on or off, got {self.distributed!r}")
+    if self.eval_every and not self.eval_sequences:
+      raise ValueError("eval_every > 0 needs eval_sequences > 0 (held-out packed sequences)")
+
+  @property
+  def accum_steps(self) -> int:
+    """Number of micro-batches per optimizer step."""
+    if self.micro_batch is not None:
+      return self.global_batch // self.micro_batch
+    return self.grad_accum
+
+  def replace(self, **changes) -> TrainConfig:
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    if isinstance(self.model, ModelConfig):
+      d["model"] = self.model.to_dict()
+    return d
+
+
+def load_config_file(path: str) -> TrainConfig:
+  """Runs `get_config()` from the Python file at `path`."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"run config {path!r} does not exist")
+  spec = importlib.util.spec_from_file_location(
+      "pi_jax_run_config_" + os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"run config {path}: defines no get_config() function")
+  config = module.get_config()
+  if not isinstance(config, TrainConfig):
+    raise TypeError(f"run config {path}: get_config() returned {type(config).__name__}, "
+                    "expected TrainConfig")
+  return config
+
+
+_NONE_WORDS = ("null", "None", "")
+
+
+def _parse_value(text: str, annotation, key: str):
+  """Parses `text` as the type `annotation` (a field's resolved type hint)."""
+  origin = typing.get_origin(annotation)
+  if origin in (typing.Union, types.UnionType):
+    options = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if type(None) in typing.get_args(annotation) and text in _NONE_WORDS:
+      return None
+    errors = []
+    for option in options:
+      try:
+        return _parse_value(text, option, key)
+      except ValueError as e:
+        errors.append(str(e))
+    raise ValueError(f"--set {key}={text}: " + "; ".join(errors))
+  if annotation is bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+      return True
+    if lowered in ("0", "false", "no", "off"):
+      return False
+    raise ValueError(f"--set {key}={text}: expected a boolean (true/false)")
+  if annotation is int:
+    try:
+      return int(text)
+    except ValueError:
+      raise ValueError(f"--set {key}={text}: expected an integer") from None
+  if annotation is float:
+    try:
+      return float(text)
+    except ValueError:
+      raise ValueError(f"--set {key}={text}: expected a number") from None
+  if annotation is str:
+    return text
+  if annotation is ModelConfig:
+    raise ValueError(f"--set {key}={text}: a ModelConfig is set field by field (model.FIELD=...)")
+  raise ValueError(f"--set {key}: cannot parse values of type {annotation}")
+
+
+def _unknown_key(key: str, known) -> ValueError:
+  close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.5)
+  hint = f"; did you mean {', '.join(close)}?" if close else ""
+  return ValueError(f"--set: unknown config key {key!r}{hint} (known: {', '.join(sorted(known))})")
+
+
+def apply_overrides(config: TrainConfig, items: list[str]) -> TrainConfig:
+  """Applies `key=value` strings; `model.FIELD=value` edits a literal ModelConfig."""
+  hints = typing.get_type_hints(TrainConfig)
+  changes: dict[str, Any] = {}
+  model_changes: dict[str, Any] = {}
+  for item in items:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep:
+      raise ValueError(f"--set {item!r}: expected key=value")
+    if key.startswith("model."):
+      field = key[len("model."):]
+      model_hints = typing.get_type_hints(ModelConfig)
+      if field not in model_hints:
+        raise _unknown_key(field, model_hints)
+      if field == "rope_scaling":
+        raise ValueError("--set model.rope_scaling: use --set rope_scaling=KIND:FACTOR")
+      model_changes[field] = _parse_value(text, model_hints[field], key)
+      continue
+    if key not in hints:
+      raise _unknown_key(key, hints)
+    changes[key] = _parse_value(text, hints[key], key)
+  config = config.replace(**changes)
+  if model_changes:
+    if not isinstance(config.model, ModelConfig):
+      raise ValueError("--set model.FIELD=...: the run config's model is not a literal "
+                       f"ModelConfig (it is {config.model!r})")
+    config = config.replace(model=config.model.replace(**model_changes))
+  return config

@@ -1,0 +1,125 @@
+"""Training data: documents tokenized, packed into fixed windows, served by a step-indexed sampler.
+
+Packing: every document becomes `encode(text) + [EOS]` (the tokenizer adds BOS if the model's
+tokenizer does), the documents are concatenated in the data spec's order, and the stream is cut
+into rows of seq_len + 1 tokens that overlap by one (row i starts at i·seq_len), so every token
+is a target exactly once. The last `eval_sequences` rows are held out for evaluation.
+
+Sampling is a pure function of (seed, step): global position p = step·global_batch + j maps to
+epoch p // n and row perm_epoch[p % n], perm_epoch a seeded permutation. The sampler's whole
+state is therefore the step, which every checkpoint stores, so a resumed run sees exactly the
+batches an uninterrupted run would have seen. Each process materializes only the rows of the
+global batch that its devices hold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import jax
+import numpy as np
+
+from pi_jax import data as data_lib
+from pi_jax.tokenizer import ByteTokenizer
+
+
+def tokenize_documents(spec: str, tokenizer, data_dir: str | None = None,
+                       max_docs: int | None = None) -> np.ndarray:
+  """All documents of `spec`, tokenized and joined with the tokenizer's EOS: int32 [T]."""
+  if tokenizer.eos_id is None:
+    raise ValueError("the tokenizer has no EOS token; packing needs one between documents")
+  eos = np.asarray([tokenizer.eos_id], np.int32)
+  pieces = []
+  for _, text in data_lib.iter_documents(spec, data_dir=data_dir, max_docs=max_docs):
+    if isinstance(tokenizer, ByteTokenizer):  # fast path: bytes are the ids
+      ids = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+      if tokenizer.add_bos:
+        ids = np.concatenate([np.asarray([tokenizer.bos_id], np.int32), ids])
+    else:
+      ids = np.asarray(tokenizer.encode(text), np.int32)
+    pieces.append(ids)
+    pieces.append(eos)
+  return np.concatenate(pieces)
+
+
+class PackedSequences:
+  """Rows of seq_len + 1 tokens over a token stream, split into train and held-out rows."""
+
+  def __init__(self, tokens_T: np.ndarray, seq_len: int, eval_sequences: int = 0):
+    self.tokens_T = np.asarray(tokens_T, np.int32)
+    self.seq_len = seq_len
+    total = (len(self.tokens_T) - 1) // seq_len
+    if total - eval_sequences < 1:
+      raise ValueError(f"the data has {len(self.tokens_T)} tokens: {total} sequences of "
+                       f"{seq_len}+1, not enough for {eval_sequences} held-out sequences and "
+                       "training")
+    self.num_train = total - eval_sequences
+    self.num_eval = eval_sequences
+
+  def rows(self, indices) -> np.ndarray:
+    """Rows [len(indices), seq_len + 1] for row indices (train rows first, then held-out)."""
+    starts = np.asarray(indices, np.int64) * self.seq_len
+    return self.tokens_T[starts[:, None] + np.arange(self.seq_len + 1)]
+
+  def fingerprint(self) -> str:
+    """Identifies the token stream, so a resume with different data is caught."""
+    h = hashlib.sha256(self.tokens_T.tobytes()).hexdigest()[:16]
+    return f"{h}:{len(self.tokens_T)}:{self.seq_len}:{self.num_train}"
+
+
+class StepSampler:
+  """Global batch at `step` = a deterministic function of (seed, step); no hidden state."""
+
+  def __init__(self, data: PackedSequences, global_batch: int, seed: int):
+    self.data, self.global_batch, self.seed = data, global_batch, seed
+    self._perms: dict[int, np.ndarray] = {}
+
+  def _perm(self, epoch: int) -> np.ndarray:
+    if epoch not in self._perms:
+      if len(self._perms) > 4:
+        self._perms.clear()
+      rng = np.random.default_rng([self.seed, epoch])
+      self._perms[epoch] = rng.permutation(self.data.num_train)
+    return self._perms[epoch]
+
+  def row_indices(self, step: int, rows: slice = slice(None)) -> np.ndarray:
+    """Row indices of the global batch at `step` (optionally only `rows` of it)."""
+    positions = step * self.global_batch + np.arange(self.global_batch)[rows]
+    n = self.data.num_train
+    epochs, offsets = positions // n, positions % n
+    out = np.empty(len(positions), np.int64)
+    for epoch in np.unique(epochs):
+      sel = epochs == epoch
+      out[sel] = self._perm(int(epoch))[offsets[sel]]
+    return out
+
+  def batch(self, step: int, rows: slice = slice(None)) -> np.ndarray:
+    return self.data.rows(self.row_indices(step, rows))
+
+
+def process_rows(sharding: jax.sharding.Sharding, global_shape: tuple[int, ...]) -> slice:
+  """The contiguous rows of a batch-sharded global array that this process's devices hold."""
+  starts, stops = [], []
+  for index in sharding.addressable_devices_indices_map(global_shape).values():
+    rows = index[0]
+    starts.append(rows.start or 0)
+    stops.append(global_shape[0] if rows.stop is None else rows.stop)
+  lo, hi = min(starts), max(stops)
+  covered = np.zeros(hi - lo, bool)
+  for a, b in zip(starts, stops):
+    covered[a - lo:b - lo] = True
+  if not covered.all():
+    raise ValueError(f"this process's devices hold non-contiguous batch rows {sorted(zip(starts, stops))}; "
+                     "order the mesh so each process owns one block of the batch axis")
+  return slice(lo, hi)
+
+
+def global_batch_array(rows_fn, global_shape: tuple[int, int], sharding) -> jax.Array:
+  """A global int32 batch built from this process's rows only: rows_fn(slice) -> [rows, L+1]."""
+  local = rows_fn(process_rows(sharding, global_shape))
+  return jax.make_array_from_process_local_data(sharding, local, global_shape)
+
+
+def eval_row_indices(data: PackedSequences, index: int, batch: int) -> np.ndarray:
+  """Row indices of held-out batch `index` (held-out rows in order; a ragged tail is dropped)."""
+  return data.num_train + index * batch + np.arange(batch)

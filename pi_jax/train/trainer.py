@@ -1,0 +1,414 @@
+"""The training loop: wiring of model, data, sharded state, jitted step, checkpoints, metrics.
+
+`train(config)` runs (or resumes) a run in config.workdir and returns a summary. The step is
+one jitted function with the state donated; gradients are accumulated over micro-batches with
+`lax.scan`. A non-finite loss or gradient keeps the previous state (in the same jitted step) and
+stops the run with NonFiniteError; SIGTERM saves a checkpoint and returns cleanly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from pi_jax import loss as loss_lib
+from pi_jax import model as model_lib
+from pi_jax import sharding as sharding_lib
+from pi_jax.config import ModelConfig
+from pi_jax.tokenizer import ByteTokenizer, load_tokenizer
+from pi_jax.train import metrics as metrics_lib
+from pi_jax.train import optim, pipeline
+from pi_jax.train import state as state_lib
+from pi_jax.train.config import TrainConfig
+
+
+class NonFiniteError(RuntimeError):
+  """The loss or the gradient norm was NaN/inf; the run stopped before applying that step."""
+
+
+@dataclasses.dataclass
+class StepInfo:
+  """What a callback sees after each completed step."""
+  step: int  # 0-based index of the optimizer step just applied
+  record: dict
+  trainer: "Trainer"
+
+
+# --- multi-process -----------------------------------------------------------------------------
+
+def _cluster_in_env() -> bool:
+  env = os.environ
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    return True
+  if int(env.get("SLURM_NTASKS", "1") or 1) > 1:
+    return True
+  hosts = env.get("TPU_WORKER_HOSTNAMES", "")
+  return "," in hosts or bool(env.get("MEGASCALE_COORDINATOR_ADDRESS"))
+
+
+def maybe_initialize_distributed(config: TrainConfig) -> None:
+  """jax.distributed.initialize() for multi-process runs; must precede any other jax call.
+
+  Explicit: coordinator/num_processes/process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+  JAX_PROCESS_ID). Otherwise JAX's own detection (TPU pod slices, SLURM) when the environment
+  says there is a cluster, or always with distributed=on.
+  """
+  if config.distributed == "off" or jax.distributed.is_initialized():
+    return
+  env = os.environ
+  coordinator = config.coordinator or env.get("JAX_COORDINATOR_ADDRESS")
+  num = config.num_processes or (int(env["JAX_NUM_PROCESSES"]) if env.get("JAX_NUM_PROCESSES") else None)
+  pid = config.process_id if config.process_id is not None else (
+      int(env["JAX_PROCESS_ID"]) if env.get("JAX_PROCESS_ID") else None)
+  if not (config.distributed == "on" or coordinator or _cluster_in_env()):
+    return
+  if coordinator and (num is None or pid is None):
+    raise ValueError("coordinator is set: also set num_processes and process_id "
+                     "(--set num_processes=N --set process_id=I)")
+  if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
+    # CPU collectives across processes need gloo (harmless when the backend is GPU/TPU).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if coordinator:
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid)
+  else:
+    jax.distributed.initialize()
+
+
+# --- model and tokenizer -----------------------------------------------------------------------
+
+def _runtime_overrides(config: TrainConfig) -> dict:
+  names = ("param_dtype", "compute_dtype", "remat", "attention_impl")
+  return {n: getattr(config, n) for n in names if getattr(config, n) is not None}
+
+
+def _model_from_config(config: TrainConfig) -> ModelConfig:
+  model = config.model
+  if model is None:
+    raise ValueError("the run config gives neither init_checkpoint nor model: set one "
+                     "(--set init_checkpoint=PATH, or model=PRESET_NAME)")
+  if isinstance(model, str):
+    try:
+      from pi_jax import presets
+    except ImportError:
+      raise ValueError(f"model preset {model!r}: pi_jax.presets is not available") from None
+    model = presets.preset(model)
+  return model.replace(**_runtime_overrides(config))
+
+
+def _final_model_config(config: TrainConfig, model: ModelConfig) -> ModelConfig:
+  """Applies rope_scaling / max_position_embeddings and checks seq_len fits the window."""
+  if config.rope_scaling is not None:
+    model = model.with_rope_scaling(config.rope_scaling)
+  if config.max_position_embeddings is not None:
+    model = model.replace(max_position_embeddings=config.max_position_embeddings)
+  if config.seq_len > model.max_position_embeddings:
+    raise ValueError(
+        f"seq_len {config.seq_len} exceeds the model's window {model.max_position_embeddings}: "
+        f"extend it with PI (--set rope_scaling=linear:{config.seq_len / model.original_window:g}) "
+        f"or directly (--set max_position_embeddings={config.seq_len})")
+  return model
+
+
+def _tokenizer(config: TrainConfig, model: ModelConfig):
+  """(tokenizer, {file name: source path} to copy into the final checkpoint's tokenizer/)."""
+  if config.init_checkpoint:
+    tok = load_tokenizer(config.init_checkpoint)
+    folder = os.path.join(config.init_checkpoint, "tokenizer")
+    files = {}
+    for root, _, names in os.walk(folder):
+      for name in names:
+        src = os.path.join(root, name)
+        files[os.path.relpath(src, folder)] = src
+    return tok, files
+  tok = ByteTokenizer()
+  if model.vocab_size < tok.vocab_size:
+    raise ValueError(f"a randomly initialized model trains on bytes and needs vocab_size >= "
+                     f"{tok.vocab_size}, got {model.vocab_size}; or give init_checkpoint")
+  path = tok.save(os.path.join(config.workdir, "tokenizer"))
+  return tok, {"bytes.json": path}
+
+
+# --- the step ----------------------------------------------------------------------------------
+
+def make_train_step(config: TrainConfig, model: ModelConfig, optimizer, shardings, batch_sharding):
+  accum = config.accum_steps
+  schedule = optim.learning_rate_schedule(config)
+  replicated = NamedSharding(batch_sharding.mesh, P())
+
+  def summed_loss(params, rows_BL1):
+    tokens_BL, targets_BL = rows_BL1[:, :-1], rows_BL1[:, 1:]
+    mean, count = loss_lib.mean_loss(model, params, tokens_BL, targets_BL,
+                                     jnp.ones(tokens_BL.shape, jnp.bool_), chunk=config.loss_chunk)
+    return mean * count, count
+
+  grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+
+  def step(state, rows_GL1):
+    params = state["params"]
+    if accum == 1:
+      (total, count), grads = grad_fn(params, rows_GL1)
+      grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+    else:
+      g, l1 = rows_GL1.shape
+      # Micro-batch a takes rows a, A+a, 2A+a, ...: each device keeps its own rows in every
+      # micro-batch, so the split moves no data between devices.
+      micro_ABL1 = rows_GL1.reshape(g // accum, accum, l1).swapaxes(0, 1)
+      micro_ABL1 = sharding_lib.shard(micro_ABL1, (None, "batch", None))
+
+      def body(carry, rows_BL1):
+        total, count, grads = carry
+        (t, c), g_ = grad_fn(params, rows_BL1)
+        grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g_)
+        return (total + t, count + c, grads), None
+
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+      (total, count, grads), _ = jax.lax.scan(body, (0.0, 0.0, zeros), micro_ABL1)
+    loss = total / count
+    grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, params)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+    new = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+           "opt_state": opt_state}
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # Keep the old state on a bad step: the state is donated, so this is the only copy left.
+    new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+    out = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state["step"]),
+           "ok": ok, "tokens": count}
+    return new, out
+
+  return jax.jit(step, in_shardings=(shardings, batch_sharding),
+                 out_shardings=(shardings, replicated), donate_argnums=0)
+
+
+def make_eval_step(config: TrainConfig, model: ModelConfig, shardings, batch_sharding):
+  replicated = NamedSharding(batch_sharding.mesh, P())
+
+  def evaluate(params, rows_BL1):
+    tokens_BL, targets_BL = rows_BL1[:, :-1], rows_BL1[:, 1:]
+    mean, count = loss_lib.mean_loss(model, params, tokens_BL, targets_BL,
+                                     jnp.ones(tokens_BL.shape, jnp.bool_), chunk=config.loss_chunk)
+    return mean * count, count
+
+  return jax.jit(evaluate, in_shardings=(shardings["params"], batch_sharding),
+                 out_shardings=replicated)
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+class Trainer:
+  """One run: build everything, then `run()`. Use `train(config)` unless you need the parts."""
+
+  def __init__(self, config: TrainConfig, callbacks: list[Callable[[StepInfo], None]] = ()):
+    maybe_initialize_distributed(config)
+    self.config = config
+    self.callbacks = list(callbacks)
+    self.is_main = jax.process_index() == 0
+    self.mesh = sharding_lib.make_mesh(config.mesh)
+    self.optimizer = optim.make_optimizer(config)
+    self._stop_requested = False
+    os.makedirs(config.workdir, exist_ok=True)
+
+    self.checkpoints = state_lib.RunCheckpoints(config.workdir, config.keep_checkpoints,
+                                                config.async_checkpoints)
+    latest = self.checkpoints.latest_step()
+
+    # Model (from the init checkpoint, else the run config's model), then its final form. The
+    # init checkpoint's parameters are read only for a fresh run: a resume reads its own.
+    init_params = None
+    if config.init_checkpoint:
+      if latest is None:
+        model, init_params = state_lib.load_init_params(config.init_checkpoint, self.mesh,
+                                                        _runtime_overrides(config))
+      else:
+        model = state_lib.load_init_config(config.init_checkpoint, _runtime_overrides(config))
+      if config.model is not None:  # the run config names the architecture it expects
+        expected = _model_from_config(config)
+        if model_lib.param_shapes(expected) != model_lib.param_shapes(model):
+          name = repr(config.model) if isinstance(config.model, str) else "the run config's model"
+          raise ValueError(
+              f"init_checkpoint {config.init_checkpoint} does not have the architecture of "
+              f"{name} (parameter shapes differ); fix init_checkpoint, or --set model=null to "
+              "take the architecture from the checkpoint")
+    else:
+      model = _model_from_config(config)
+    self.model = _final_model_config(config, model)
+    self.tokenizer, self.tokenizer_files = _tokenizer(config, self.model)
+
+    # Data.
+    tokens = pipeline.tokenize_documents(config.data, self.tokenizer, config.data_dir,
+                                         config.max_docs)
+    if tokens.max() >= self.model.vocab_size:
+      raise ValueError(f"data {config.data!r}: token id {tokens.max()} >= vocab_size "
+                       f"{self.model.vocab_size}")
+    self.data = pipeline.PackedSequences(tokens, config.seq_len, config.eval_sequences)
+    self.sampler = pipeline.StepSampler(self.data, config.global_batch, config.seed)
+
+    # Sharded state: shapes, shardings, then restore / init straight into them.
+    abstract = state_lib.abstract_state(self.model, self.optimizer)
+    self.shardings = state_lib.state_shardings(self.mesh, self.model, self.optimizer, abstract)
+    self.batch_sharding = sharding_lib.named_sharding(
+        self.mesh, ("batch", None), (config.global_batch, config.seq_len + 1))
+    micro = config.global_batch // config.accum_steps
+    self.eval_sharding = sharding_lib.named_sharding(self.mesh, ("batch", None),
+                                                     (micro, config.seq_len + 1))
+    if config.eval_every and self.data.num_eval < micro:
+      raise ValueError(f"eval_sequences {config.eval_sequences} is less than one micro-batch "
+                       f"({micro} sequences)")
+    if latest is not None:
+      target = state_lib.with_shardings(abstract, self.shardings)
+      self.state, meta = self.checkpoints.restore(latest, target)
+      if meta.get("data_fingerprint") != self.data.fingerprint():
+        raise ValueError(
+            f"{config.workdir}: checkpoint {latest} was trained on different data or seq_len "
+            f"({meta.get('data_fingerprint')} vs {self.data.fingerprint()}); use a new workdir")
+      for key in ("seed", "global_batch"):  # the sampler's position depends on both
+        if key in meta and meta[key] != getattr(config, key):
+          raise ValueError(f"{config.workdir}: checkpoint {latest} was trained with {key}="
+                           f"{meta[key]}, this run has {getattr(config, key)}; resuming would "
+                           "repeat or skip batches (use a new workdir)")
+      self.resumed_from = latest
+    elif init_params is not None:
+      self.state = state_lib.state_from_params(init_params, self.optimizer, self.shardings)
+      self.resumed_from = None
+    else:
+      self.state = state_lib.init_state(self.model, self.optimizer, self.shardings, config.seed)
+      self.resumed_from = None
+    self.step = int(jax.device_get(self.state["step"]))
+    self._start_step = self.step
+
+    with jax.set_mesh(self.mesh):
+      self.train_step = make_train_step(config, self.model, self.optimizer, self.shardings,
+                                        self.batch_sharding)
+      self.eval_step = make_eval_step(config, self.model, self.shardings, self.eval_sharding)
+    self.flops_per_token = metrics_lib.flops_per_token(self.model, config.seq_len)
+    self.peak_flops = metrics_lib.peak_flops_per_device(jax.devices()[0], config.peak_tflops)
+    self.writer = metrics_lib.MetricsWriter(config.workdir, config.tensorboard, self.is_main)
+    if self.is_main:
+      with open(os.path.join(config.workdir, "run_config.json"), "w") as f:
+        json.dump(_jsonable(config.to_dict()), f, indent=2, sort_keys=True)
+
+  # -- pieces --
+
+  def _batch(self, step: int) -> jax.Array:
+    shape = (self.config.global_batch, self.config.seq_len + 1)
+    return pipeline.global_batch_array(lambda rows: self.sampler.batch(step, rows), shape,
+                                       self.batch_sharding)
+
+  def _data_meta(self, step: int) -> dict:
+    return {"step": step, "seed": self.config.seed, "global_batch": self.config.global_batch,
+            "data": self.config.data,
+            "data_fingerprint": self.data.fingerprint(), "model": self.model.to_dict()}
+
+  def save(self) -> None:
+    if self.checkpoints.latest_step() != self.step:
+      self.checkpoints.save(self.step, self.state, self._data_meta(self.step))
+
+  def evaluate(self) -> float:
+    """Mean loss over the held-out packed sequences."""
+    micro = self.config.global_batch // self.config.accum_steps
+    shape = (micro, self.config.seq_len + 1)
+    total = count = 0.0
+    for i in range(self.data.num_eval // micro):
+      idx = pipeline.eval_row_indices(self.data, i, micro)
+      rows = pipeline.global_batch_array(lambda r: self.data.rows(idx[r]), shape,
+                                         self.eval_sharding)
+      with jax.set_mesh(self.mesh):
+        t, c = jax.device_get(self.eval_step(self.state["params"], rows))
+      total, count = total + float(t), count + float(c)
+    return total / count
+
+  def _stop_now(self) -> bool:
+    flag = self._stop_requested
+    if jax.process_count() > 1:  # every process must stop at the same step
+      from jax.experimental import multihost_utils
+      flag = bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+    return flag
+
+  def _on_sigterm(self, signum, frame):
+    self._stop_requested = True
+
+  # -- the loop --
+
+  def run(self) -> dict:
+    """Trains to config.steps (or until SIGTERM); returns a summary dict."""
+    c = self.config
+    previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    n_devices = jax.device_count()
+    status = "finished"
+    try:
+      if c.eval_every and self.step == 0:  # the starting point (Table 3's step 0)
+        self.writer.write({"after_steps": 0, "eval_loss": self.evaluate()})
+      batch = self._batch(self.step) if self.step < c.steps else None
+      while self.step < c.steps:
+        if self._stop_now():
+          status = "preempted"
+          self.save()
+          break
+        step = self.step
+        t0 = time.perf_counter()
+        with jax.set_mesh(self.mesh):
+          self.state, out = self.train_step(self.state, batch)
+        if step + 1 < c.steps:  # the next batch is built while the device works
+          batch = self._batch(step + 1)
+        out = jax.device_get(out)
+        seconds = time.perf_counter() - t0
+        if not bool(out["ok"]):
+          raise NonFiniteError(
+              f"non-finite {'loss' if not np.isfinite(out['loss']) else 'gradient'} at step "
+              f"{step} (loss {float(out['loss'])}, grad_norm {float(out['grad_norm'])}); the step "
+              f"was not applied and nothing was saved after it; the last checkpoint is step "
+              f"{self.checkpoints.latest_step()} in {c.workdir}/checkpoints")
+        self.step = step + 1
+        tokens_per_second = float(out["tokens"]) / seconds
+        mfu = None
+        if self.peak_flops:
+          mfu = tokens_per_second * self.flops_per_token / (self.peak_flops * n_devices)
+        record = {"step": step, "loss": float(out["loss"]),
+                  "learning_rate": float(out["learning_rate"]),
+                  "grad_norm": float(out["grad_norm"]), "tokens_per_second": tokens_per_second,
+                  "mfu": mfu, "step_seconds": seconds}
+        self.writer.write(record, tensorboard=(step % c.log_every == 0))
+        if c.eval_every and self.step % c.eval_every == 0:
+          record["eval_loss"] = self.evaluate()
+          self.writer.write({"after_steps": self.step, "eval_loss": record["eval_loss"]})
+        if self.step % c.checkpoint_every == 0 or self.step == c.steps:
+          self.save()
+        for callback in self.callbacks:
+          callback(StepInfo(step, record, self))
+      if status == "finished":
+        self.checkpoints.wait()
+        final = os.path.join(c.workdir, "final")
+        # Rewritten when this invocation trained (a longer rerun), else only if missing.
+        if self.step != self._start_step or not os.path.isfile(os.path.join(final, "config.json")):
+          state_lib.save_final(final, self.model, self.state["params"], self.tokenizer_files)
+    finally:
+      signal.signal(signal.SIGTERM, previous)
+      self.checkpoints.close()
+      self.writer.close()
+    return {"status": status, "step": self.step, "workdir": c.workdir,
+            "resumed_from": self.resumed_from,
+            "final": os.path.join(c.workdir, "final") if status == "finished" else None}
+
+
+def train(config: TrainConfig, callbacks: list[Callable[[StepInfo], None]] = ()) -> dict:
+  return Trainer(config, callbacks).run()
+
+
+def _jsonable(x):
+  if isinstance(x, dict):
+    return {k: _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, (str, int, float, bool)) or x is None:
+    return x
+  return str(x)

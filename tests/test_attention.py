@@ -1,0 +1,223 @@
+"""Every fast attention path equals dense softmax attention (outputs and gradients)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pi_jax import attention as attn_lib
+
+
+def _inputs(b, l, n, kh, h, dtype=jnp.float32, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(ks[0], (b, l, n, h), jnp.float32).astype(dtype)
+  k = jax.random.normal(ks[1], (b, l, kh, h), jnp.float32).astype(dtype)
+  v = jax.random.normal(ks[2], (b, l, kh, h), jnp.float32).astype(dtype)
+  w = jax.random.normal(ks[3], (b, l, n, h), jnp.float32)  # a random cotangent
+  return q, k, v, w
+
+
+def _value_and_grads(fn, q, k, v, w):
+  def loss(q, k, v):
+    return jnp.sum(fn(q, k, v).astype(jnp.float32) * w)
+  out = fn(q, k, v)
+  return out, jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+
+def _reference_f32(q, k, v):
+  return attn_lib.reference_attention(q.astype(jnp.float32), k.astype(jnp.float32),
+                                      v.astype(jnp.float32))
+
+
+def _max_rel(got, want):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return np.max(np.abs(got - want)) / np.max(np.abs(want))
+
+
+# (query heads, kv heads): GQA ratios 1, 3 and 8; lengths that are and are not block multiples.
+CASES = [(4, 4, 64, 16), (6, 2, 37, 8), (8, 1, 50, 16)]
+
+
+@pytest.mark.parametrize("n,kh,l,block", CASES)
+def test_blockwise_equals_reference_float32(n, kh, l, block):
+  q, k, v, w = _inputs(2, l, n, kh, 16)
+  fn = jax.jit(lambda q, k, v: attn_lib.attention(q, k, v, impl="xla_blockwise", block_size=block))
+  out, grads = _value_and_grads(fn, q, k, v, w)
+  want, want_grads = _value_and_grads(_reference_f32, q, k, v, w)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  assert _max_rel(out, want) < 1e-5
+  for name, g, gw in zip("qkv", grads, want_grads):
+    assert _max_rel(g, gw) < 1e-5, name
+
+
+def test_blockwise_bfloat16_within_tolerance():
+  q, k, v, w = _inputs(2, 45, 6, 2, 32, dtype=jnp.bfloat16)
+  fn = jax.jit(lambda q, k, v: attn_lib.attention(q, k, v, impl="xla_blockwise", block_size=16))
+  out, grads = _value_and_grads(fn, q, k, v, w)
+  want, want_grads = _value_and_grads(_reference_f32, q, k, v, w)
+  assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+  assert _max_rel(out, want) < 2e-2
+  for name, g, gw in zip("qkv", grads, want_grads):
+    assert _max_rel(g, gw) < 3e-2, name
+
+
+def test_blockwise_is_causal_by_gradients():
+  """Output at position i has zero gradient w.r.t. keys and values after i."""
+  q, k, v, _ = _inputs(1, 24, 4, 2, 8)
+  i = 9
+
+  def out_i(k, v):
+    return jnp.sum(attn_lib.blockwise_attention(q, k, v, block_size=8)[:, i])
+  gk, gv = jax.grad(out_i, argnums=(0, 1))(k, v)
+  assert np.all(np.asarray(gk)[:, i + 1:] == 0) and np.all(np.asarray(gv)[:, i + 1:] == 0)
+  assert np.any(np.asarray(gk)[:, :i + 1] != 0)
+
+
+def test_blockwise_skips_blocks_above_the_diagonal():
+  """The work is the causal triangle: the number of executed block pairs is nb(nb+1)/2.
+
+  Counted by running the blocked forward with a score function that tallies its calls.
+  """
+  calls = []
+  original = attn_lib._scores
+
+  def counting_scores(q, k, scale):
+    jax.debug.callback(lambda: calls.append(1))
+    return original(q, k, scale)
+
+  q, k, v, _ = _inputs(1, 64, 2, 1, 8)
+  attn_lib._scores = counting_scores
+  try:
+    attn_lib.blockwise_attention(q, k, v, block_size=8).block_until_ready()
+  finally:
+    attn_lib._scores = original
+  nb = 64 // 8
+  assert len(calls) == nb * (nb + 1) // 2  # a full rectangle would be nb² = 64
+
+
+def test_blockwise_memory_is_linear_in_length():
+  """No L×L buffer: the compiled temporaries at 8× the length grow far less than 64×."""
+  def temp_bytes(l):
+    q, k, v, w = _inputs(1, l, 4, 2, 16)
+    fn = jax.jit(lambda q, k, v: _value_and_grads(
+        lambda q, k, v: attn_lib.blockwise_attention(q, k, v, block_size=64), q, k, v, w))
+    return fn.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+  ratio = temp_bytes(2048) / temp_bytes(256)
+  assert ratio < 12, ratio
+
+
+def test_auto_resolves_to_blockwise_on_cpu():
+  assert jax.default_backend() == "cpu"
+  assert attn_lib.resolve_impl("auto", jnp.float32) == "xla_blockwise"
+  assert attn_lib.resolve_impl("auto", jnp.bfloat16) == "xla_blockwise"
+
+
+def test_auto_picks_vendor_kernels(monkeypatch):
+  monkeypatch.setattr(attn_lib, "_backend", lambda: "tpu")
+  assert attn_lib.resolve_impl("auto", jnp.float32) == "splash"
+  monkeypatch.setattr(attn_lib, "_backend", lambda: "gpu")
+  assert attn_lib.resolve_impl("auto", jnp.bfloat16) == "cudnn"
+  assert attn_lib.resolve_impl("auto", jnp.float16) == "cudnn"
+  assert attn_lib.resolve_impl("auto", jnp.float32) == "xla_blockwise"
+
+
+def test_vendor_kernels_refuse_the_wrong_backend():
+  q, k, v, _ = _inputs(1, 8, 2, 1, 8, dtype=jnp.bfloat16)
+  with pytest.raises(ValueError, match="cudnn.*NVIDIA GPU.*'cpu'"):
+    attn_lib.attention(q, k, v, impl="cudnn")
+  with pytest.raises(ValueError, match="splash.*TPU.*'cpu'"):
+    attn_lib.attention(q, k, v, impl="splash")
+
+
+def test_cudnn_refuses_float32(monkeypatch):
+  monkeypatch.setattr(attn_lib, "_backend", lambda: "gpu")
+  q, k, v, _ = _inputs(1, 8, 2, 1, 8)
+  with pytest.raises(ValueError, match="bfloat16 or float16"):
+    attn_lib.attention(q, k, v, impl="cudnn")
+
+
+def test_unknown_impl_and_bad_heads_are_errors():
+  q, k, v, _ = _inputs(1, 8, 4, 2, 8)
+  with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
+    attn_lib.attention(q, k, v, impl="flash")
+  with pytest.raises(ValueError, match="not a multiple of kv heads"):
+    attn_lib.attention(q[:, :, :3], k, v)
+
+
+def test_ring_without_mesh_is_blockwise():
+  q, k, v, w = _inputs(1, 30, 4, 2, 8)
+  out = attn_lib.attention(q, k, v, impl="ring", block_size=8)
+  np.testing.assert_allclose(out, _reference_f32(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+_RING_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax, jax.numpy as jnp, numpy as np
+    from pi_jax import attention as attn_lib, model, sharding
+    from pi_jax.config import ModelConfig
+
+    def rel(a, b):
+      a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+      return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+    # 1. The kernel alone: outputs and gradients vs dense attention, several meshes, a chunk
+    # length that is not a multiple of the block size (36 / 4 shards = 9, blocks of 4).
+    for spec, l, block in [("data:2,sequence:4", 36, 4), ("sequence:4,tensor:2", 40, 16)]:
+      ks = jax.random.split(jax.random.key(1), 4)
+      q = jax.random.normal(ks[0], (2, l, 6, 16)); k = jax.random.normal(ks[1], (2, l, 2, 16))
+      v = jax.random.normal(ks[2], (2, l, 2, 16)); w = jax.random.normal(ks[3], (2, l, 6, 16))
+      loss = lambda fn: (lambda q, k, v: jnp.sum(fn(q, k, v) * w))
+      ring = lambda q, k, v: attn_lib.attention(q, k, v, impl="ring", block_size=block)
+      with jax.set_mesh(sharding.make_mesh(spec)):
+        out = jax.jit(ring)(q, k, v)
+        grads = jax.jit(jax.grad(loss(ring), (0, 1, 2)))(q, k, v)
+      want = attn_lib.reference_attention(q, k, v)
+      want_grads = jax.grad(loss(attn_lib.reference_attention), (0, 1, 2))(q, k, v)
+      assert rel(out, want) < 1e-5, (spec, rel(out, want))
+      for g, gw in zip(grads, want_grads):
+        assert rel(g, gw) < 1e-5, (spec, rel(g, gw))
+
+    # 2. The whole model with PI (linear:4): global positions reach every shard's RoPE.
+    base = ModelConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_layers=2,
+                       num_heads=6, num_kv_heads=2, max_position_embeddings=16,
+                       attention_block_size=4).with_rope_scaling("linear:4")
+    params = model.init_params(base, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(2), (2, 64), 0, 97)
+    ref_cfg = base.replace(attention_impl="reference")
+    want = model.forward(ref_cfg, params, tokens)
+    loss_fn = lambda cfg: (lambda p: jnp.mean(jax.nn.log_softmax(model.forward(cfg, p, tokens))[..., 0]))
+    want_g = jax.grad(loss_fn(ref_cfg))(params)
+    ring_cfg = base.replace(attention_impl="ring")
+    for spec, with_grads in (("sequence:8", False), ("data:2,sequence:4", True)):
+      with jax.set_mesh(sharding.make_mesh(spec)):
+        fwd = jax.jit(lambda p, t: model.forward(ring_cfg, p, t))
+        got = fwd(params, tokens)
+        hlo = fwd.lower(params, tokens).as_text()
+        got_g = jax.jit(jax.grad(loss_fn(ring_cfg)))(params) if with_grads else None
+      assert "collective_permute" in hlo or "collective-permute" in hlo, "no ring in the program"
+      assert rel(got, want) < 1e-5, (spec, rel(got, want))
+      if with_grads:
+        for (path, g), (_, gw) in zip(jax.tree_util.tree_leaves_with_path(got_g),
+                                      jax.tree_util.tree_leaves_with_path(want_g)):
+          assert rel(g, gw) < 1e-4, (spec, jax.tree_util.keystr(path), rel(g, gw))
+    # The PI scaling matters at these positions: without it the result differs.
+    plain = model.forward(ref_cfg.with_rope_scaling("none").replace(max_position_embeddings=64),
+                          params, tokens)
+    assert rel(plain, want) > 1e-3
+    print("RING_OK")
+""")
+
+
+def test_ring_attention_on_eight_devices_equals_single_device():
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", _RING_SCRIPT], env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0 and "RING_OK" in proc.stdout, proc.stderr[-4000:]

@@ -1,0 +1,71 @@
+"""Train or fine-tune a model: `python train.py --config configs/NAME.py [--set key=value ...]`.
+
+Rerunning the same command resumes from the run's latest checkpoint; SIGTERM saves and exits 0.
+See pi_jax/train/config.py for every key --set accepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", required=True, help="run config: a .py file with get_config()")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config field (repeatable); model.FIELD=... for a literal model")
+  parser.add_argument("--print-config", action="store_true", help="print the final config and exit")
+  parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+  args = parser.parse_args(argv)
+
+  from pi_jax.train import config as config_lib
+  try:
+    config = config_lib.apply_overrides(config_lib.load_config_file(args.config), args.set)
+  except (ValueError, TypeError, FileNotFoundError) as e:
+    parser.error(str(e))
+  if args.print_config:
+    import json
+    print(json.dumps(config.to_dict(), indent=2, default=str))
+    return 0
+
+  from pi_jax.train import trainer as trainer_lib
+  try:
+    trainer = trainer_lib.Trainer(config)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"train.py: error: {e}", file=sys.stderr)
+    return 2
+  callbacks = []
+  bar = None
+  if trainer.is_main and not args.no_progress and trainer.step < config.steps:
+    from tqdm import tqdm
+    bar = tqdm(total=config.steps, initial=trainer.step, unit="step", dynamic_ncols=True)
+
+    def progress(info):
+      bar.update(1)
+      if info.step % config.log_every == 0:
+        r = info.record
+        bar.set_postfix(loss=f"{r['loss']:.4f}", lr=f"{r['learning_rate']:.2e}",
+                        tok_s=f"{r['tokens_per_second']:.0f}")
+    callbacks.append(progress)
+  trainer.callbacks.extend(callbacks)
+  try:
+    summary = trainer.run()
+  except trainer_lib.NonFiniteError as e:
+    if bar is not None:
+      bar.close()
+    print(f"train.py: stopped: {e}", file=sys.stderr)
+    return 1
+  if bar is not None:
+    bar.close()
+  if trainer.is_main:
+    if summary["status"] == "preempted":
+      print(f"SIGTERM: saved checkpoint at step {summary['step']} in {config.workdir}; "
+            "rerun the same command to resume")
+    else:
+      print(f"done: step {summary['step']}; final checkpoint {summary['final']}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
