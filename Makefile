@@ -23,6 +23,10 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests
 
+# The paper in miniature on a CPU (about 10 minutes on 2 cores): runs/demo/report.md
+demo: $(STAMP)
+	$(BIN)/python demo.py
+
 smollm2: $(STAMP)
 	$(BIN)/python -m pi_jax.fetch smollm2
 

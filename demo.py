@@ -36,8 +36,8 @@ HELDOUT = "data/pg19_standin/Psa_14?.txt"  # Psalms 140-149: never in pre-traini
 class Settings:
   base: str = "assets/tiny_base"
   factors: tuple[int, ...] = (4, 8)
-  ft_steps: int = 60
-  ft_tokens_per_step: int = 4096  # global_batch = this // window, the same for every run
+  ft_steps: int = 40
+  ft_tokens_per_step: int = 2048  # global_batch = this // window, the same for every run
   stages: int = 2  # the largest factor is also saved and scored at steps N/stages, 2N/stages, ...
   heldout_docs: int = 3
   heldout_tokens: int = 6144  # bytes (+ BOS) per held-out document
@@ -46,7 +46,7 @@ class Settings:
   real_windows: tuple[int, ...] = (4096, 8192, 16384)
   real_scalings: tuple[str, ...] = ("none", "linear:2", "ntk:2", "yarn:2")
   passkey_lengths: tuple[int, ...] = (4096, 8192, 16384)
-  passkey_scalings: tuple[str, ...] = ("none", "linear:2")
+  passkey_scalings: tuple[str, ...] = ("none",)  # --full adds linear:2
   passkey_trials: int = 1  # keys per (length, scaling), each at k = L/2
 
 
@@ -208,6 +208,7 @@ def real_model(s: Settings, run: Runner, out: str) -> dict:
       f"({', '.join(s.real_scalings)}), passkey at {', '.join(map(str, s.passkey_lengths))} "
       f"({', '.join(s.passkey_scalings)})")
   result = _load(path)
+  result["ckpt"] = ckpt
   result["ppl"] = {k: {int(w): v for w, v in by_w.items()} for k, by_w in result["ppl"].items()}
   result["passkey"] = {k: {int(L): v for L, v in by_L.items()}
                        for k, by_L in result["passkey"].items()}
@@ -474,6 +475,8 @@ def main(argv=None) -> int:
   p.add_argument("--passkey-lengths", default=None, metavar="L,L,...",
                  help="SmolLM2 passkey prompt lengths (default 4096,8192,16384)")
   p.add_argument("--real", action="store_true", help="run SmolLM2 even with --quick")
+  p.add_argument("--full", action="store_true",
+                 help="also passkey with PI x2 (two more 4K/8K/16K forwards; over the 15 minutes)")
   p.add_argument("--base", default=None, help="the short-window checkpoint to extend "
                  "(default assets/tiny_base)")
   args = p.parse_args(argv)
@@ -488,6 +491,8 @@ def main(argv=None) -> int:
     s = dataclasses.replace(s, base=args.base)
   if args.real:
     s = dataclasses.replace(s, real=True)
+  if args.full:
+    s = dataclasses.replace(s, passkey_scalings=("none", "linear:2"))
   try:
     if args.real_windows:
       s = dataclasses.replace(s, real_windows=_ints(args.real_windows))

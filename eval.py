@@ -12,7 +12,6 @@ The definitions are in pi_jax/evals/perplexity.py and pi_jax/evals/passkey.py.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -129,7 +128,7 @@ def _with_scaling(config, spec, ckpt):
 
 
 def _check_scalings(config, specs, ckpt):
-  return [(_with_scaling(config, s, ckpt)) for s in specs]  # all, before any work
+  return [_with_scaling(config, s, ckpt) for s in specs]  # all of them, before any work
 
 
 def run_perplexity(args) -> dict:
@@ -192,6 +191,7 @@ def run_perplexity(args) -> dict:
 def run_passkey(args) -> dict:
   from pi_jax.evals import passkey
   from pi_jax.evals import report
+  from pi_jax.evals import runtime
   lengths = _int_list(args.lengths, "--lengths")
   if args.trials < 1:
     raise ValueError(f"--trials must be >= 1, got {args.trials}")
@@ -203,8 +203,9 @@ def run_passkey(args) -> dict:
   runs = []
   for cfg in configs:
     label = cfg.rope_scaling.describe()
-    results = passkey.run_trials(cfg, params, tok, trials, mode=args.mode, batch_size=batch,
-                                 progress=lambda n, label=label: bar(f"passkey {label}", n))
+    with runtime.mesh_context(mesh):  # activations follow the logical layout on a mesh
+      results = passkey.run_trials(cfg, params, tok, trials, mode=args.mode, batch_size=batch,
+                                   progress=lambda n, label=label: bar(f"passkey {label}", n))
     summary = passkey.summarize(results)
     runs.append({"rope_scaling": label, "model_window": cfg.max_position_embeddings,
                  "lengths": summary, "trials": results})
@@ -266,8 +267,9 @@ def main(argv=None) -> int:
       print(table(out["runs"]))
       if args.plot:
         plot = report.plot_perplexity if out["task"] == "perplexity" else report.plot_passkey
-        plot(out["runs"], args.plot, f"{out['task']}: " + ", ".join(
-            os.path.basename(f) for f in args.inputs))
+        first = out["sources"][0]
+        plot(out["runs"], args.plot, f"{out['task']}: {first['settings'].get('ckpt')} "
+             f"({len(args.inputs)} files merged)")
     elif args.task == "perplexity":
       out = run_perplexity(args)
       print(report.perplexity_table(out["runs"]))

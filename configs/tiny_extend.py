@@ -2,10 +2,10 @@
 
 PI fine-tuning to 8x (1024 bytes):
   python train.py --config configs/tiny_extend.py --set workdir=runs/pi8 \\
-      --set rope_scaling=linear:8 --set seq_len=1024 --set global_batch=4
+      --set rope_scaling=linear:8 --set seq_len=1024 --set global_batch=2
 Direct fine-tuning (no interpolation) to the same window:
   python train.py --config configs/tiny_extend.py --set workdir=runs/ft8 \\
-      --set max_position_embeddings=1024 --set seq_len=1024 --set global_batch=4
+      --set max_position_embeddings=1024 --set seq_len=1024 --set global_batch=2
 
 The paper's recipe (PI §3.1) scaled to a tiny model: AdamW (0.9, 0.95), no weight decay, linear
 warm-up from 10% of the peak, then constant; the same data, steps and tokens per step for both
@@ -23,9 +23,9 @@ def get_config() -> TrainConfig:
       init_checkpoint="assets/tiny_base",
       data=TRAIN_DATA,
       seq_len=1024,
-      global_batch=4,
-      steps=60,
-      learning_rate=1e-3,
+      global_batch=2,
+      steps=40,
+      learning_rate=2e-3,
       warmup_steps=5,
       warmup_start_fraction=0.1,
       weight_decay=0.0,

@@ -25,7 +25,7 @@ def get_config() -> TrainConfig:
       data=TRAIN_DATA,
       seq_len=WINDOW,
       global_batch=16,
-      steps=2400,
+      steps=1400,
       learning_rate=3e-3,
       warmup_steps=100,
       warmup_start_fraction=0.1,

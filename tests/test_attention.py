@@ -159,6 +159,7 @@ _RING_SCRIPT = textwrap.dedent("""
     import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     os.environ["JAX_PLATFORMS"] = "cpu"
+    import sys
     import jax, jax.numpy as jnp, numpy as np
     from pi_jax import attention as attn_lib, model, sharding
     from pi_jax.config import ModelConfig
@@ -193,9 +194,10 @@ _RING_SCRIPT = textwrap.dedent("""
     ref_cfg = base.replace(attention_impl="reference")
     want = model.forward(ref_cfg, params, tokens)
     loss_fn = lambda cfg: (lambda p: jnp.mean(jax.nn.log_softmax(model.forward(cfg, p, tokens))[..., 0]))
-    want_g = jax.grad(loss_fn(ref_cfg))(params)
+    want_g = jax.grad(loss_fn(ref_cfg))(params) if "grads" in sys.argv[1:] else None
     ring_cfg = base.replace(attention_impl="ring")
-    for spec, with_grads in (("sequence:8", False), ("data:2,sequence:4", True)):
+    model_grads = "grads" in sys.argv[1:]
+    for spec, with_grads in (("sequence:8", False), ("data:2,sequence:4", model_grads)):
       with jax.set_mesh(sharding.make_mesh(spec)):
         fwd = jax.jit(lambda p, t: model.forward(ring_cfg, p, t))
         got = fwd(params, tokens)
@@ -215,9 +217,20 @@ _RING_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_ring_attention_on_eight_devices_equals_single_device():
+def _run_ring_script(*args):
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
          "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, "-c", _RING_SCRIPT], env=env, capture_output=True,
-                        text=True, timeout=600)
+  proc = subprocess.run([sys.executable, "-c", _RING_SCRIPT, *args], env=env, capture_output=True,
+                        text=True, timeout=1200)
   assert proc.returncode == 0 and "RING_OK" in proc.stdout, proc.stderr[-4000:]
+
+
+def test_ring_attention_on_eight_devices_equals_single_device():
+  """Kernel outputs and gradients, and the whole PI model's logits, on 8 fake CPU devices."""
+  _run_ring_script()
+
+
+@pytest.mark.slow
+def test_ring_attention_whole_model_gradients():
+  """As above, plus every parameter gradient of the PI model on mesh data:2,sequence:4."""
+  _run_ring_script("grads")

@@ -106,6 +106,7 @@ class _Exploit:
     return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch's warning about the refused global
 def test_pickle_code_execution_is_refused(tmp_path, hf_dir):
   import torch
   src = tmp_path / "evil"
@@ -118,3 +119,16 @@ def test_pickle_code_execution_is_refused(tmp_path, hf_dir):
   assert not marker.exists()
   _fails(src, tmp_path / "out", r"evil/pytorch_model.bin: refused: the pickle holds objects")
   assert not marker.exists(), "the planted pickle ran code"
+
+
+def test_export_errors(tmp_path, hf_dir):
+  from convert.to_hf import export
+  with pytest.raises(ConversionError, match=r"notckpt is not a pi_jax checkpoint"):
+    export(str(tmp_path / "notckpt"), str(tmp_path / "hf_out"))
+  assert not os.path.exists(tmp_path / "hf_out")
+  convert(str(hf_dir), str(tmp_path / "ckpt"))
+  (tmp_path / "hf_out").mkdir()
+  with pytest.raises(ConversionError, match=r"hf_out already exists; pass --force"):
+    export(str(tmp_path / "ckpt"), str(tmp_path / "hf_out"))
+  export(str(tmp_path / "ckpt"), str(tmp_path / "hf_out"), force=True)
+  assert os.path.isfile(tmp_path / "hf_out" / "model.safetensors")

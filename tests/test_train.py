@@ -80,6 +80,10 @@ def test_overrides_parse_by_field_type():
       7, 1e-4, False, "data:2,fsdp:2,tensor:2")
   assert (c.init_checkpoint, c.grad_clip, c.max_docs) == ("/x", 1.0, None)
   assert c.model.num_layers == 3 and c.rope_scaling == "linear:4"
+  c = apply_overrides(base, ["coordinator=10.0.0.1:1234,num_processes=4,process_id=2",
+                             "mesh=data:2,fsdp:4"])
+  assert (c.coordinator, c.num_processes, c.process_id, c.mesh) == ("10.0.0.1:1234", 4, 2,
+                                                                    "data:2,fsdp:4")
   with pytest.raises(ValueError, match="unknown config key 'learning_rat'.*learning_rate"):
     apply_overrides(base, ["learning_rat=1"])
   with pytest.raises(ValueError, match="steps=ten: expected an integer"):

@@ -80,6 +80,11 @@ def _pyplot():
   return plt
 
 
+def matplotlib_ticker():
+  import matplotlib.ticker
+  return matplotlib.ticker
+
+
 def plot_perplexity(runs: list[dict], path: str, title: str) -> None:
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(6, 4))
@@ -88,7 +93,12 @@ def plot_perplexity(runs: list[dict], path: str, title: str) -> None:
     ax.plot([r["window"] for r in rs], [r["perplexity"] for r in rs], marker="o",
             label=run["rope_scaling"])
   ax.set_xscale("log", base=2)
-  ax.set_yscale("log")
+  windows = sorted({r["window"] for run in runs for r in run["results"]})
+  ax.set_xticks(windows, [str(w) for w in windows])
+  ax.xaxis.set_minor_locator(matplotlib_ticker().NullLocator())
+  values = [r["perplexity"] for run in runs for r in run["results"]]
+  if values and max(values) > 10 * min(values):  # a blow-up past the window: log scale
+    ax.set_yscale("log")
   ax.set_xlabel("evaluation window (tokens)")
   ax.set_ylabel("perplexity")
   ax.set_title(title, fontsize=9)
@@ -104,7 +114,8 @@ def plot_passkey(runs: list[dict], path: str, title: str) -> None:
   """One heatmap per scaling: rows = prompt length, columns = depth index (k grid)."""
   import numpy as np
   plt = _pyplot()
-  fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 3), squeeze=False)
+  fig, axes = plt.subplots(1, len(runs), figsize=(3.5 * len(runs) + 1, 3.4), squeeze=False)
+  fig.subplots_adjust(bottom=0.2, top=0.82, wspace=0.3)
   for ax, run in zip(axes[0], runs):
     lengths = list(run["lengths"])
     depths = max(len(s["k"]) for s in run["lengths"].values())
@@ -114,8 +125,11 @@ def plot_passkey(runs: list[dict], path: str, title: str) -> None:
       grid[i, :len(acc)] = acc
     im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
     ax.set_yticks(range(len(lengths)), [str(x) for x in lengths])
-    ax.set_xlabel("k / L × depths (key distance from the end)")
-    ax.set_ylabel("prompt length L")
+    ticks = sorted(set(np.linspace(0, depths - 1, min(depths, 8)).round().astype(int)))
+    ax.set_xticks(ticks, [f"{t / depths:.2g}" for t in ticks])
+    ax.set_xlabel("k / L (key distance from the end)")
+    if ax is axes[0][0]:
+      ax.set_ylabel("prompt length L (tokens)")
     ax.set_title(run["rope_scaling"], fontsize=9)
   fig.colorbar(im, ax=axes[0].tolist(), label="accuracy")
   fig.suptitle(title, fontsize=9)

@@ -175,12 +175,29 @@ def _unknown_key(key: str, known) -> ValueError:
   return ValueError(f"--set: unknown config key {key!r}{hint} (known: {', '.join(sorted(known))})")
 
 
+def _split_items(items: list[str]) -> list[str]:
+  """`a=1,b=2` is two overrides; a comma not followed by `key=` belongs to the value (mesh)."""
+  out = []
+  for item in items:
+    parts = item.split(",")
+    current = parts[0]
+    for part in parts[1:]:
+      head = part.split("=", 1)[0]
+      if "=" in part and head.strip().replace(".", "_").isidentifier():
+        out.append(current)
+        current = part
+      else:
+        current += "," + part
+    out.append(current)
+  return out
+
+
 def apply_overrides(config: TrainConfig, items: list[str]) -> TrainConfig:
   """Applies `key=value` strings; `model.FIELD=value` edits a literal ModelConfig."""
   hints = typing.get_type_hints(TrainConfig)
   changes: dict[str, Any] = {}
   model_changes: dict[str, Any] = {}
-  for item in items:
+  for item in _split_items(items):
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep:
