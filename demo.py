@@ -110,11 +110,13 @@ def _ppl_by_window(eval_json: dict) -> dict[str, dict[int, float]]:
 def miniature(s: Settings, run: Runner, out: str) -> dict:
   base_config = _load(os.path.join(REPO, s.base, "config.json"))
   L = int(base_config["max_position_embeddings"])
-  windows = [L * 2 ** i for i in range(max(s.factors).bit_length())]  # 1x, 2x, 4x, ... max
+  # 1x, 2x, 4x, ... up to the largest factor, and every factor's window.
+  windows = sorted({L * 2 ** i for i in range(max(s.factors).bit_length())}
+                   | {L * f for f in s.factors})
   data_args = ["--data", HELDOUT, "--max-docs", str(s.heldout_docs),
                "--max-tokens", str(s.heldout_tokens), "--stride", str(L), "--no-progress"]
   evals = os.path.join(out, "mini")
-  rows = []  # (label, method, factor, steps, {window: ppl})
+  rows = []  # one per table row: model, method, factor, steps, ppl {window: perplexity}
 
   def evaluate(name, ckpt, wins, scaling=None):
     path = os.path.join(evals, f"{name}.json")
@@ -374,14 +376,27 @@ def _mini_section(res: dict, s: Settings) -> list[str]:
   lines.append(f"- Extrapolation: the base model's perplexity goes from {_fmt(ext[L])} at its own "
                f"window {L} to {_fmt(ext[windows[-1]])} at {windows[-1]} "
                f"({ext[windows[-1]] / ext[L]:.2f}x).")
+  wins = []
   for f in s.factors:
     W = L * f
     final = {r["method"].split()[0]: r["ppl"][W] for r in res["rows"]
              if r["factor"] == f and r["steps"] == s.ft_steps}
+    zero = next(r["ppl"][W] for r in res["rows"] if r["factor"] == f and r["steps"] == 0)
     ft, pi = final["direct"], final["PI"]
+    wins.append(pi < ft)
     verdict = "lower" if pi < ft else "higher" if pi > ft else "equal"
-    lines.append(f"- At {W} ({f}x) after {s.ft_steps} steps: PI fine-tuning {_fmt(pi)}, direct "
+    lines.append(f"- At {W} ({f}x): PI with no fine-tuning {_fmt(zero)} (extrapolation "
+                 f"{_fmt(ext[W])}); after {s.ft_steps} steps PI fine-tuning {_fmt(pi)}, direct "
                  f"fine-tuning {_fmt(ft)}: PI is {verdict} (ratio PI/FT {pi / ft:.3f}).")
+  blowup = ext[windows[-1]] > 2 * ext[L]
+  lines += ["", "Against the paper's findings: extrapolation past the trained window "
+            + ("blows up here too" if blowup else "does NOT blow up here")
+            + " (perplexity more than doubles: " + ("yes" if blowup else "no") + "); PI fine-tuning "
+            + ("reaches a lower" if all(wins) else "does NOT reach a lower" if not any(wins)
+               else "reaches a lower perplexity at some but not all extended windows than")
+            + (" perplexity at the extended window than direct fine-tuning in the same steps"
+               if all(wins) or not any(wins) else " direct fine-tuning in the same steps")
+            + (" (the paper: it does)." if not all(wins) else ", as in the paper.")]
   return lines
 
 
@@ -424,7 +439,7 @@ def write_report(out: str, s: Settings, argv: list[str], mini, real, runner: Run
                  started: float, status: str) -> str:
   lines = [
       "# pi_jax demo: Position Interpolation in miniature, on a CPU", "",
-      f"Written by `python demo.py {shlex.join(argv)}`".rstrip() + f" at "
+      f"Written by `{shlex.join(['python', 'demo.py'] + list(argv))}` at "
       f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; "
       f"status: **{status}**; wall time {time.perf_counter() - started:.0f} s on "
       f"{os.cpu_count()} CPU core(s) ({platform.machine()}, {platform.system()}).", "",
@@ -447,6 +462,10 @@ def write_report(out: str, s: Settings, argv: list[str], mini, real, runner: Run
   path = os.path.join(out, "report.md")
   with open(path, "w") as f:
     f.write("\n".join(lines))
+  with open(os.path.join(out, "results.json"), "w") as f:  # the same numbers, machine-readable
+    json.dump({"status": status, "settings": dataclasses.asdict(s), "versions": _versions(),
+               "miniature": mini, "real_model": real, "commands": runner.records}, f, indent=1,
+              default=str)
   return path
 
 
