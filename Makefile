@@ -23,7 +23,7 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests
 
-# The paper in miniature on a CPU (about 10 minutes on 2 cores): runs/demo/report.md
+# The paper in miniature on a CPU (12 minutes on 2 cores once .venv exists): runs/demo/report.md
 demo: $(STAMP)
 	$(BIN)/python demo.py
 
