@@ -17,7 +17,6 @@ import shutil
 import struct
 import sys
 import time
-import uuid
 
 import numpy as np
 
@@ -135,11 +134,7 @@ def export(ckpt: str, out: str, *, force: bool = False, max_shard_size: str | in
   entries = _plan(config, params, dtype)
   shards = _shards(entries, max_bytes)
 
-  parent = os.path.dirname(out)
-  os.makedirs(parent, exist_ok=True)
-  tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{uuid.uuid4().hex[:8]}")
-  try:
-    os.makedirs(tmp)
+  with checkpoint.atomic_directory(out) as tmp:
     weight_map, total = {}, 0
     bar = None
     if progress:
@@ -170,12 +165,6 @@ def export(ckpt: str, out: str, *, force: bool = False, max_shard_size: str | in
       if "tokenizer.model" in names and not ({"tokenizer.json", "tokenizer_config.json"} & set(names)):
         with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
           json.dump(_tokenizer_config(config, tok_dir), f, indent=2)
-    if os.path.exists(out):
-      shutil.rmtree(out)
-    os.replace(tmp, out)
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
   return out
 
 

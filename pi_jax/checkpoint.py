@@ -11,6 +11,7 @@ save never leaves a half-written CKPT. Restores go straight into the requested s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -44,6 +45,27 @@ def load_config(path: str) -> ModelConfig:
     raise ValueError(f"{file}: not a valid pi_jax config: {e}") from None
 
 
+@contextlib.contextmanager
+def atomic_directory(path: str):
+  """Yields a temporary sibling directory that replaces `path` only if the block succeeds.
+
+  On any error the temporary directory is removed and `path` (new or old) is untouched, so a
+  failed write never leaves a half-written checkpoint or export.
+  """
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+  try:
+    os.makedirs(tmp)
+    yield tmp
+    if os.path.exists(path):
+      shutil.rmtree(path)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
 def save_checkpoint(path: str, config: ModelConfig, params, *, force: bool = False,
                     extra_files: dict[str, str] | None = None) -> str:
   """Saves `params` (jax or numpy arrays) and `config` to `path` atomically.
@@ -54,11 +76,7 @@ def save_checkpoint(path: str, config: ModelConfig, params, *, force: bool = Fal
   if os.path.exists(path) and not force:
     raise FileExistsError(f"{path} already exists (pass force=True / --force to replace it)")
   _check_params_match(config, params)
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-  try:
-    os.makedirs(tmp)
+  with atomic_directory(path) as tmp:
     # Small OCDBT data files: tensorstore keeps a data file's bytes in memory until it is
     # written, so orbax's default (~2 GB files) adds up to a second model copy to peak host
     # memory (benchmarks/convert_memory.py). Restores read it like any orbax checkpoint.
@@ -71,12 +89,6 @@ def save_checkpoint(path: str, config: ModelConfig, params, *, force: bool = Fal
       shutil.copyfile(src, dst)
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       f.write(config.to_json())
-    if os.path.exists(path):
-      shutil.rmtree(path)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
   return path
 
 

@@ -9,6 +9,7 @@ stops the run with NonFiniteError; SIGTERM saves a checkpoint and returns cleanl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -140,17 +141,20 @@ def _tokenizer(config: TrainConfig, model: ModelConfig):
 
 # --- the step ----------------------------------------------------------------------------------
 
+def _summed_loss(model: ModelConfig, chunk: int, params, rows_BL1):
+  """(sum of next-token NLL, token count) of packed rows [B, L+1]: rows hold tokens and targets."""
+  tokens_BL, targets_BL = rows_BL1[:, :-1], rows_BL1[:, 1:]
+  mean, count = loss_lib.mean_loss(model, params, tokens_BL, targets_BL,
+                                   jnp.ones(tokens_BL.shape, jnp.bool_), chunk=chunk)
+  return mean * count, count
+
+
 def make_train_step(config: TrainConfig, model: ModelConfig, optimizer, shardings, batch_sharding):
   accum = config.accum_steps
   schedule = optim.learning_rate_schedule(config)
   replicated = NamedSharding(batch_sharding.mesh, P())
 
-  def summed_loss(params, rows_BL1):
-    tokens_BL, targets_BL = rows_BL1[:, :-1], rows_BL1[:, 1:]
-    mean, count = loss_lib.mean_loss(model, params, tokens_BL, targets_BL,
-                                     jnp.ones(tokens_BL.shape, jnp.bool_), chunk=config.loss_chunk)
-    return mean * count, count
-
+  summed_loss = functools.partial(_summed_loss, model, config.loss_chunk)
   grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
 
   def step(state, rows_GL1):
@@ -193,12 +197,7 @@ def make_train_step(config: TrainConfig, model: ModelConfig, optimizer, sharding
 def make_eval_step(config: TrainConfig, model: ModelConfig, shardings, batch_sharding):
   replicated = NamedSharding(batch_sharding.mesh, P())
 
-  def evaluate(params, rows_BL1):
-    tokens_BL, targets_BL = rows_BL1[:, :-1], rows_BL1[:, 1:]
-    mean, count = loss_lib.mean_loss(model, params, tokens_BL, targets_BL,
-                                     jnp.ones(tokens_BL.shape, jnp.bool_), chunk=config.loss_chunk)
-    return mean * count, count
-
+  evaluate = functools.partial(_summed_loss, model, config.loss_chunk)
   return jax.jit(evaluate, in_shardings=(shardings["params"], batch_sharding),
                  out_shardings=replicated)
 
