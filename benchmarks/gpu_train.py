@@ -30,6 +30,7 @@ import optax
 from pi_jax import loss as loss_lib
 from pi_jax import model as model_lib
 from pi_jax.config import ModelConfig
+from pi_jax.train import metrics as metrics_lib  # one FLOP count and peak table, shared with train.py
 
 SHAPES = {
     "tinyllama": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22,
@@ -37,25 +38,6 @@ SHAPES = {
     "smoke": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2,
                   num_heads=4, num_kv_heads=2),
 }
-# Peak dense bf16 TFLOP/s by device kind substring (vendor data sheets, without sparsity).
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "TPU v5 lite": 197.0,
-               "TPU v5p": 459.0, "TPU v4": 275.0, "TPU v6": 918.0}
-
-
-def flops_per_token(config: ModelConfig, length: int) -> float:
-  n = model_lib.count_params(config)
-  if not config.tie_word_embeddings:
-    n -= config.vocab_size * config.hidden_size  # the input table is a lookup, not a matmul
-  return 6.0 * n + 6.0 * config.num_layers * length * config.hidden_size
-
-
-def peak_flops(device, override_tflops):
-  if override_tflops:
-    return override_tflops * 1e12
-  for name, tflops in PEAK_TFLOPS.items():
-    if name.lower() in device.device_kind.lower():
-      return tflops * 1e12
-  return None
 
 
 def bench(config: ModelConfig, length: int, steps: int, warmup: int, batch: int, chunk: int):
@@ -97,8 +79,8 @@ def bench(config: ModelConfig, length: int, steps: int, warmup: int, batch: int,
   stats = device.memory_stats() or {}
   step_s = statistics.median(times)
   tokens_per_s = batch * length / step_s
-  peak = peak_flops(device, None)
-  fpt = flops_per_token(config, length)
+  peak = metrics_lib.peak_flops_per_device(device)
+  fpt = metrics_lib.flops_per_token(config, length)
   return {
       "length": length, "batch": batch, "steps": steps, "step_s_median": step_s,
       "tokens_per_s": tokens_per_s, "flops_per_token": fpt,
