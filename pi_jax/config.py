@@ -19,7 +19,7 @@ _TO_HF_TYPE = {"none": "default", "linear": "linear", "dynamic": "dynamic", "yar
 _FROM_HF_TYPE = {v: k for k, v in _TO_HF_TYPE.items()}
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
-ATTENTION_IMPLS = ("auto", "reference", "xla_blockwise", "cudnn", "splash", "ring")
+ATTENTION_IMPLS = ("auto", "reference", "xla_blockwise", "cudnn", "splash", "ring")  # see pi_jax.attention
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from pi_jax import attention as attn_lib
+from pi_jax.attention import blockwise, kernels
 
 
 def _inputs(b, l, n, kh, h, dtype=jnp.float32, seed=0):
@@ -84,18 +85,18 @@ def test_blockwise_skips_blocks_above_the_diagonal():
   Counted by running the blocked forward with a score function that tallies its calls.
   """
   calls = []
-  original = attn_lib._scores
+  original = blockwise._scores
 
   def counting_scores(q, k, scale):
     jax.debug.callback(lambda: calls.append(1))
     return original(q, k, scale)
 
   q, k, v, _ = _inputs(1, 64, 2, 1, 8)
-  attn_lib._scores = counting_scores
+  blockwise._scores = counting_scores
   try:
     attn_lib.blockwise_attention(q, k, v, block_size=8).block_until_ready()
   finally:
-    attn_lib._scores = original
+    blockwise._scores = original
   nb = 64 // 8
   assert len(calls) == nb * (nb + 1) // 2  # a full rectangle would be nb² = 64
 
@@ -118,9 +119,9 @@ def test_auto_resolves_to_blockwise_on_cpu():
 
 
 def test_auto_picks_vendor_kernels(monkeypatch):
-  monkeypatch.setattr(attn_lib, "_backend", lambda: "tpu")
+  monkeypatch.setattr(kernels, "backend", lambda: "tpu")
   assert attn_lib.resolve_impl("auto", jnp.float32) == "splash"
-  monkeypatch.setattr(attn_lib, "_backend", lambda: "gpu")
+  monkeypatch.setattr(kernels, "backend", lambda: "gpu")
   assert attn_lib.resolve_impl("auto", jnp.bfloat16) == "cudnn"
   assert attn_lib.resolve_impl("auto", jnp.float16) == "cudnn"
   assert attn_lib.resolve_impl("auto", jnp.float32) == "xla_blockwise"
@@ -135,7 +136,7 @@ def test_vendor_kernels_refuse_the_wrong_backend():
 
 
 def test_cudnn_refuses_float32(monkeypatch):
-  monkeypatch.setattr(attn_lib, "_backend", lambda: "gpu")
+  monkeypatch.setattr(kernels, "backend", lambda: "gpu")
   q, k, v, _ = _inputs(1, 8, 2, 1, 8)
   with pytest.raises(ValueError, match="bfloat16 or float16"):
     attn_lib.attention(q, k, v, impl="cudnn")

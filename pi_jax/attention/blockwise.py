@@ -1,18 +1,10 @@
-"""Causal self-attention: one entry point, several implementations.
+"""xla_blockwise: flash attention in plain XLA.
 
-All take q [B, L, N, H] and k, v [B, L, K, H] with N = K·G (grouped-query attention: the G query
-heads of a group share one K/V head, which is never copied per query head) and return
-[B, L, N, H]. Softmax statistics are float32 whatever the compute dtype.
-
-- reference: plain softmax over the full L×L score matrix; the oracle for every fast path.
-- xla_blockwise: flash-attention in plain XLA. Online softmax over key blocks; query block i
-  visits only key blocks 0..i (the blocks above the causal diagonal are never computed, which
-  halves the work at long lengths), memory is linear in L, and a custom VJP recomputes the
-  blocks from the saved log-sum-exp so training memory is linear too.
-- cudnn: jax.nn.dot_product_attention's cuDNN flash kernel (NVIDIA GPU, bf16/fp16).
-- splash: the Pallas TPU splash-attention kernel with a causal mask.
-- ring: context parallelism over the `sequence` mesh axis (pi_jax.ring).
-- auto: splash on TPU, cudnn on GPU for bf16/fp16, else xla_blockwise.
+Online softmax over key blocks; query block i visits only key blocks 0..i (the blocks above the
+causal diagonal are never computed, which halves the work at long lengths), memory is linear in
+L, and a custom VJP recomputes the blocks from the saved log-sum-exp so training memory is
+linear too. `to_blocks_q`, `to_blocks_kv`, `from_blocks_q` and `blockwise_core` are public: ring
+attention runs the same core on its shards.
 """
 
 from __future__ import annotations
@@ -24,41 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Large finite negative instead of -inf: a fully masked row then gives zeros, not NaN.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-IMPLS = ("auto", "reference", "xla_blockwise", "cudnn", "splash", "ring")
+from pi_jax.attention.reference import MASK_VALUE
 
-
-def group_queries(q_BLNH: jax.Array, num_kv_heads: int) -> jax.Array:
-  """[B, L, N, H] -> [B, L, K, G, H] so each K/V head meets its G query heads."""
-  b, l, n, h = q_BLNH.shape
-  return q_BLNH.reshape(b, l, num_kv_heads, n // num_kv_heads, h)
-
-
-def reference_attention(q_BLNH, k_BSKH, v_BSKH, *, q_offset=0, kv_length=None):
-  """Dense causal attention; query i sits at key position q_offset + i.
-
-  kv_length (optional, may be traced) masks keys at or past it (an unfilled KV cache).
-  """
-  b, l, n, h = q_BLNH.shape
-  s, k_heads = k_BSKH.shape[1], k_BSKH.shape[2]
-  q_BLKGH = group_queries(q_BLNH, k_heads)
-  scores_BKGLS = jnp.einsum("BLKGH,BSKH->BKGLS", q_BLKGH, k_BSKH,
-                            preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(h))
-  q_pos = q_offset + jnp.arange(l)[:, None]
-  k_pos = jnp.arange(s)[None, :]
-  allowed_LS = k_pos <= q_pos
-  if kv_length is not None:
-    allowed_LS &= k_pos < kv_length
-  scores_BKGLS = jnp.where(allowed_LS, scores_BKGLS, MASK_VALUE)
-  probs_BKGLS = jax.nn.softmax(scores_BKGLS, axis=-1)
-  out_BLKGH = jnp.einsum("BKGLS,BSKH->BLKGH", probs_BKGLS.astype(v_BSKH.dtype), v_BSKH,
-                         preferred_element_type=jnp.float32)
-  return out_BLKGH.reshape(b, l, n, h).astype(q_BLNH.dtype)
-
-
-# --- xla_blockwise ------------------------------------------------------------------------------
-#
 # Internal layout: the block axis leads (a dynamic index on it reads one contiguous block) and
 # the G query heads of a K/V head are folded into the rows next to the T positions of a block:
 #   q, dq, out  [nb, B, K, R, H]  with R = T·G, row r = position t·G + head g
@@ -67,19 +26,19 @@ def reference_attention(q_BLNH, k_BSKH, v_BSKH, *, q_offset=0, kv_length=None):
 # so each block pair is one [R, H] × [H, T] matmul per (B, K) with no transposes inside loops.
 
 
-def _to_blocks_q(x_BLNH, num_kv_heads, t):
+def to_blocks_q(x_BLNH, num_kv_heads, t):
   b, l, n, h = x_BLNH.shape
   x = x_BLNH.reshape(b, l // t, t, num_kv_heads, n // num_kv_heads, h)
   return x.transpose(1, 0, 3, 2, 4, 5).reshape(l // t, b, num_kv_heads, t * (n // num_kv_heads), h)
 
 
-def _from_blocks_q(x_nBKRH, t):
+def from_blocks_q(x_nBKRH, t):
   nb, b, k, r, h = x_nBKRH.shape
   g = r // t
   return x_nBKRH.reshape(nb, b, k, t, g, h).transpose(1, 0, 3, 2, 4, 5).reshape(b, nb * t, k * g, h)
 
 
-def _to_blocks_kv(x_BLKH, t):
+def to_blocks_kv(x_BLKH, t):
   b, l, k, h = x_BLKH.shape
   return x_BLKH.reshape(b, l // t, t, k, h).transpose(1, 0, 3, 2, 4)
 
@@ -234,87 +193,6 @@ def blockwise_attention(q_BLNH, k_BLKH, v_BLKH, *, block_size: int = 512):
   if pad:  # padded keys sit after every real query, so the causal mask alone hides them
     widths = ((0, 0), (0, pad), (0, 0), (0, 0))
     q_BLNH, k_BLKH, v_BLKH = (jnp.pad(x, widths) for x in (q_BLNH, k_BLKH, v_BLKH))
-  out, _ = blockwise_core(_to_blocks_q(q_BLNH, kh, t), _to_blocks_kv(k_BLKH, t),
-                          _to_blocks_kv(v_BLKH, t), True)
-  return _from_blocks_q(out, t)[:, :l].astype(q_BLNH.dtype)
-
-
-# --- vendor kernels (imported lazily: they exist only on their own backends) -------------------
-
-
-def _backend() -> str:
-  return jax.default_backend()
-
-
-def cudnn_attention(q_BLNH, k_BLKH, v_BLKH):
-  """cuDNN flash attention (NVIDIA GPU; bf16 or fp16). Causality comes from is_causal, never a
-  dense mask."""
-  if _backend() != "gpu":
-    raise ValueError(f"attention impl 'cudnn' needs an NVIDIA GPU; the JAX backend is {_backend()!r}."
-                     " Use 'xla_blockwise' (or 'auto').")
-  if q_BLNH.dtype not in (jnp.bfloat16, jnp.float16):
-    raise ValueError(f"attention impl 'cudnn' needs bfloat16 or float16 inputs, got {q_BLNH.dtype};"
-                     " set compute_dtype=bfloat16 or use 'xla_blockwise'.")
-  return jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, is_causal=True,
-                                      implementation="cudnn")
-
-
-def splash_attention(q_BLNH, k_BLKH, v_BLKH, *, block_size: int = 512):
-  """Pallas TPU splash attention with a lazy causal mask; GQA as one MQA kernel per K/V head."""
-  if _backend() != "tpu":
-    raise ValueError(f"attention impl 'splash' needs a TPU; the JAX backend is {_backend()!r}."
-                     " Use 'xla_blockwise' (or 'auto').")
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-  b, l, n, h = q_BLNH.shape
-  kh = k_BLKH.shape[2]
-  g = n // kh
-  pad = (-l) % 128  # the kernel tiles by 128; trailing padding is hidden by the causal mask
-  lp = l + pad
-  if pad:
-    widths = ((0, 0), (0, pad), (0, 0), (0, 0))
-    q_BLNH, k_BLKH, v_BLKH = (jnp.pad(x, widths) for x in (q_BLNH, k_BLKH, v_BLKH))
-  blk = max(128, min(block_size, lp) // 128 * 128)
-  while lp % blk:
-    blk -= 128
-  sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk,
-                        block_kv_dkv=blk, block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
-  mask = sm.MultiHeadMask([sm.CausalMask((lp, lp)) for _ in range(g)])
-  kernel = sk.make_splash_mqa_single_device(mask=mask, block_sizes=sizes)
-  q_BKGLH = (group_queries(q_BLNH, kh) / jnp.sqrt(jnp.float32(h)).astype(q_BLNH.dtype)
-             ).transpose(0, 2, 3, 1, 4)  # splash does not scale the scores itself
-  k_BKLH, v_BKLH = k_BLKH.transpose(0, 2, 1, 3), v_BLKH.transpose(0, 2, 1, 3)
-  out_BKGLH = jax.vmap(jax.vmap(kernel))(q_BKGLH, k_BKLH, v_BKLH)
-  return out_BKGLH.transpose(0, 3, 1, 2, 4).reshape(b, lp, n, h)[:, :l]
-
-
-def resolve_impl(impl: str, dtype) -> str:
-  """The implementation `auto` stands for on this backend and compute dtype."""
-  if impl not in IMPLS:
-    raise ValueError(f"unknown attention implementation {impl!r}; expected one of {IMPLS}")
-  if impl != "auto":
-    return impl
-  backend = _backend()
-  if backend == "tpu":
-    return "splash"
-  if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
-    return "cudnn"
-  return "xla_blockwise"
-
-
-def attention(q_BLNH, k_BLKH, v_BLKH, *, impl: str = "auto", block_size: int = 512):
-  """Causal self-attention with the implementation named by `impl`."""
-  if q_BLNH.shape[2] % k_BLKH.shape[2]:
-    raise ValueError(f"query heads {q_BLNH.shape[2]} are not a multiple of kv heads "
-                     f"{k_BLKH.shape[2]}")
-  impl = resolve_impl(impl, q_BLNH.dtype)
-  if impl == "reference":
-    return reference_attention(q_BLNH, k_BLKH, v_BLKH)
-  if impl == "xla_blockwise":
-    return blockwise_attention(q_BLNH, k_BLKH, v_BLKH, block_size=block_size)
-  if impl == "cudnn":
-    return cudnn_attention(q_BLNH, k_BLKH, v_BLKH)
-  if impl == "splash":
-    return splash_attention(q_BLNH, k_BLKH, v_BLKH, block_size=block_size)
-  from pi_jax import ring
-  return ring.ring_attention(q_BLNH, k_BLKH, v_BLKH, block_size=block_size)
+  out, _ = blockwise_core(to_blocks_q(q_BLNH, kh, t), to_blocks_kv(k_BLKH, t),
+                          to_blocks_kv(v_BLKH, t), True)
+  return from_blocks_q(out, t)[:, :l].astype(q_BLNH.dtype)

@@ -1,0 +1,55 @@
+"""Causal self-attention: one entry point, several implementations.
+
+All take q [B, L, N, H] and k, v [B, L, K, H] with N = K·G (grouped-query attention: the G query
+heads of a group share one K/V head, which is never copied per query head) and return
+[B, L, N, H]. Softmax statistics are float32 whatever the compute dtype.
+
+- reference (reference.py): plain softmax over the full L×L score matrix; the oracle.
+- xla_blockwise (blockwise.py): flash attention in plain XLA, linear memory, custom VJP.
+- cudnn, splash (kernels.py): the cuDNN flash kernel on NVIDIA GPUs, Pallas splash on TPU.
+- ring (ring.py): context parallelism over the `sequence` mesh axis.
+- auto: splash on TPU, cudnn on GPU for bf16/fp16, else xla_blockwise.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from pi_jax.attention.blockwise import block_length, blockwise_attention, blockwise_core
+from pi_jax.attention import kernels
+from pi_jax.attention.kernels import cudnn_attention, splash_attention
+from pi_jax.attention.reference import MASK_VALUE, group_queries, reference_attention
+from pi_jax.attention.ring import ring_attention
+from pi_jax.config import ATTENTION_IMPLS as IMPLS
+
+
+
+def resolve_impl(impl: str, dtype) -> str:
+  """The implementation `auto` stands for on this backend and compute dtype."""
+  if impl not in IMPLS:
+    raise ValueError(f"unknown attention implementation {impl!r}; expected one of {IMPLS}")
+  if impl != "auto":
+    return impl
+  backend = kernels.backend()
+  if backend == "tpu":
+    return "splash"
+  if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    return "cudnn"
+  return "xla_blockwise"
+
+
+def attention(q_BLNH, k_BLKH, v_BLKH, *, impl: str = "auto", block_size: int = 512):
+  """Causal self-attention with the implementation named by `impl`."""
+  if q_BLNH.shape[2] % k_BLKH.shape[2]:
+    raise ValueError(f"query heads {q_BLNH.shape[2]} are not a multiple of kv heads "
+                     f"{k_BLKH.shape[2]}")
+  impl = resolve_impl(impl, q_BLNH.dtype)
+  if impl == "reference":
+    return reference_attention(q_BLNH, k_BLKH, v_BLKH)
+  if impl == "xla_blockwise":
+    return blockwise_attention(q_BLNH, k_BLKH, v_BLKH, block_size=block_size)
+  if impl == "cudnn":
+    return cudnn_attention(q_BLNH, k_BLKH, v_BLKH)
+  if impl == "splash":
+    return splash_attention(q_BLNH, k_BLKH, v_BLKH, block_size=block_size)
+  return ring_attention(q_BLNH, k_BLKH, v_BLKH, block_size=block_size)
