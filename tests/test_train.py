@@ -102,7 +102,7 @@ def test_packing_puts_eos_between_documents(tmp_path):
     for d in docs:
       f.write(json.dumps({"text": d}) + "\n")
   tok = ByteTokenizer()
-  tokens = pipeline.tokenize_documents(str(tmp_path / "d.jsonl"), tok)
+  tokens = pipeline.tokenize_and_join(str(tmp_path / "d.jsonl"), tok)
   want = []
   for d in docs:
     want += tok.encode(d) + [tok.eos_id]

@@ -23,9 +23,11 @@ from pi_jax import data as data_lib
 from pi_jax.tokenizer import ByteTokenizer
 
 
-def tokenize_documents(spec: str, tokenizer, data_dir: str | None = None,
-                       max_docs: int | None = None) -> np.ndarray:
-  """All documents of `spec`, tokenized and joined with the tokenizer's EOS: int32 [T]."""
+def tokenize_and_join(spec: str, tokenizer, data_dir: str | None = None,
+                      max_docs: int | None = None) -> np.ndarray:
+  """All documents of `spec`, tokenized and joined into one stream with the tokenizer's EOS
+  after each: int32 [T] (the packing input; evals.perplexity.tokenize_documents keeps documents
+  apart instead)."""
   if tokenizer.eos_id is None:
     raise ValueError("the tokenizer has no EOS token; packing needs one between documents")
   eos = np.asarray([tokenizer.eos_id], np.int32)
@@ -95,6 +97,43 @@ class StepSampler:
 
   def batch(self, step: int, rows: slice = slice(None)) -> np.ndarray:
     return self.data.rows(self.row_indices(step, rows))
+
+
+class TrainData:
+  """What the trainer reads: training batches by step, held-out batches by index, a fingerprint.
+
+  This one packs a token stream (`PackedSequences`) and samples it with `StepSampler`. Any
+  object with the same four members can be handed to `Trainer(config, data=...)` (a token store,
+  a mixture with synthetic rows): `train_batch` must stay a pure function of (step, rows).
+  """
+
+  def __init__(self, packed: PackedSequences, global_batch: int, seed: int):
+    self.packed = packed
+    self.sampler = StepSampler(packed, global_batch, seed)
+
+  @property
+  def num_eval(self) -> int:
+    return self.packed.num_eval
+
+  def train_batch(self, step: int, rows: slice) -> np.ndarray:
+    """Rows `rows` of the global batch at `step`: int32 [rows, seq_len + 1]."""
+    return self.sampler.batch(step, rows)
+
+  def eval_batch(self, index: int, batch: int, rows: slice) -> np.ndarray:
+    """Rows `rows` of held-out batch `index` of `batch` sequences."""
+    return self.packed.rows(eval_row_indices(self.packed, index, batch)[rows])
+
+  def fingerprint(self) -> str:
+    return self.packed.fingerprint()
+
+
+def load_train_data(config, tokenizer, vocab_size: int) -> TrainData:
+  """The run config's data spec, tokenized, checked against the vocabulary, packed and sampled."""
+  tokens = tokenize_and_join(config.data, tokenizer, config.data_dir, config.max_docs)
+  if tokens.max() >= vocab_size:
+    raise ValueError(f"data {config.data!r}: token id {tokens.max()} >= vocab_size {vocab_size}")
+  packed = PackedSequences(tokens, config.seq_len, config.eval_sequences)
+  return TrainData(packed, config.global_batch, config.seed)
 
 
 def process_rows(sharding: jax.sharding.Sharding, global_shape: tuple[int, ...]) -> slice:

@@ -120,6 +120,27 @@ def _final_model_config(config: TrainConfig, model: ModelConfig) -> ModelConfig:
   return model
 
 
+def _load_model(config: TrainConfig, mesh, fresh: bool) -> tuple[ModelConfig, dict | None]:
+  """(model config, init parameters or None): from the init checkpoint (its parameters only for
+  a fresh run), else the run config's model (random init later)."""
+  if not config.init_checkpoint:
+    return _model_from_config(config), None
+  overrides = _runtime_overrides(config)
+  if fresh:
+    model, params = state_lib.load_init_params(config.init_checkpoint, mesh, overrides)
+  else:
+    model, params = state_lib.load_init_config(config.init_checkpoint, overrides), None
+  if config.model is not None:  # the run config names the architecture it expects
+    expected = _model_from_config(config)
+    if model_lib.param_shapes(expected) != model_lib.param_shapes(model):
+      name = repr(config.model) if isinstance(config.model, str) else "the run config's model"
+      raise ValueError(
+          f"init_checkpoint {config.init_checkpoint} does not have the architecture of "
+          f"{name} (parameter shapes differ); fix init_checkpoint, or --set model=null to "
+          "take the architecture from the checkpoint")
+  return model, params
+
+
 def _tokenizer(config: TrainConfig, model: ModelConfig):
   """(tokenizer, {file name: source path} to copy into the final checkpoint's tokenizer/)."""
   if config.init_checkpoint:
@@ -207,7 +228,9 @@ def make_eval_step(config: TrainConfig, model: ModelConfig, shardings, batch_sha
 class Trainer:
   """One run: build everything, then `run()`. Use `train(config)` unless you need the parts."""
 
-  def __init__(self, config: TrainConfig, callbacks: list[Callable[[StepInfo], None]] = ()):
+  def __init__(self, config: TrainConfig, callbacks: list[Callable[[StepInfo], None]] = (),
+               data: pipeline.TrainData | None = None):
+    """Builds the run; `data` replaces the run config's data spec (see pipeline.TrainData)."""
     maybe_initialize_distributed(config)
     self.config = config
     self.callbacks = list(callbacks)
@@ -220,37 +243,11 @@ class Trainer:
     self.checkpoints = state_lib.RunCheckpoints(config.workdir, config.keep_checkpoints,
                                                 config.async_checkpoints)
     latest = self.checkpoints.latest_step()
-
-    # Model (from the init checkpoint, else the run config's model), then its final form. The
-    # init checkpoint's parameters are read only for a fresh run: a resume reads its own.
-    init_params = None
-    if config.init_checkpoint:
-      if latest is None:
-        model, init_params = state_lib.load_init_params(config.init_checkpoint, self.mesh,
-                                                        _runtime_overrides(config))
-      else:
-        model = state_lib.load_init_config(config.init_checkpoint, _runtime_overrides(config))
-      if config.model is not None:  # the run config names the architecture it expects
-        expected = _model_from_config(config)
-        if model_lib.param_shapes(expected) != model_lib.param_shapes(model):
-          name = repr(config.model) if isinstance(config.model, str) else "the run config's model"
-          raise ValueError(
-              f"init_checkpoint {config.init_checkpoint} does not have the architecture of "
-              f"{name} (parameter shapes differ); fix init_checkpoint, or --set model=null to "
-              "take the architecture from the checkpoint")
-    else:
-      model = _model_from_config(config)
+    # The init checkpoint's parameters are read only for a fresh run: a resume reads its own.
+    model, init_params = _load_model(config, self.mesh, fresh=latest is None)
     self.model = _final_model_config(config, model)
     self.tokenizer, self.tokenizer_files = _tokenizer(config, self.model)
-
-    # Data.
-    tokens = pipeline.tokenize_documents(config.data, self.tokenizer, config.data_dir,
-                                         config.max_docs)
-    if tokens.max() >= self.model.vocab_size:
-      raise ValueError(f"data {config.data!r}: token id {tokens.max()} >= vocab_size "
-                       f"{self.model.vocab_size}")
-    self.data = pipeline.PackedSequences(tokens, config.seq_len, config.eval_sequences)
-    self.sampler = pipeline.StepSampler(self.data, config.global_batch, config.seed)
+    self.data = data or pipeline.load_train_data(config, self.tokenizer, self.model.vocab_size)
 
     # Sharded state: shapes, shardings, then restore / init straight into them.
     abstract = state_lib.abstract_state(self.model, self.optimizer)
@@ -263,25 +260,13 @@ class Trainer:
     if config.eval_every and self.data.num_eval < micro:
       raise ValueError(f"eval_sequences {config.eval_sequences} is less than one micro-batch "
                        f"({micro} sequences)")
+    self.resumed_from = latest
     if latest is not None:
-      target = state_lib.with_shardings(abstract, self.shardings)
-      self.state, meta = self.checkpoints.restore(latest, target)
-      if meta.get("data_fingerprint") != self.data.fingerprint():
-        raise ValueError(
-            f"{config.workdir}: checkpoint {latest} was trained on different data or seq_len "
-            f"({meta.get('data_fingerprint')} vs {self.data.fingerprint()}); use a new workdir")
-      for key in ("seed", "global_batch"):  # the sampler's position depends on both
-        if key in meta and meta[key] != getattr(config, key):
-          raise ValueError(f"{config.workdir}: checkpoint {latest} was trained with {key}="
-                           f"{meta[key]}, this run has {getattr(config, key)}; resuming would "
-                           "repeat or skip batches (use a new workdir)")
-      self.resumed_from = latest
+      self.state = self._restore(latest, abstract)
     elif init_params is not None:
       self.state = state_lib.state_from_params(init_params, self.optimizer, self.shardings)
-      self.resumed_from = None
     else:
       self.state = state_lib.init_state(self.model, self.optimizer, self.shardings, config.seed)
-      self.resumed_from = None
     self.step = int(jax.device_get(self.state["step"]))
     self._start_step = self.step
 
@@ -296,11 +281,27 @@ class Trainer:
       with open(os.path.join(config.workdir, "run_config.json"), "w") as f:
         json.dump(_jsonable(config.to_dict()), f, indent=2, sort_keys=True)
 
+  def _restore(self, step: int, abstract) -> dict:
+    """The state of checkpoint `step`, after checking it was trained on this data and sampler."""
+    config = self.config
+    target = state_lib.with_shardings(abstract, self.shardings)
+    state, meta = self.checkpoints.restore(step, target)
+    if meta.get("data_fingerprint") != self.data.fingerprint():
+      raise ValueError(
+          f"{config.workdir}: checkpoint {step} was trained on different data or seq_len "
+          f"({meta.get('data_fingerprint')} vs {self.data.fingerprint()}); use a new workdir")
+    for key in ("seed", "global_batch"):  # the sampler's position depends on both
+      if key in meta and meta[key] != getattr(config, key):
+        raise ValueError(f"{config.workdir}: checkpoint {step} was trained with {key}="
+                         f"{meta[key]}, this run has {getattr(config, key)}; resuming would "
+                         "repeat or skip batches (use a new workdir)")
+    return state
+
   # -- pieces --
 
   def _batch(self, step: int) -> jax.Array:
     shape = (self.config.global_batch, self.config.seq_len + 1)
-    return pipeline.global_batch_array(lambda rows: self.sampler.batch(step, rows), shape,
+    return pipeline.global_batch_array(lambda rows: self.data.train_batch(step, rows), shape,
                                        self.batch_sharding)
 
   def _data_meta(self, step: int) -> dict:
@@ -318,8 +319,7 @@ class Trainer:
     shape = (micro, self.config.seq_len + 1)
     total = count = 0.0
     for i in range(self.data.num_eval // micro):
-      idx = pipeline.eval_row_indices(self.data, i, micro)
-      rows = pipeline.global_batch_array(lambda r: self.data.rows(idx[r]), shape,
+      rows = pipeline.global_batch_array(lambda r: self.data.eval_batch(i, micro, r), shape,
                                          self.eval_sharding)
       with jax.set_mesh(self.mesh):
         t, c = jax.device_get(self.eval_step(self.state["params"], rows))
