@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu (installed for the TPU compile-only tests) holds /tmp/libtpu_lockfile per process;
+# xdist workers and subprocesses each load it to compile for TPU topologies.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 TINY_HF = dict(vocab_size=128, hidden_size=72, intermediate_size=96, num_hidden_layers=2,
                num_attention_heads=6, num_key_value_heads=2, head_dim=12,
