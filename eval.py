@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--trials", type=int, default=10, help="random keys per (length, k)")
   p.add_argument("--depths", type=int, default=32, help="values of k per length, over [0, L)")
   p.add_argument("--mode", default="generate", choices=("generate", "score"))
+  p.add_argument("--template", default="paper", choices=("paper", "mini"),
+                 help="prompt text: the paper's, or the miniature's (no task line, key once)")
   p.add_argument("--seed", type=int, default=0)
 
   p = sub.add_parser("report", help="merge JSON files of one task into one table and plot")
@@ -198,7 +200,8 @@ def run_passkey(args) -> dict:
   info = report.run_info(args.argv)
   mesh, config, params, tok, batch = _load(args)
   configs = _check_scalings(config, _scalings(args.rope_scaling), args.ckpt)
-  trials = passkey.PromptBuilder(tok).trials(lengths, args.depths, args.trials, args.seed)
+  builder = passkey.PromptBuilder(tok, passkey.get_template(args.template))
+  trials = builder.trials(lengths, args.depths, args.trials, args.seed)
   bar = _progress(args)
   runs = []
   for cfg in configs:
@@ -217,7 +220,8 @@ def run_passkey(args) -> dict:
       "protocol": "PI §3.3 / Mohtashami & Jaggi 2023; k = tokens from the key to the end; "
                   "k_max = largest k with every k' <= k at >= 20% accuracy",
       "settings": {"ckpt": args.ckpt, "lengths": lengths, "trials": args.trials,
-                   "depths": args.depths, "mode": args.mode, "seed": args.seed,
+                   "depths": args.depths, "mode": args.mode, "template": args.template,
+                   "seed": args.seed,
                    "batch_size": batch, "mesh": args.mesh, "compute_dtype": config.compute_dtype,
                    "attention_impl": config.attention_impl},
       **info,

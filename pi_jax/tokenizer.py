@@ -162,3 +162,27 @@ def load_tokenizer(path: str):
     return SentencePieceTokenizer(folder)
   raise FileNotFoundError(f"{path}: no tokenizer found (expected {folder}/bytes.json, "
                           "tokenizer.json or tokenizer.model)")
+
+
+def train_bpe(texts, vocab_size: int, directory: str, bos: str = "<s>",
+              eos: str = "</s>") -> "HFTokenizer":
+  """Trains a byte-level BPE tokenizer on `texts` and saves it as tokenizer.json in `directory`.
+
+  Every digit is its own token (as in LLaMA), so a 5-digit pass key is always 5 tokens. BOS is
+  prepended by default (tokenizer_config.json's add_bos_token); ids 0 and 1 are BOS and EOS.
+  """
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Digits(individual_digits=True),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[bos, eos],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                show_progress=False)
+  tok.train_from_iterator(texts, trainer=trainer)
+  os.makedirs(directory, exist_ok=True)
+  tok.save(os.path.join(directory, "tokenizer.json"))
+  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+    json.dump({"bos_token": bos, "eos_token": eos, "add_bos_token": True}, f, indent=2)
+  return HFTokenizer(directory)

@@ -1,105 +1,120 @@
-"""demo.py: the miniature end to end with absurdly small settings, and the committed tiny model."""
+"""demo.py and the miniature: the committed base, the pipeline end to end at a tiny size, the
+findings' verdicts, and real-eval's prefix trick."""
+
+from __future__ import annotations
 
 import glob
 import json
-import math
 import os
 import re
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
+from miniature import report as mini_report
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASE = os.path.join(REPO, "assets", "tiny_base")
+BASE = os.path.join(REPO, "assets", "mini_base")
 
 
-def _demo(*args, timeout=300):
+def _demo(*args, timeout=600):
   return subprocess.run([sys.executable, os.path.join(REPO, "demo.py"), *args], cwd=REPO,
                         capture_output=True, text=True, timeout=timeout)
 
 
-def _byte_unigram_perplexity(paths, max_bytes):
-  """exp(entropy) of the byte distribution of the evaluated text: a no-context baseline."""
-  counts = np.zeros(256)
-  for p in paths:
-    with open(p, "rb") as f:
-      counts += np.bincount(np.frombuffer(f.read()[:max_bytes], np.uint8), minlength=256)
-  prob = counts[counts > 0] / counts.sum()
-  return math.exp(-(prob * np.log(prob)).sum())
-
-
-def test_committed_tiny_base_is_small_and_described():
+def test_committed_mini_base_is_small_described_and_in_the_papers_regime():
   with open(os.path.join(BASE, "config.json")) as f:
     config = json.load(f)
-  assert config["max_position_embeddings"] == 128
-  assert config["vocab_size"] == 258
+  assert config["max_position_embeddings"] == 256 and config["head_dim"] == 64
+  assert config["rope_theta"] == 500.0 and config["vocab_size"] == 1024
+  assert os.path.isfile(os.path.join(BASE, "tokenizer", "tokenizer.json"))
   size = sum(os.path.getsize(p) for p in glob.glob(os.path.join(BASE, "**"), recursive=True)
              if os.path.isfile(p))
-  assert size < 5e6, f"assets/tiny_base is {size} bytes; keep the committed model small"
+  assert size < 15e6, f"assets/mini_base is {size} bytes; keep the committed model small"
   with open(os.path.join(BASE, "README.md")) as f:
     readme = f.read()
-  assert "python train.py --config configs/tiny_pretrain.py" in readme
+  assert "python demo.py pretrain" in readme
 
 
-def test_quick_demo_writes_a_report_whose_numbers_come_from_the_run(tmp_path):
+def test_quick_demo_runs_pi_and_direct_fine_tuning_and_reports_the_runs_numbers(tmp_path):
   out = tmp_path / "demo"
-  proc = _demo("--quick", "--skip-real", "--out", str(out))
+  proc = _demo("--quick", "--out", str(out))
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   report = (out / "report.md").read_text()
   assert "status: **complete**" in report
-  assert (out / "miniature_perplexity.png").stat().st_size > 1000
+  for name in ("table1_perplexity_by_window.png", "tables3_4_by_step.png",
+               "passkey_by_distance.png"):
+    assert (out / name).stat().st_size > 1000
 
-  # Every perplexity in the main table is the one eval.py wrote to its JSON in this run.
-  def ppl(name, scaling_window):
-    data = json.loads((out / "mini" / f"{name}.json").read_text())
-    (run,) = data["runs"]
-    return {r["window"]: r["perplexity"] for r in run["results"]}[scaling_window]
+  def ppl(name):
+    (run,) = json.loads((out / "evals" / f"{name}.perplexity.json").read_text())["runs"]
+    return {r["window"]: r["perplexity"] for r in run["results"]}
 
-  rows = {m.group(1): m for m in re.finditer(
-      r"^\| (base \(128\) \| none \(extrapolation\)|FT to 256 \| direct fine-tuning|"
-      r"PI to 256 \| PI fine-tuning \(linear:2\)) \| (\d+) \| ([\d.]+) \| ([\d.]+) \|$",
-      report, re.M)}
+  # Table 1's rows are the numbers eval.py wrote in this run.
+  rows = {m.group(1): [float(x) for x in m.group(3, 4, 5)] for m in re.finditer(
+      r"^\| (base \(no scaling: extrapolation\)|PI fine-tuning to 1024|direct fine-tuning to "
+      r"1024) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", report, re.M)}
   assert len(rows) == 3, report
-  for key, name in (("base (128) | none (extrapolation)", "base_extrapolation"),
-                    ("FT to 256 | direct fine-tuning", "ft2"),
-                    ("PI to 256 | PI fine-tuning (linear:2)", "pi2")):
-    m = rows[key]
-    assert float(m.group(3)) == pytest.approx(ppl(name, 128), abs=6e-4)
-    assert float(m.group(4)) == pytest.approx(ppl(name, 256), abs=6e-4)
-  assert rows["FT to 256 | direct fine-tuning"].group(2) == "2"  # the steps that were run
+  for row, name in (("base (no scaling: extrapolation)", "base"),
+                    ("PI fine-tuning to 1024", "pi4@2"), ("direct fine-tuning to 1024", "direct4@2")):
+    want = ppl(name)
+    assert rows[row] == pytest.approx([want[256], want[512], want[1024]], abs=6e-4)
+  assert report.count("**reproduced**") + report.count("**not reproduced**") == 4
 
-  # The committed model has learned the text: far below the no-context byte baseline.
-  heldout = sorted(glob.glob(os.path.join(REPO, "data", "pg19_standin", "Psa_14?.txt")))[:1]
-  baseline = _byte_unigram_perplexity(heldout, 600)
-  assert ppl("base_extrapolation", 128) < baseline / 2, (ppl("base_extrapolation", 128), baseline)
+  # The fine-tuned checkpoints have the extended windows and scalings, and stay where a reader
+  # can evaluate them again.
+  pi = json.loads((out / "checkpoints" / "pi4" / "step2" / "config.json").read_text())
+  ft = json.loads((out / "checkpoints" / "direct4" / "step2" / "config.json").read_text())
+  assert (pi["rope_scaling"]["kind"], pi["rope_scaling"]["factor"]) == ("linear", 4.0)
+  assert pi["max_position_embeddings"] == 1024
+  assert ft["max_position_embeddings"] == 1024 and ft["rope_scaling"]["kind"] == "none"
+  assert (out / "checkpoints" / "base" / "config.json").is_file()
 
-  # The fine-tuned checkpoints really have the extended windows and scalings.
-  ft = json.loads((out / "runs" / "ft2" / "final" / "config.json").read_text())
-  pi = json.loads((out / "runs" / "pi2" / "final" / "config.json").read_text())
-  assert ft["max_position_embeddings"] == 256 and ft["rope_scaling"]["kind"] == "none"
-  assert pi["max_position_embeddings"] == 256
-  assert (pi["rope_scaling"]["kind"], pi["rope_scaling"]["factor"]) == ("linear", 2.0)
+  # Each command is listed with its timing, and its log exists; a rerun recomputes nothing.
+  commands = re.findall(r"^\| \d+ \| .* \| `python (?:train|eval)\.py .*` \|", report, re.M)
+  assert len(commands) == 10, report
+  assert len(list((out / "logs").glob("*.log"))) == 10
+  again = _demo("--quick", "--out", str(out))
+  assert again.returncode == 0 and again.stdout.count("done before") == 10
 
-  # Each command is listed with its timing, and its log exists.
-  commands = re.findall(r"^\| \d+ \| .* \| `python (?:train|eval)\.py .*` \| [\d.]+ \| [\d.]+ \|$",
-                        report, re.M)
-  assert len(commands) == 6, report
-  assert len(list((out / "logs").glob("*.log"))) == 6
+
+def _model(name, method, factor, step, ppl, kmax, L=256):
+  W = L * factor
+  return {"name": name, "method": method, "factor": factor, "step": step, "ppl": ppl,
+          "passkey": {W: {"k_max": kmax, "k": [0], "accuracy": [1.0], "mean_accuracy": 1.0}}}
+
+
+def test_findings_verdicts_follow_the_numbers():
+  res = {"trained_window": 256, "windows": [256, 1024],
+         "plan": {"factors": [4], "zero_shot": ["linear"]},
+         "models": {"base": _model("base", "none", 1, 0, {256: 10.0, 1024: 50.0}, 200, L=64)}}
+  res["models"]["base"]["passkey"][256] = {"k_max": 240, "k": [0], "accuracy": [1.0],
+                                          "mean_accuracy": 1.0}
+  for step, pi, ft, pk, fk in ((100, 11.0, 12.0, 900, 300), (200, 10.3, 11.0, 960, 400)):
+    res["models"][f"pi4@{step}"] = _model(f"pi4@{step}", "pi", 4, step, {256: pi, 1024: pi}, pk)
+    res["models"][f"direct4@{step}"] = _model(f"direct4@{step}", "direct", 4, step,
+                                              {256: ft, 1024: ft}, fk)
+  verdicts = [x["reproduced"] for x in mini_report.findings(res)]
+  assert verdicts == [True, True, True, True]
+  res["models"]["pi4@200"]["ppl"][256] = 10.8  # +8% inside the window
+  res["models"]["direct4@100"]["passkey"][1024]["k_max"] = 700  # direct reaches far too
+  verdicts = [x["reproduced"] for x in mini_report.findings(res)]
+  assert verdicts == [True, True, False, False]
+  assert "\n".join(mini_report.markdown(res)).count("**not reproduced**") == 2
 
 
 def test_missing_base_checkpoint_is_a_clear_error(tmp_path):
-  proc = _demo("--quick", "--skip-real", "--base", str(tmp_path / "nope"), "--out",
-               str(tmp_path / "o"), timeout=60)
+  proc = _demo("--quick", "--base", str(tmp_path / "nope"), "--out", str(tmp_path / "o"),
+               timeout=60)
   assert proc.returncode == 2
   assert "nope" in proc.stderr and "no checkpoint" in proc.stderr
 
 
-def test_bad_window_list_is_a_clear_error(tmp_path):
-  proc = _demo("--real-windows", "4k,8k", "--out", str(tmp_path / "o"), timeout=60)
+def test_bad_step_list_is_a_clear_error(tmp_path):
+  proc = _demo("--steps", "100,x", "--out", str(tmp_path / "o"), timeout=60)
   assert proc.returncode == 2
-  assert "4k,8k" in proc.stderr
+  assert "100,x" in proc.stderr
 
 
 def test_real_eval_prefix_perplexity_equals_one_window_of_eval(tmp_path):

@@ -41,9 +41,41 @@ SUCCESS_THRESHOLD = 0.2  # PI §3.3: a distance counts when >= 20% of its trials
 MODES = ("generate", "score")
 
 
+@dataclasses.dataclass(frozen=True)
+class Template:
+  """The text of a passkey prompt: task line, filler group, key line ({key}), question."""
+  task: str
+  filler: str
+  key_line: str
+  question: str
+
+  def prompt(self, key: int | str, n_before: int, n_after: int) -> str:
+    return (self.task + self.filler * n_before + self.key_line.format(key=key)
+            + self.filler * n_after + self.question)
+
+  @property
+  def key_head(self) -> str:
+    """The key line's text before the key itself."""
+    return self.key_line.split("{key}", 1)[0].rstrip()
+
+
+TEMPLATES = {
+    # PI §3.3's prompt, as in Mohtashami & Jaggi (2023).
+    "paper": Template(TASK, FILLER, KEY_LINE, QUESTION),
+    # Scaled down for the miniature's 256-token window: no task line, the key said once.
+    "mini": Template("", FILLER, " The pass key is {key}. Remember it.", QUESTION),
+}
+
+
+def get_template(name: str) -> Template:
+  if name not in TEMPLATES:
+    raise ValueError(f"passkey template {name!r}: expected one of {sorted(TEMPLATES)}")
+  return TEMPLATES[name]
+
+
 def passkey_prompt(key: int | str, n_before: int, n_after: int) -> str:
   """The paper's prompt with `n_before` filler groups before the key line and `n_after` after."""
-  return TASK + FILLER * n_before + KEY_LINE.format(key=key) + FILLER * n_after + QUESTION
+  return TEMPLATES["paper"].prompt(key, n_before, n_after)
 
 
 def effective_window(ks, accuracies, threshold: float = SUCCESS_THRESHOLD):
@@ -76,14 +108,15 @@ class Trial:
 class PromptBuilder:
   """Chooses filler counts so a prompt is <= L tokens with its key ~k tokens from the end."""
 
-  def __init__(self, tok):
+  def __init__(self, tok, template: Template = TEMPLATES["paper"]):
     self.tok = tok
+    self.template = template
     self._len_cache: dict[tuple, int] = {}
 
   def _len(self, key, n_before, n_after) -> int:
     sig = (len(str(key)), n_before, n_after)
     if sig not in self._len_cache:
-      self._len_cache[sig] = len(self.tok.encode(passkey_prompt(key, n_before, n_after)))
+      self._len_cache[sig] = len(self.tok.encode(self.template.prompt(key, n_before, n_after)))
     return self._len_cache[sig]
 
   def trial(self, length: int, k: int, key: int) -> Trial:
@@ -96,11 +129,12 @@ class PromptBuilder:
     total = (length - base) // per
     while total > 0 and self._len(key, 0, total) > length:  # merges at the seams may add tokens
       total -= 1
-    tail = base - len(tok.encode(TASK + KEY_HEAD))  # k with no filler after the key
+    tpl = self.template
+    tail = base - len(tok.encode(tpl.task + tpl.key_head))  # k with no filler after the key
     n_after = min(total, max(0, round((k - tail) / per)))
-    text = passkey_prompt(key, total - n_after, n_after)
+    text = tpl.prompt(key, total - n_after, n_after)
     ids = tok.encode(text)
-    head = tok.encode(TASK + FILLER * (total - n_after) + KEY_HEAD)
+    head = tok.encode(tpl.task + tpl.filler * (total - n_after) + tpl.key_head)
     full = tok.encode(text + f" {key}")
     if full[:len(ids)] != ids:
       raise ValueError("the tokenizer merges the key into the prompt's last token; cannot "

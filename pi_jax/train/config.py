@@ -40,15 +40,23 @@ class TrainConfig:
   max_docs: int | None = None
   seq_len: int = 2048
   eval_sequences: int = 0  # packed sequences held out of training for eval_loss
+  # A random init trains on bytes unless `tokenizer` names a tokenizer folder (or checkpoint).
+  tokenizer: str | None = None
+  # Rows of each training batch replaced by passkey episodes (see train/episodes.py).
+  passkey_fraction: float = 0.0
+  passkey_template: str = "mini"
   # Batch: global_batch sequences per step, as grad_accum micro-batches of micro_batch.
   global_batch: int = 64
   micro_batch: int | None = None  # None: global_batch // grad_accum
   grad_accum: int = 1
-  # Optimizer and schedule (AdamW, linear warm-up from a fraction of the peak, then constant).
+  # Optimizer and schedule (AdamW, linear warm-up from a fraction of the peak, then constant,
+  # or decayed to final_lr_fraction × peak at `steps` when lr_decay is cosine or linear).
   steps: int = 1000
   learning_rate: float = 2e-5
   warmup_steps: int = 20
   warmup_start_fraction: float = 0.1
+  lr_decay: str = "constant"
+  final_lr_fraction: float = 0.1
   weight_decay: float = 0.0
   b1: float = 0.9
   b2: float = 0.95
@@ -89,6 +97,12 @@ class TrainConfig:
       raise ValueError(f"warmup_start_fraction must be in [0, 1], got {self.warmup_start_fraction}")
     if self.learning_rate < 0:
       raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}")
+    if self.lr_decay not in ("constant", "cosine", "linear"):
+      raise ValueError(f"lr_decay must be constant, cosine or linear, got {self.lr_decay!r}")
+    if not 0.0 <= self.final_lr_fraction <= 1.0:
+      raise ValueError(f"final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}")
+    if not 0.0 <= self.passkey_fraction <= 1.0:
+      raise ValueError(f"passkey_fraction must be in [0, 1], got {self.passkey_fraction}")
     if self.distributed not in ("auto", "on", "off"):
       raise ValueError(f"distributed must be auto, on or off, got {self.distributed!r}")
     if self.eval_every and not self.eval_sequences:

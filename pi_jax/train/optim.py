@@ -1,4 +1,5 @@
-"""AdamW with the paper's schedule: linear warm-up from a fraction of the peak, then constant."""
+"""AdamW with the paper's schedule: linear warm-up from a fraction of the peak, then constant
+(or, for pre-training, decayed to a fraction of the peak by the last step)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,24 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
   """PI §3.1: warm up linearly over `warmup_steps` from warmup_start_fraction × peak, then hold.
 
   Step s (0-based) uses peak · (f + (1 - f) · s / W) for s < W and the peak afterwards.
+  With lr_decay cosine or linear, steps W..steps-1 go from the peak to final_lr_fraction × peak.
   """
   peak = config.learning_rate
   if config.warmup_steps == 0:
-    return optax.constant_schedule(peak)
-  # linear_schedule holds its end value after transition_steps.
-  return optax.linear_schedule(init_value=peak * config.warmup_start_fraction, end_value=peak,
-                               transition_steps=config.warmup_steps)
+    warmup = optax.constant_schedule(peak)
+  else:
+    # linear_schedule holds its end value after transition_steps.
+    warmup = optax.linear_schedule(init_value=peak * config.warmup_start_fraction,
+                                   end_value=peak, transition_steps=config.warmup_steps)
+  if config.lr_decay == "constant":
+    return warmup
+  decay_steps = max(1, config.steps - 1 - config.warmup_steps)
+  end = peak * config.final_lr_fraction
+  if config.lr_decay == "cosine":
+    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=config.final_lr_fraction)
+  else:
+    decay = optax.linear_schedule(peak, end, decay_steps)
+  return optax.join_schedules([warmup, decay], [config.warmup_steps])
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:

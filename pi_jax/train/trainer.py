@@ -28,7 +28,7 @@ from pi_jax import sharding as sharding_lib
 from pi_jax.config import ModelConfig
 from pi_jax.tokenizer import ByteTokenizer, load_tokenizer
 from pi_jax.train import metrics as metrics_lib
-from pi_jax.train import optim, pipeline
+from pi_jax.train import episodes, optim, pipeline
 from pi_jax.train import state as state_lib
 from pi_jax.train.config import TrainConfig
 
@@ -143,21 +143,33 @@ def _load_model(config: TrainConfig, mesh, fresh: bool) -> tuple[ModelConfig, di
 
 def _tokenizer(config: TrainConfig, model: ModelConfig):
   """(tokenizer, {file name: source path} to copy into the final checkpoint's tokenizer/)."""
-  if config.init_checkpoint:
-    tok = load_tokenizer(config.init_checkpoint)
-    folder = os.path.join(config.init_checkpoint, "tokenizer")
+  source = config.tokenizer or config.init_checkpoint
+  if source:
+    tok = load_tokenizer(source)
+    folder = os.path.join(source, "tokenizer")
+    if not os.path.isdir(folder):
+      folder = source
     files = {}
     for root, _, names in os.walk(folder):
       for name in names:
         src = os.path.join(root, name)
         files[os.path.relpath(src, folder)] = src
-    return tok, files
-  tok = ByteTokenizer()
+  else:
+    tok = ByteTokenizer()
+    files = {"bytes.json": tok.save(os.path.join(config.workdir, "tokenizer"))}
   if model.vocab_size < tok.vocab_size:
-    raise ValueError(f"a randomly initialized model trains on bytes and needs vocab_size >= "
-                     f"{tok.vocab_size}, got {model.vocab_size}; or give init_checkpoint")
-  path = tok.save(os.path.join(config.workdir, "tokenizer"))
-  return tok, {"bytes.json": path}
+    raise ValueError(f"the tokenizer ({source or 'bytes'}) has {tok.vocab_size} ids, more than "
+                     f"the model's vocab_size {model.vocab_size}")
+  return tok, files
+
+
+def _train_data(config: TrainConfig, tokenizer, vocab_size: int):
+  """The run config's data, with passkey episodes mixed in when passkey_fraction > 0."""
+  data = pipeline.load_train_data(config, tokenizer, vocab_size)
+  if config.passkey_fraction > 0:
+    data = episodes.PasskeyMixture(data, tokenizer, config.seq_len, config.global_batch,
+                                   config.passkey_fraction, config.seed, config.passkey_template)
+  return data
 
 
 # --- the step ----------------------------------------------------------------------------------
@@ -247,7 +259,7 @@ class Trainer:
     model, init_params = _load_model(config, self.mesh, fresh=latest is None)
     self.model = _final_model_config(config, model)
     self.tokenizer, self.tokenizer_files = _tokenizer(config, self.model)
-    self.data = data or pipeline.load_train_data(config, self.tokenizer, self.model.vocab_size)
+    self.data = data or _train_data(config, self.tokenizer, self.model.vocab_size)
 
     # Sharded state: shapes, shardings, then restore / init straight into them.
     abstract = state_lib.abstract_state(self.model, self.optimizer)

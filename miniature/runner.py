@@ -1,0 +1,62 @@
+"""Runs each step of the demo as a `python ...` subprocess, logged, with wall and CPU time."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Runner:
+  """Runs commands from the repository root; records command, wall and CPU time of each."""
+
+  def __init__(self, out: str):
+    self.out = out
+    self.logs = os.path.join(out, "logs")
+    os.makedirs(self.logs, exist_ok=True)
+    self.records: list[dict] = []
+
+  def __call__(self, name: str, argv: list[str], what: str) -> str:
+    """Runs `python argv...`; returns its stdout; raises RuntimeError (with the log's tail)."""
+    cmd = [sys.executable] + argv
+    shown = shlex.join(["python"] + argv)
+    n = len(self.records) + 1
+    print(f"[demo] ({n}) {what}\n       $ {shown}", flush=True)
+    log = os.path.join(self.logs, f"{name}.log")
+    cpu0 = _children_cpu()
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+      proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=f, text=True)
+      f.write("\n--- stdout ---\n" + proc.stdout)
+    wall, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
+    self.records.append({"step": n, "name": name, "what": what, "command": shown,
+                         "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+                         "exit": proc.returncode, "log": os.path.relpath(log, self.out),
+                         "load_after": _loadavg()})
+    print(f"       done in {wall:.0f} s (CPU {cpu:.0f} s, load {_loadavg()})", flush=True)
+    if proc.returncode != 0:
+      with open(log) as f:
+        tail = f.read()[-3000:]
+      raise RuntimeError(f"step {n} ({what}) failed with exit {proc.returncode}; log {log}:\n{tail}")
+    return proc.stdout
+
+  def skipped(self, name: str, what: str, output: str) -> None:
+    """Records a step whose output already exists (a resumed run)."""
+    n = len(self.records) + 1
+    print(f"[demo] ({n}) {what}: done before ({os.path.relpath(output, self.out)})", flush=True)
+    self.records.append({"step": n, "name": name, "what": what, "command": "(done before)",
+                         "wall_s": 0.0, "cpu_s": 0.0, "exit": 0, "log": None})
+
+
+def _children_cpu() -> float:
+  r = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return r.ru_utime + r.ru_stime
+
+
+def _loadavg() -> float:
+  return round(os.getloadavg()[0], 2)
