@@ -29,6 +29,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import quiet  # noqa: E402  (benchmarks/quiet.py)
+
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
                     num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
                     rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=8192)
@@ -172,19 +175,25 @@ def bench_length(args, length):
     workers[side] = Worker(side, args, length)
   times = {s: [] for s in sides}
   nlls = {s: workers[s].ready["nll"] for s in sides}
+  watches = {s: [] for s in sides}
   for r in range(args.repeats):
     order = sides if r % 2 == 0 else sides[::-1]
     for side in order:
-      rec = workers[side].run()
+      with quiet.Watch() as watch:
+        rec = workers[side].run()
       times[side].append(rec["seconds"])
+      watches[side].append(watch.record())
       nlls[side] = rec["nll"]
-      print(f"[{length}] {side} run {r + 1}: {rec['seconds']:.2f}s", file=sys.stderr, flush=True)
+      print(f"[{length}] {side} run {r + 1}: {rec['seconds']:.2f}s (load before "
+            f"{watch.load_before:.2f}, others {watch.others_cores:.2f} cores"
+            f"{', NOISY' if watch.noisy else ''})", file=sys.stderr, flush=True)
   row = {"length": length, "repeats": args.repeats}
   for side in sides:
     row[side] = {**workers[side].ready, "times_s": times[side], "nll": nlls[side],
                  "median_s": statistics.median(times[side]) if times[side] else None,
-                 "peak_rss_mb": workers[side].close()}
+                 "peak_rss_mb": workers[side].close(), "machine": watches[side]}
     row[side].pop("ready")
+  row["noisy"] = any(w["noisy"] for ws in watches.values() for w in ws)
   if args.repeats and "jax" in row and "torch" in row:
     row["speedup"] = row["torch"]["median_s"] / row["jax"]["median_s"]
   return row
@@ -196,18 +205,25 @@ def _fmt(row, side, key, fmt):
 
 
 def markdown(rows, weights):
-  lines = [f"SmolLM2-135M shape, float32, batch 1, {weights} weights; median of the repeats.", "",
+  lines = [f"SmolLM2-135M shape, float32, batch 1, {weights} weights; median of the repeats. "
+           "'noisy': other processes used more than "
+           f"{quiet.NOISY_CORES} cores during a timed run, or the load average was above "
+           f"{quiet.NOISY_LOAD} before it: not a result.", "",
            "| length | pi_jax s | transformers s | speedup | pi_jax compile s | pi_jax peak RSS MB"
            " | transformers peak RSS MB | pi_jax compiled temp MB | NLL pi_jax / transformers"
-           " | repeats |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           " | repeats | machine |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   for row in rows:
     speed = f"{row['speedup']:.2f}×" if "speedup" in row else "–"
+    loads = [w["load_before"] for s in ("jax", "torch") for w in row.get(s, {}).get("machine", [])]
+    machine = ("**noisy**" if row.get("noisy") else "quiet") + (
+        f" (load before {min(loads):.2f}–{max(loads):.2f})" if loads else "")
     lines.append(
         f"| {row['length']} | {_fmt(row, 'jax', 'median_s', '.2f')} | "
         f"{_fmt(row, 'torch', 'median_s', '.2f')} | {speed} | {_fmt(row, 'jax', 'compile_s', '.1f')} | "
         f"{_fmt(row, 'jax', 'peak_rss_mb', '.0f')} | {_fmt(row, 'torch', 'peak_rss_mb', '.0f')} | "
-        f"{_fmt(row, 'jax', 'compiled_temp_mb', '.0f')} | {_fmt(row, 'jax', 'nll', '.4f')} / {_fmt(row, 'torch', 'nll', '.4f')} | {row['repeats']} |")
+        f"{_fmt(row, 'jax', 'compiled_temp_mb', '.0f')} | {_fmt(row, 'jax', 'nll', '.4f')} / "
+        f"{_fmt(row, 'torch', 'nll', '.4f')} | {row['repeats']} | {machine} |")
   return "\n".join(lines)
 
 
@@ -240,6 +256,8 @@ def main(argv=None):
   bad = set(args.sides.split(",")) - {"jax", "torch"}
   if bad:
     p.error(f"--sides: unknown {sorted(bad)}; use jax and/or torch")
+  start_state = quiet.machine_state()
+  print(f"machine before: {start_state}", file=sys.stderr, flush=True)
   rows = []
   for length in lengths:
     rows.append(bench_length(args, length))
@@ -249,8 +267,12 @@ def main(argv=None):
   if args.json:
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
-      json.dump({"weights": args.weights, "block_size": args.block_size, "chunk": args.chunk,
-                 "cpu_count": os.cpu_count(), "rows": rows}, f, indent=2)
+      json.dump({"command": "python benchmarks/cpu_forward.py " + " ".join(
+                     sys.argv[1:] if argv is None else argv),
+                 "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                 "weights": args.weights, "block_size": args.block_size, "chunk": args.chunk,
+                 "cpu_count": os.cpu_count(), "machine_before": start_state,
+                 "machine_after": quiet.machine_state(), "rows": rows}, f, indent=2)
   return 0
 
 
