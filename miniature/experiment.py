@@ -183,5 +183,8 @@ class Experiment:
     return self.results()
 
   def results(self) -> dict:
+    summary = os.path.join(REPO, self.plan.base, "pretrain_summary.json")
+    fraction = _load(summary).get("passkey_fraction") if os.path.isfile(summary) else None
     return {"plan": dataclasses.asdict(self.plan), "trained_window": self.L,
-            "windows": self.windows, "base_config": self.base_config, "models": self.models}
+            "windows": self.windows, "base_config": self.base_config,
+            "base_passkey_fraction": fraction, "models": self.models}

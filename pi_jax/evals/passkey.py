@@ -48,6 +48,9 @@ class Template:
   filler: str
   key_line: str
   question: str
+  # The answer (" KEY") counts towards the length too: for small windows, where the few tokens
+  # after the prompt would otherwise sit past the trained positions.
+  answer_in_window: bool = False
 
   def prompt(self, key: int | str, n_before: int, n_after: int) -> str:
     return (self.task + self.filler * n_before + self.key_line.format(key=key)
@@ -63,7 +66,8 @@ TEMPLATES = {
     # PI §3.3's prompt, as in Mohtashami & Jaggi (2023).
     "paper": Template(TASK, FILLER, KEY_LINE, QUESTION),
     # Scaled down for the miniature's 256-token window: no task line, the key said once.
-    "mini": Template("", FILLER, " The pass key is {key}. Remember it.", QUESTION),
+    "mini": Template("", FILLER, " The pass key is {key}. Remember it.", QUESTION,
+                     answer_in_window=True),
 }
 
 
@@ -121,13 +125,16 @@ class PromptBuilder:
 
   def trial(self, length: int, k: int, key: int) -> Trial:
     tok = self.tok
+    room = length
+    if self.template.answer_in_window:
+      room -= len(tok.encode(f" {key}", add_bos=False))
     base = self._len(key, 0, 0)
-    if base >= length:
+    if base >= room:
       raise ValueError(f"passkey length {length} is shorter than the prompt without filler "
                        f"({base} tokens)")
     per = self._len(key, 0, 1) - base  # tokens per filler group
-    total = (length - base) // per
-    while total > 0 and self._len(key, 0, total) > length:  # merges at the seams may add tokens
+    total = (room - base) // per
+    while total > 0 and self._len(key, 0, total) > room:  # merges at the seams may add tokens
       total -= 1
     tpl = self.template
     tail = base - len(tok.encode(tpl.task + tpl.key_head))  # k with no filler after the key
