@@ -6,9 +6,9 @@ or, with a tokenizer already trained (demo.py pretrain writes it to runs/mini_pr
   python train.py --config configs/mini_pretrain.py --set tokenizer=runs/mini_pretrain/tokenizer
 
 A token-level LLaMA in the paper's regime, scaled down (see assets/mini_base/README.md):
-head_dim 64 (32 frequency pairs, half of LLaMA's 64), RoPE base 500 so that the same share of
+head_dim 64 (32 frequency pairs, half of LLaMA's 64), RoPE base 500 so that about the same share of
 frequency pairs as LLaMA-7B's at 2048 never completes a turn inside the window (12 of 32 here,
-24 of 64 there), half of the rows are passkey episodes with the key anywhere in the window, and
+23 of 64 there), half of the rows are passkey episodes with the key anywhere in the window, and
 the learning rate decays (cosine) to 10% of its peak, as LLaMA's pre-training did.
 Pre-training text: Psalms 1-99 of the bundled PG-19 stand-in; the demo fine-tunes on Psalms
 100-139 and evaluates on Psalms 140-149, which pre-training never sees.

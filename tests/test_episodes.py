@@ -106,6 +106,7 @@ def test_mini_template_prompts_fit_and_place_the_key(tok):
       assert len(t.ids) + len(t.key_ids) <= length  # the answer inside the window too
       assert abs(t.actual_k - k) <= 40  # one filler group of slack
       text = tok.decode(t.ids)
-      assert "The pass key is 12345. Remember it." in text and "important info" not in text
+      assert "The pass key is 12345. Remember it. 12345 is the pass key." in text
+      assert "important info" not in text
   with pytest.raises(ValueError, match="passkey template"):
     passkey.get_template("nope")

@@ -65,9 +65,8 @@ class Template:
 TEMPLATES = {
     # PI §3.3's prompt, as in Mohtashami & Jaggi (2023).
     "paper": Template(TASK, FILLER, KEY_LINE, QUESTION),
-    # Scaled down for the miniature's 256-token window: no task line, the key said once.
-    "mini": Template("", FILLER, " The pass key is {key}. Remember it.", QUESTION,
-                     answer_in_window=True),
+    # Scaled down for the miniature's 256-token window: the same text without the task line.
+    "mini": Template("", FILLER, KEY_LINE, QUESTION, answer_in_window=True),
 }
 
 
