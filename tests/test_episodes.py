@@ -103,7 +103,7 @@ def test_mini_template_prompts_fit_and_place_the_key(tok):
   for length in (256, 1024):
     for k in (0, length // 2, length - 40):
       t = builder.trial(length, k, 12345)
-      assert len(t.ids) + len(t.key_ids) <= length  # the answer inside the window too
+      assert len(t.ids) + len(t.key_ids) == length  # filled exactly, the answer inside
       assert abs(t.actual_k - k) <= 40  # one filler group of slack
       text = tok.decode(t.ids)
       assert "The pass key is 12345. Remember it. 12345 is the pass key." in text

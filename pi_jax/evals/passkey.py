@@ -48,8 +48,10 @@ class Template:
   filler: str
   key_line: str
   question: str
-  # The answer (" KEY") counts towards the length too: for small windows, where the few tokens
-  # after the prompt would otherwise sit past the trained positions.
+  # The prompt and its answer (" KEY") fill the length exactly, padded after BOS with the end of
+  # a filler group: for small windows, where the few tokens after the prompt would otherwise
+  # sit past the trained positions, and a gap of up to one filler group would move the
+  # question away from where training rows put it.
   answer_in_window: bool = False
 
   def prompt(self, key: int | str, n_before: int, n_after: int) -> str:
@@ -145,7 +147,15 @@ class PromptBuilder:
     if full[:len(ids)] != ids:
       raise ValueError("the tokenizer merges the key into the prompt's last token; cannot "
                        "score the key's tokens separately")
-    return Trial(length, k, key, tuple(ids), tuple(full[len(ids):]), len(ids) - len(head))
+    key_ids, actual_k = full[len(ids):], len(ids) - len(head)
+    if tpl.answer_in_window and room > len(ids):
+      # Fill the window exactly, as a training row is filled: the end of a filler group
+      # between BOS and the prompt (the distance k, counted from the end, does not change).
+      pad = room - len(ids)
+      filler = tok.encode(tpl.filler * (pad // per + 2), add_bos=False)[-pad:]
+      lead = 1 if ids[:1] == [tok.bos_id] else 0
+      ids = ids[:lead] + filler + ids[lead:]
+    return Trial(length, k, key, tuple(ids), tuple(key_ids), actual_k)
 
   def trials(self, lengths, depths: int, num_trials: int, seed: int) -> list[Trial]:
     rng = random.Random(seed)
