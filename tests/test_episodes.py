@@ -100,11 +100,13 @@ def test_constant_schedule_is_unchanged():
 
 def test_mini_template_prompts_fit_and_place_the_key(tok):
   builder = passkey.PromptBuilder(tok, passkey.get_template("mini"))
+  per = len(tok.encode(passkey.FILLER, add_bos=False))  # tokens per filler group
   for length in (256, 1024):
-    for k in (0, length // 2, length - 40):
+    nearest = builder.trial(length, 0, 12345).actual_k  # key line + question
+    for k in (0, length // 2, length - 60):
       t = builder.trial(length, k, 12345)
       assert len(t.ids) + len(t.key_ids) == length  # filled exactly, the answer inside
-      assert abs(t.actual_k - k) <= 40  # one filler group of slack
+      assert abs(t.actual_k - max(k, nearest)) <= per  # within one filler group
       text = tok.decode(t.ids)
       assert "The pass key is 12345. Remember it. 12345 is the pass key." in text
       assert "important info" not in text
