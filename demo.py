@@ -388,7 +388,7 @@ def publish_base(workdir: str, dest: str) -> None:
     json.dump(summary, f, indent=1)
   fig, ax = plt.subplots(figsize=(6, 3.6))
   ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.5, alpha=0.6,
-          label="training loss (20% passkey rows)")
+          label=f"training loss ({run_config['passkey_fraction']:.0%} passkey rows)")
   ax.plot(list(summary["eval_loss"]), list(summary["eval_loss"].values()), marker="o",
           label="held-out loss (plain text)")
   ax.set_xlabel("step")

@@ -46,6 +46,15 @@ def kmax(model: dict, length: int):
   return None if s is None else s["k_max"]
 
 
+def beyond(model: dict, length: int, L: int):
+  """Mean passkey accuracy over the distances k >= L (past the original window)."""
+  s = model["passkey"].get(length)
+  if s is None:
+    return None
+  acc = [a for k, a in zip(s["k"], s["accuracy"]) if k >= L]
+  return sum(acc) / len(acc) if acc else None
+
+
 def findings(res: dict) -> list[dict]:
   """Each of the paper's three findings: reproduced or not, with the numbers that decide it."""
   L, models = res["trained_window"], res["models"]
@@ -135,13 +144,18 @@ def markdown(res: dict) -> list[str]:
              for m, a in arms.items()]
     rows4 = [[LABELS[m]] + [fmt(kmax(a[s], W)) if s in a else "" for s in steps]
              for m, a in arms.items()]
+    rows4b = [[LABELS[m]] + [fmt(beyond(a[s], W, L)) if s in a else "" for s in steps]
+              for m, a in arms.items()]
     lines += [f"### Table 3 ({f}x): perplexity at {W} by fine-tuning step", "",
               *_table(["method"] + [str(s) for s in steps], rows3), "",
               f"### Table 4 ({f}x): passkey k_max at {W} by fine-tuning step", "",
               *_table(["method"] + [str(s) for s in steps], rows4), "",
               "Step 0 is the base model as each arm starts from it (PI: linear scaling, "
               "direct: no scaling). k_max: the largest distance k of the grid such that every "
-              "k' <= k succeeds in >= 20% of its trials ('–': not even the nearest).", ""]
+              "k' <= k succeeds in >= 20% of its trials ('–': not even the nearest).", "",
+              f"Passkey accuracy at {W}, mean over the distances k >= {L} (past the original "
+              "window; not in the paper, shown because k_max stops at the first miss):", "",
+              *_table(["method"] + [str(s) for s in steps], rows4b), ""]
   # In-window quality and the base's retrieval inside L
   rows = [[m["name"], fmt(m["ppl"].get(L)), f"{m['ppl'][L] / base['ppl'][L] - 1:+.1%}"]
           for m in models.values() if L in m["ppl"]]
@@ -149,9 +163,10 @@ def markdown(res: dict) -> list[str]:
             *_table(["model", f"perplexity at {L}", "vs base"], rows), ""]
   pk = base["passkey"].get(L)
   if pk:
-    lines += [f"The base retrieves the key inside its window: mean accuracy "
-              f"{pk['mean_accuracy']:.2f} over {len(pk['k'])} distances in [0, {L}) "
-              f"(lowest {min(pk['accuracy']):.2f}; k_max {fmt(pk['k_max'])}).", ""]
+    lines += [f"The base's passkey retrieval inside its window ({L}): mean accuracy "
+              f"{pk['mean_accuracy']:.2f} over {len(pk['k'])} distances in [0, {L}), "
+              f"k_max {fmt(pk['k_max'])}; by distance (nominal k: accuracy): "
+              + ", ".join(f"{k}: {a:.1f}" for k, a in zip(pk["k"], pk["accuracy"])) + ".", ""]
   lines += ["### The paper's findings, checked", ""]
   for x in findings(res):
     verdict = "**reproduced**" if x["reproduced"] else "**not reproduced**"
