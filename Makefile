@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(BIN)/python demo.py
 
 smollm2: $(STAMP)
-	$(BIN)/python -m pi_jax.fetch smollm2
+	$(BIN)/python -m convert.fetch smollm2
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cpu_forward.py

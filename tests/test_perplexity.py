@@ -126,7 +126,8 @@ def test_smollm2_perplexity_matches_transformers():
   import os
   import torch
   import transformers
-  from pi_jax import data, fetch
+  from convert import fetch
+  from pi_jax import data
   ckpt = fetch.smollm2_checkpoint()
   config, params = pi_jax.load_checkpoint(ckpt)
   tok = pi_jax.load_tokenizer(ckpt)
