@@ -169,7 +169,16 @@ class Llama(nnx.Module):
   @classmethod
   def from_params(cls, config: ModelConfig, params: Params) -> Llama:
     """The module holding `params` (the plain parameter dict); works on tracers under jit."""
-    return nnx.merge(_model_graphdef(config), params)
+    try:
+      return nnx.merge(_model_graphdef(config), params)
+    except (ValueError, KeyError, TypeError) as e:
+      def paths(tree, is_leaf=None):
+        return {jax.tree_util.keystr(p) for p, _ in
+                jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
+      want = paths(param_shapes(config), lambda x: isinstance(x, tuple))
+      got = paths(params)
+      raise ValueError(f"parameters do not match the config: missing {sorted(want - got)}, "
+                       f"unexpected {sorted(got - want)} ({e})") from None
 
   def hidden_states(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None,
                     cache: dict | None = None, cache_index: jax.Array | int | None = None):

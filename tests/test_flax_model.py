@@ -144,3 +144,14 @@ def test_init_follows_the_declared_initializers():
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)))
   other = pi_jax.init_params(SMALL, jax.random.key(1))
   assert not np.array_equal(params["embed"], other["embed"])
+
+
+def test_a_dict_that_is_not_the_configs_tree_is_named():
+  params = dict(pi_jax.init_params(SMALL, jax.random.key(0)))
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  del params["lm_head"]
+  with pytest.raises(ValueError, match=r"missing \[\"\['lm_head'\]\"\], unexpected \[\]"):
+    pi_jax.forward(SMALL, params, tokens)
+  params["lm_head"] = params["q_norm"] = jnp.zeros((48, 96))
+  with pytest.raises(ValueError, match=r"unexpected \[\"\['q_norm'\]\"\]"):
+    pi_jax.forward(SMALL, params, tokens)
