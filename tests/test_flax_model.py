@@ -84,7 +84,8 @@ def test_module_tree_is_the_converters_tree(name):
 
 def test_bfloat16_params_are_declared_bfloat16():
   config = SMALL.replace(param_dtype="bfloat16")
-  assert {x.dtype for x in jax.tree.leaves(pi_jax.abstract_params(config))} == {jnp.dtype(jnp.bfloat16)}
+  abstract = pi_jax.abstract_params(config)
+  assert {x.dtype for x in jax.tree.leaves(abstract)} == {jnp.dtype(jnp.bfloat16)}
   params = pi_jax.init_params(config, jax.random.key(0))
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
 
