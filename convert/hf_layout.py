@@ -2,6 +2,8 @@
 
 Each entry names the HF tensor (with `{i}` for the layer), the pi_jax leaf, and the per-tensor
 transform. Both layouts use the half-split RoPE layout, so transforms are transpose/reshape only.
+Shapes are never listed here: the pi_jax shape comes from the model's modules
+(pi_jax.model.param_shapes) and the HF shape is pi_to_hf applied to it (convert/assemble.py).
 Arrays here are numpy; nothing imports torch.
 """
 
@@ -28,15 +30,6 @@ GLOBAL_MAP = (
     ("model.norm.weight", ("final_norm",), "vector"),
     ("lm_head.weight", ("lm_head",), "transpose"),
 )
-
-
-def expected_hf_shape(config: ModelConfig, kind: str) -> tuple[int, ...] | None:
-  c = config
-  return {
-      "in_proj_q": (c.num_heads * c.head_dim, c.hidden_size),
-      "in_proj_kv": (c.num_kv_heads * c.head_dim, c.hidden_size),
-      "out_proj": (c.hidden_size, c.num_heads * c.head_dim),
-  }.get(kind)
 
 
 def hf_to_pi(config: ModelConfig, kind: str, w: np.ndarray) -> np.ndarray:

@@ -18,8 +18,12 @@ _TO_HF_TYPE = {"none": "default", "linear": "linear", "dynamic": "dynamic", "yar
                "llama3": "llama3", "longrope": "longrope"}
 _FROM_HF_TYPE = {v: k for k, v in _TO_HF_TYPE.items()}
 DTYPES = ("float32", "bfloat16", "float16")
+# Keys older checkpoints' config.json may carry that no longer mean anything (scan_layers: the
+# layers are always scanned); from_dict drops them so those checkpoints still load.
+_RETIRED_KEYS = ("scan_layers",)
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
-ATTENTION_IMPLS = ("auto", "reference", "xla_blockwise", "cudnn", "splash", "ring")  # see pi_jax.attention
+# The attention implementations (pi_jax.attention dispatches on these names; it reads this tuple).
+ATTENTION_IMPLS = ("auto", "reference", "xla_blockwise", "cudnn", "splash", "ring")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +115,13 @@ class RopeScaling:
       raise ValueError(f"RoPE scaling: unknown keys {sorted(unknown)}; known: {sorted(fields)}")
     return cls(**spec)
 
+  @property
+  def depends_on_length(self) -> bool:
+    """Whether the RoPE table changes with the sequence length (dynamic NTK grows its base,
+    LongRoPE switches from its short to its long factors): then a prefix's logits depend on
+    what follows, and a padded or shared prefix is not the same computation."""
+    return self.kind in ("dynamic", "longrope")
+
   def describe(self) -> str:
     return "none" if self.kind == "none" else f"{self.kind}:{self.factor:g}"
 
@@ -164,7 +175,6 @@ class ModelConfig:
   remat: str = "none"
   attention_impl: str = "auto"
   attention_block_size: int = 512
-  scan_layers: bool = True
 
   def __post_init__(self):
     if self.num_kv_heads is None:
@@ -237,7 +247,7 @@ class ModelConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-    d = dict(d)
+    d = {k: v for k, v in d.items() if k not in _RETIRED_KEYS}
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - fields
     if unknown:

@@ -24,8 +24,20 @@ BUNDLED = {
 
 
 def resolve_spec(spec: str) -> str:
-  """Bundled names (`pg19_standin`, `proofpile_standin`) map to the repository's data folder."""
-  return BUNDLED.get(spec, spec)
+  """Bundled names (`pg19_standin`, `proofpile_standin`) map to the repository's data folder.
+
+  The bundled text ships with the repository, not with the installed package: from a package
+  installed elsewhere (a wheel) the name is an error that says so.
+  """
+  path = BUNDLED.get(spec)
+  if path is None:
+    return spec
+  if not os.path.isdir(path):
+    raise FileNotFoundError(
+        f"data spec {spec!r} is a bundled data set, which lives in the repository's data/ folder "
+        f"({path} does not exist: pi_jax is installed outside a clone of the repository). Run "
+        "from a clone (pip install -e .), or pass a directory, glob, JSONL file or tfds: spec.")
+  return path
 
 
 def iter_documents(spec: str, data_dir: str | None = None,

@@ -143,7 +143,7 @@ def _run(config, params, prompt_BL, max_new_tokens, temperature, top_k, top_p, k
     empty = jnp.zeros((b, 0), jnp.int32)
     return empty, jnp.zeros((b, 0, config.vocab_size), jnp.float32)
   padded = length
-  if config.rope_scaling.kind not in ("dynamic", "longrope"):
+  if not config.rope_scaling.depends_on_length:  # (else padding would change the RoPE table)
     padded = -(-length // PROMPT_BUCKET) * PROMPT_BUCKET
   padded_BP = jnp.pad(prompt_BL.astype(jnp.int32), ((0, 0), (0, padded - length)))
   sampling = (jnp.float32(temperature),

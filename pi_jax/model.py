@@ -1,11 +1,29 @@
-"""A pure-functional LLaMA-family decoder: parameters are a plain pytree, the model is functions.
+"""The LLaMA-family decoder: parameters declared once in Flax NNX modules, run as pure functions.
 
-Shape legend (used in every name and einsum in pi_jax):
-  B batch, L length (queries), S length (keys / KV cache), D model dim, N query heads,
-  K kv heads, G query heads per kv head (N = K·G), H head dim, F mlp dim, V vocab,
-  Y layers (the stacked, scanned axis).
+`Llama` (an `nnx.Module`) and its stacked `DecoderLayer`s declare every parameter once: shape,
+initializer and logical axes (the Params' `out_sharding` metadata, read by pi_jax.sharding's
+axis table). Everything else is derived from them: `param_shapes`, `param_axes`,
+`abstract_params` (nnx.eval_shape: nothing is allocated) and `init_params`. The parameter
+pytree is the plain dict `nnx.to_pure_dict(nnx.state(model, nnx.Param))`, and the functional API
+takes it: `forward(config, params, tokens)` is `Llama.from_params(config, params)(tokens)`.
 
-Parameters (stacked over layers so the decoder runs under one `jax.lax.scan`):
+The layers are built by `nnx.vmap` (every parameter gets a leading [Y] axis named "layers") and
+run under one `jax.lax.scan` over their pure arrays; the scan body views one layer's slice as a
+`DecoderLayer` (`nnx.merge`), so compile time does not grow with depth. RoPE, attention,
+the loss and sharding are plain JAX.
+
+Shape legend (the suffix of every array name and the letters of every einsum in pi_jax):
+  B batch; L length (queries); S length of the keys / KV cache; D model dim; N query heads;
+  K kv heads; G query heads per kv head (N = K·G); H head dim; h = H/2 (RoPE's rotated pairs);
+  F mlp dim; V vocab; Y layers (the stacked, scanned axis).
+  Blocked attention (attention/): R query rows and T key columns of one block; C the sequence
+  length one device holds (ring attention).
+  Generation: P the padded prompt length. Loss: C chunks of T positions. Passkey: M the scored
+  key positions. Training: T the joined token stream (pipeline); G the global batch and A
+  micro-batches of gradient accumulation (train step); L1 = L + 1 (token rows with their next
+  token). A literal 1 is an axis of size one (B1, B1D).
+
+Parameters (stacked over layers; `param_shapes` derives the same tree):
   embed [V, D]; layers/{attn_norm [Y, D], wq [Y, D, N, H], wk/wv [Y, D, K, H], wo [Y, N, H, D],
   mlp_norm [Y, D], w_gate/w_up [Y, D, F], w_down [Y, F, D]}; final_norm [D]; lm_head [D, V]
   (absent when the embeddings are tied).
@@ -17,6 +35,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from pi_jax import attention as attn_lib
 from pi_jax import rope
@@ -24,66 +43,23 @@ from pi_jax.config import ModelConfig
 from pi_jax.sharding import shard
 
 Params = dict
+INIT_STDDEV = 0.02  # LLaMA's initializer_range
 
 
-def param_axes(config: ModelConfig) -> Params:
-  """Logical axis names of every parameter (the pytree matches `init_params`)."""
-  layers = {
-      "attn_norm": ("layers", "norm"),
-      "wq": ("layers", "embed", "heads", "head_dim"),
-      "wk": ("layers", "embed", "kv_heads", "head_dim"),
-      "wv": ("layers", "embed", "kv_heads", "head_dim"),
-      "wo": ("layers", "heads", "head_dim", "embed"),
-      "mlp_norm": ("layers", "norm"),
-      "w_gate": ("layers", "embed", "mlp"),
-      "w_up": ("layers", "embed", "mlp"),
-      "w_down": ("layers", "mlp", "embed"),
-  }
-  axes = {"embed": ("vocab", "embed"), "layers": layers, "final_norm": ("norm",)}
-  if not config.tie_word_embeddings:
-    axes["lm_head"] = ("embed", "vocab")
-  return axes
+def normal_init(key, shape, dtype):
+  """N(0, 0.02) drawn in float32, then cast (so bf16 parameters get the same distribution)."""
+  return (INIT_STDDEV * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
-def param_shapes(config: ModelConfig) -> Params:
-  c = config
-  y, d, n, k, h, f, v = (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
-                         c.intermediate_size, c.vocab_size)
-  layers = {
-      "attn_norm": (y, d), "wq": (y, d, n, h), "wk": (y, d, k, h), "wv": (y, d, k, h),
-      "wo": (y, n, h, d), "mlp_norm": (y, d), "w_gate": (y, d, f), "w_up": (y, d, f),
-      "w_down": (y, f, d),
-  }
-  shapes = {"embed": (v, d), "layers": layers, "final_norm": (d,)}
-  if not c.tie_word_embeddings:
-    shapes["lm_head"] = (d, v)
-  return shapes
+def ones_init(key, shape, dtype):
+  del key
+  return jnp.ones(shape, dtype)
 
 
-def init_params(config: ModelConfig, key: jax.Array) -> Params:
-  """Random parameters: N(0, 0.02) matrices, unit norms (LLaMA's initializer_range)."""
-  dtype = jnp.dtype(config.param_dtype)
-  shapes = param_shapes(config)
-  leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
-  paths = [jax.tree_util.keystr(p) for p, _ in
-           jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
-  keys = jax.random.split(key, len(leaves))
-  out = []
-  for path, shape, k in zip(paths, leaves, keys):
-    if "norm" in path:
-      out.append(jnp.ones(shape, dtype))
-    else:
-      out.append((0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
-  return jax.tree.unflatten(treedef, out)
-
-
-def abstract_params(config: ModelConfig) -> Params:
-  """ShapeDtypeStructs of the parameters, with nothing allocated."""
-  return jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))
-
-
-def count_params(config: ModelConfig) -> int:
-  return sum(x.size for x in jax.tree.leaves(abstract_params(config)))
+def _param(rngs: nnx.Rngs, init, shape, axes, dtype) -> nnx.Param:
+  """A Param with its logical axes as metadata. Eager sharding stays off: pi_jax.sharding maps
+  the names through its axis table (with the divisibility fallback) when it places arrays."""
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
 
 
 def rms_norm(x_BLD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
@@ -93,42 +69,68 @@ def rms_norm(x_BLD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
   return scale_D.astype(x_BLD.dtype) * x.astype(x_BLD.dtype)
 
 
-def _attention_block(config, layer, x_BLD, cos, sin, cache_kv, cache_index):
-  """Pre-norm attention sublayer. Returns (output [B, L, D], updated (k, v) cache or None)."""
-  dt = jnp.dtype(config.compute_dtype)
-  h_BLD = rms_norm(x_BLD, layer["attn_norm"], config.rms_norm_eps)
-  q_BLNH = jnp.einsum("BLD,DNH->BLNH", h_BLD, layer["wq"].astype(dt))
-  k_BLKH = jnp.einsum("BLD,DKH->BLKH", h_BLD, layer["wk"].astype(dt))
-  v_BLKH = jnp.einsum("BLD,DKH->BLKH", h_BLD, layer["wv"].astype(dt))
-  q_BLNH = shard(rope.apply_rope(q_BLNH, cos, sin), ("batch", "length", "act_heads", None))
-  k_BLKH = shard(rope.apply_rope(k_BLKH, cos, sin), ("batch", "length", "act_kv_heads", None))
-  v_BLKH = shard(v_BLKH, ("batch", "length", "act_kv_heads", None))
+class DecoderLayer(nnx.Module):
+  """One pre-norm LLaMA block: attention then SwiGLU MLP, each added to the residual."""
 
-  new_cache = None
-  if cache_kv is not None:
-    k_cache, v_cache = cache_kv
-    start = 0 if cache_index is None else cache_index
-    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BLKH.astype(k_cache.dtype), start, 1)
-    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BLKH.astype(v_cache.dtype), start, 1)
-    new_cache = (k_cache, v_cache)
-  if cache_index is None:  # a full sequence (or a prefill into an empty cache): causal attention
-    o_BLNH = attn_lib.attention(q_BLNH, k_BLKH, v_BLKH, impl=config.attention_impl,
-                                block_size=config.attention_block_size)
-  else:  # decoding: the new queries attend to everything cached so far
-    o_BLNH = attn_lib.reference_attention(q_BLNH, new_cache[0].astype(dt), new_cache[1].astype(dt),
-                                          q_offset=cache_index,
-                                          kv_length=cache_index + q_BLNH.shape[1])
-  out_BLD = jnp.einsum("BLNH,NHD->BLD", o_BLNH, layer["wo"].astype(dt))
-  return out_BLD, new_cache
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    c = config
+    d, n, k, h, f = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
+    dt = jnp.dtype(c.param_dtype)
+    self.config = config
+    self.attn_norm = _param(rngs, ones_init, (d,), ("norm",), dt)
+    self.wq = _param(rngs, normal_init, (d, n, h), ("embed", "heads", "head_dim"), dt)
+    self.wk = _param(rngs, normal_init, (d, k, h), ("embed", "kv_heads", "head_dim"), dt)
+    self.wv = _param(rngs, normal_init, (d, k, h), ("embed", "kv_heads", "head_dim"), dt)
+    self.wo = _param(rngs, normal_init, (n, h, d), ("heads", "head_dim", "embed"), dt)
+    self.mlp_norm = _param(rngs, ones_init, (d,), ("norm",), dt)
+    self.w_gate = _param(rngs, normal_init, (d, f), ("embed", "mlp"), dt)
+    self.w_up = _param(rngs, normal_init, (d, f), ("embed", "mlp"), dt)
+    self.w_down = _param(rngs, normal_init, (f, d), ("mlp", "embed"), dt)
 
+  def attention(self, x_BLD, cos, sin, cache_kv=None, cache_index=None):
+    """Pre-norm attention sublayer: (output [B, L, D], updated (k, v) cache or None)."""
+    config = self.config
+    dt = jnp.dtype(config.compute_dtype)
+    h_BLD = rms_norm(x_BLD, self.attn_norm[...], config.rms_norm_eps)
+    q_BLNH = jnp.einsum("BLD,DNH->BLNH", h_BLD, self.wq[...].astype(dt))
+    k_BLKH = jnp.einsum("BLD,DKH->BLKH", h_BLD, self.wk[...].astype(dt))
+    v_BLKH = jnp.einsum("BLD,DKH->BLKH", h_BLD, self.wv[...].astype(dt))
+    q_BLNH = shard(rope.apply_rope(q_BLNH, cos, sin), ("batch", "length", "act_heads", None))
+    k_BLKH = shard(rope.apply_rope(k_BLKH, cos, sin), ("batch", "length", "act_kv_heads", None))
+    v_BLKH = shard(v_BLKH, ("batch", "length", "act_kv_heads", None))
 
-def _mlp_block(config, layer, x_BLD):
-  dt = jnp.dtype(config.compute_dtype)
-  h_BLD = rms_norm(x_BLD, layer["mlp_norm"], config.rms_norm_eps)
-  gate_BLF = jnp.einsum("BLD,DF->BLF", h_BLD, layer["w_gate"].astype(dt))
-  up_BLF = jnp.einsum("BLD,DF->BLF", h_BLD, layer["w_up"].astype(dt))
-  act_BLF = shard(jax.nn.silu(gate_BLF) * up_BLF, ("batch", "length", "act_mlp"))
-  return jnp.einsum("BLF,FD->BLD", act_BLF, layer["w_down"].astype(dt))
+    new_cache = None
+    if cache_kv is not None:
+      k_cache, v_cache = cache_kv
+      start = 0 if cache_index is None else cache_index
+      k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BLKH.astype(k_cache.dtype), start, 1)
+      v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BLKH.astype(v_cache.dtype), start, 1)
+      new_cache = (k_cache, v_cache)
+    if cache_index is None:  # a full sequence (or a prefill into an empty cache): causal attention
+      o_BLNH = attn_lib.attention(q_BLNH, k_BLKH, v_BLKH, impl=config.attention_impl,
+                                  block_size=config.attention_block_size)
+    else:  # decoding: the new queries attend to everything cached so far
+      o_BLNH = attn_lib.reference_attention(q_BLNH, new_cache[0].astype(dt),
+                                            new_cache[1].astype(dt), q_offset=cache_index,
+                                            kv_length=cache_index + q_BLNH.shape[1])
+    out_BLD = jnp.einsum("BLNH,NHD->BLD", o_BLNH, self.wo[...].astype(dt))
+    return out_BLD, new_cache
+
+  def mlp(self, x_BLD):
+    config = self.config
+    dt = jnp.dtype(config.compute_dtype)
+    h_BLD = rms_norm(x_BLD, self.mlp_norm[...], config.rms_norm_eps)
+    gate_BLF = jnp.einsum("BLD,DF->BLF", h_BLD, self.w_gate[...].astype(dt))
+    up_BLF = jnp.einsum("BLD,DF->BLF", h_BLD, self.w_up[...].astype(dt))
+    act_BLF = shard(jax.nn.silu(gate_BLF) * up_BLF, ("batch", "length", "act_mlp"))
+    return jnp.einsum("BLF,FD->BLD", act_BLF, self.w_down[...].astype(dt))
+
+  def __call__(self, x_BLD, cos, sin, cache_kv=None, cache_index=None):
+    """(x + attention + MLP [B, L, D], updated (k, v) cache or None)."""
+    a_BLD, new_kv = self.attention(x_BLD, cos, sin, cache_kv, cache_index)
+    x_BLD = shard(x_BLD + a_BLD, ("batch", "length", "act_embed"))
+    x_BLD = shard(x_BLD + self.mlp(x_BLD), ("batch", "length", "act_embed"))
+    return x_BLD, new_kv
 
 
 def _remat(fn, policy: str):
@@ -139,6 +141,141 @@ def _remat(fn, policy: str):
   return jax.checkpoint(fn, policy=getattr(jax.checkpoint_policies, policy))
 
 
+class Llama(nnx.Module):
+  """A LLaMA-family causal LM as a Flax NNX module: `Llama(config, rngs=nnx.Rngs(0))`.
+
+  `model(tokens)` equals `forward(config, params, tokens)` for
+  `params = nnx.to_pure_dict(nnx.state(model, nnx.Param))`; `Llama.from_params(config, params)`
+  goes the other way (no copy).
+  """
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    c = config
+    dt = jnp.dtype(c.param_dtype)
+    self.config = config
+    self.embed = _param(rngs, normal_init, (c.vocab_size, c.hidden_size), ("vocab", "embed"), dt)
+
+    @nnx.split_rngs(splits=c.num_layers)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def stacked_layers(rngs):
+      return DecoderLayer(config, rngs=rngs)
+
+    self.layers = stacked_layers(rngs)  # every parameter [Y, ...]
+    self.final_norm = _param(rngs, ones_init, (c.hidden_size,), ("norm",), dt)
+    if not c.tie_word_embeddings:
+      self.lm_head = _param(rngs, normal_init, (c.hidden_size, c.vocab_size), ("embed", "vocab"),
+                            dt)
+
+  @classmethod
+  def from_params(cls, config: ModelConfig, params: Params) -> Llama:
+    """The module holding `params` (the plain parameter dict); works on tracers under jit."""
+    try:
+      return nnx.merge(_model_graphdef(config), params)
+    except (ValueError, KeyError, TypeError) as e:
+      def paths(tree, is_leaf=None):
+        return {jax.tree_util.keystr(p) for p, _ in
+                jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
+      want = paths(param_shapes(config), lambda x: isinstance(x, tuple))
+      got = paths(params)
+      raise ValueError(f"parameters do not match the config: missing {sorted(want - got)}, "
+                       f"unexpected {sorted(got - want)} ({e})") from None
+
+  def hidden_states(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None,
+                    cache: dict | None = None, cache_index: jax.Array | int | None = None):
+    """See `hidden_states`."""
+    config = self.config
+    dt = jnp.dtype(config.compute_dtype)
+    b, l = tokens_BL.shape
+    if positions_BL is None:
+      start = 0 if cache_index is None else cache_index
+      positions_BL = jnp.broadcast_to(start + jnp.arange(l, dtype=jnp.int32), (b, l))
+    cos, sin = rope.rope_tables(config, positions_BL)
+    x_BLD = shard(self.embed[...].astype(dt)[tokens_BL], ("batch", "length", "act_embed"))
+    layer_def = _layer_graphdef(config)
+
+    def layer_fn(x_BLD, xs):
+      layer_params, cache_kv = xs
+      layer = nnx.merge(layer_def, layer_params)  # this layer's [Y] slice as a DecoderLayer
+      return layer(x_BLD, cos, sin, cache_kv, cache_index)
+
+    layer_fn = _remat(layer_fn, config.remat)
+    cache_xs = None if cache is None else (cache["k"], cache["v"])
+    stacked = nnx.to_pure_dict(nnx.state(self.layers, nnx.Param))
+    x_BLD, new_kv = jax.lax.scan(layer_fn, x_BLD, (stacked, cache_xs))
+    x_BLD = rms_norm(x_BLD, self.final_norm[...], config.rms_norm_eps)
+    if cache is None:
+      return x_BLD
+    return x_BLD, {"k": new_kv[0], "v": new_kv[1]}
+
+  def unembed_matrix(self) -> jax.Array:
+    """[D, V] output projection (the transposed embeddings when tied)."""
+    return self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+
+  def logits_from_hidden(self, h_BLD: jax.Array) -> jax.Array:
+    w_DV = self.unembed_matrix().astype(h_BLD.dtype)
+    logits_BLV = jnp.einsum("BLD,DV->BLV", h_BLD, w_DV, preferred_element_type=jnp.float32)
+    return shard(logits_BLV, ("batch", "length", "act_vocab"))
+
+  def __call__(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None) -> jax.Array:
+    """Logits float32 [B, L, V] for int32 tokens [B, L]; positions default to 0..L-1."""
+    return self.logits_from_hidden(self.hidden_states(tokens_BL, positions_BL))
+
+
+# --- what the modules declare, derived without allocating -------------------------------------
+
+@functools.lru_cache(maxsize=64)
+def abstract_model(config: ModelConfig) -> Llama:
+  """`Llama(config)` with ShapeDtypeStructs for arrays (nnx.eval_shape: nothing is allocated)."""
+  return nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+
+
+@functools.lru_cache(maxsize=64)
+def _model_graphdef(config: ModelConfig):
+  return nnx.graphdef(abstract_model(config))
+
+
+@functools.lru_cache(maxsize=64)
+def _layer_graphdef(config: ModelConfig):
+  return nnx.graphdef(nnx.eval_shape(lambda: DecoderLayer(config, rngs=nnx.Rngs(0))))
+
+
+def _param_tree(config: ModelConfig, leaf) -> Params:
+  """A plain nested dict of leaf(param) over every Param of `Llama(config)`, by path."""
+  out: dict = {}
+  for path, variable in nnx.to_flat_state(nnx.state(abstract_model(config), nnx.Param)):
+    node = out
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = leaf(variable)
+  return out
+
+
+def param_axes(config: ModelConfig) -> Params:
+  """Logical axis names of every parameter (the pytree matches `init_params`)."""
+  return _param_tree(config, lambda v: tuple(v.get_metadata()["out_sharding"]))
+
+
+def param_shapes(config: ModelConfig) -> Params:
+  """The shape of every parameter (the pytree matches `init_params`)."""
+  return _param_tree(config, lambda v: tuple(v.shape))
+
+
+def abstract_params(config: ModelConfig) -> Params:
+  """ShapeDtypeStructs of the parameters, with nothing allocated."""
+  return _param_tree(config, lambda v: jax.ShapeDtypeStruct(v.shape, v.get_value().dtype))
+
+
+def count_params(config: ModelConfig) -> int:
+  return sum(x.size for x in jax.tree.leaves(abstract_params(config)))
+
+
+def init_params(config: ModelConfig, key: jax.Array) -> Params:
+  """Random parameters as the modules initialize them: N(0, 0.02) matrices, unit norms."""
+  return nnx.to_pure_dict(nnx.state(Llama(config, rngs=nnx.Rngs(params=key)), nnx.Param))
+
+
+# --- the functional API: plain parameter dicts in, arrays out ---------------------------------
+
 def hidden_states(config: ModelConfig, params: Params, tokens_BL: jax.Array,
                   positions_BL: jax.Array | None = None, cache: dict | None = None,
                   cache_index: jax.Array | int | None = None):
@@ -148,46 +285,24 @@ def hidden_states(config: ModelConfig, params: Params, tokens_BL: jax.Array,
   means a prefill of an empty cache from position 0; an index means decode after that many
   cached tokens.
   """
-  dt = jnp.dtype(config.compute_dtype)
-  b, l = tokens_BL.shape
-  if positions_BL is None:
-    start = 0 if cache_index is None else cache_index
-    positions_BL = jnp.broadcast_to(start + jnp.arange(l, dtype=jnp.int32), (b, l))
-  cos, sin = rope.rope_tables(config, positions_BL)
-  x_BLD = shard(params["embed"].astype(dt)[tokens_BL], ("batch", "length", "act_embed"))
-
-  def layer_fn(x_BLD, xs):
-    layer, cache_kv = xs
-    a_BLD, new_kv = _attention_block(config, layer, x_BLD, cos, sin, cache_kv, cache_index)
-    x_BLD = shard(x_BLD + a_BLD, ("batch", "length", "act_embed"))
-    x_BLD = shard(x_BLD + _mlp_block(config, layer, x_BLD), ("batch", "length", "act_embed"))
-    return x_BLD, new_kv
-
-  layer_fn = _remat(layer_fn, config.remat)
-  cache_xs = None if cache is None else (cache["k"], cache["v"])
-  x_BLD, new_kv = jax.lax.scan(layer_fn, x_BLD, (params["layers"], cache_xs))
-  x_BLD = rms_norm(x_BLD, params["final_norm"], config.rms_norm_eps)
-  if cache is None:
-    return x_BLD
-  return x_BLD, {"k": new_kv[0], "v": new_kv[1]}
+  return Llama.from_params(config, params).hidden_states(tokens_BL, positions_BL, cache,
+                                                         cache_index)
 
 
 def unembed_matrix(config: ModelConfig, params: Params) -> jax.Array:
   """[D, V] output projection (the transposed embeddings when tied)."""
-  return params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+  return Llama.from_params(config, params).unembed_matrix()
 
 
 def logits_from_hidden(config: ModelConfig, params: Params, h_BLD: jax.Array) -> jax.Array:
-  w_DV = unembed_matrix(config, params).astype(h_BLD.dtype)
-  logits_BLV = jnp.einsum("BLD,DV->BLV", h_BLD, w_DV, preferred_element_type=jnp.float32)
-  return shard(logits_BLV, ("batch", "length", "act_vocab"))
+  """Logits float32 [B, L, V] from final-normed hidden states [B, L, D]."""
+  return Llama.from_params(config, params).logits_from_hidden(h_BLD)
 
 
 def forward(config: ModelConfig, params: Params, tokens_BL: jax.Array,
             positions_BL: jax.Array | None = None) -> jax.Array:
   """Logits float32 [B, L, V] for int32 tokens [B, L]; positions default to 0..L-1."""
-  h_BLD = hidden_states(config, params, tokens_BL, positions_BL)
-  return logits_from_hidden(config, params, h_BLD)
+  return Llama.from_params(config, params)(tokens_BL, positions_BL)
 
 
 def init_cache(config: ModelConfig, batch: int, max_length: int, dtype=None) -> dict:

@@ -113,7 +113,7 @@ def inv_freq_and_factor(config: ModelConfig, seq_len=None):
 def rope_tables(config: ModelConfig, positions_BL: jax.Array):
   """cos and sin [B, L, H/2] in float32 (attention factor folded in) for these positions."""
   seq_len = None
-  if config.rope_scaling.kind in ("dynamic", "longrope"):
+  if config.rope_scaling.depends_on_length:
     seq_len = jnp.max(positions_BL) + 1  # as transformers: the largest position seen
   inv_freq, attn_factor = inv_freq_and_factor(config, seq_len)
   angles_BLh = positions_BL.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)

@@ -1,6 +1,7 @@
 """Logical axis names -> mesh axes: the one table, the mesh, and the `shard` helper.
 
-Parameters are annotated with logical names where they are created (model.param_axes);
+Parameters carry logical names where the Flax modules declare them (their Params'
+`out_sharding` metadata, collected by model.param_axes);
 activations pass through `shard(x, names)`. An unknown name is an error, never a silent
 replication. A dimension that a mesh axis does not divide is left unsharded on that axis
 (SmolLM2's 9 heads on tensor=2, say): that is a property of the shape, not a typo.

@@ -126,7 +126,8 @@ def test_smollm2_perplexity_matches_transformers():
   import os
   import torch
   import transformers
-  from pi_jax import data, fetch
+  from convert import fetch
+  from pi_jax import data
   ckpt = fetch.smollm2_checkpoint()
   config, params = pi_jax.load_checkpoint(ckpt)
   tok = pi_jax.load_tokenizer(ckpt)
@@ -145,3 +146,22 @@ def test_smollm2_perplexity_matches_transformers():
   want = math.exp(total / count)
   print(f"SmolLM2 pg19_standin W=2048 S=1024: pi_jax {got.perplexity():.6f} transformers {want:.6f}")
   assert got.perplexity() == pytest.approx(want, rel=1e-4)
+
+
+def test_prefix_perplexities_equal_one_window_each(model):
+  """One forward over max(W) + 1 tokens gives, for every W, evaluate_perplexity's number for one
+  window of W tokens; scalings whose table depends on the length are refused."""
+  config, params = model
+  ids = np.random.RandomState(3).randint(0, 256, 40).astype(np.int32)
+  got = ppl.prefix_perplexities(config, params, ids, [8, 16, 39])
+  for w in (8, 16, 39):
+    (want,) = ppl.evaluate_perplexity(config, params, [("d", ids[:w + 1])], [w], w)
+    assert want.tokens == w
+    assert got[w] == pytest.approx(want.perplexity(), rel=1e-5)
+  with pytest.raises(ValueError, match="fewer than the largest window 40"):
+    ppl.prefix_perplexities(config, params, ids, [40])
+  for spec in ("dynamic:2", {"rope_type": "longrope", "factor": 2.0,
+                              "original_max_position_embeddings": 16,
+                              "short_factor": [1.0] * 4, "long_factor": [2.0] * 4}):
+    with pytest.raises(ValueError, match="depends on the sequence length"):
+      ppl.prefix_perplexities(config.with_rope_scaling(spec), params, ids, [8])

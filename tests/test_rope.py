@@ -239,3 +239,26 @@ def test_apply_rope_is_the_half_split_rotation():
   want, _ = apply_rotary_pos_emb(xt, xt, cos_full, sin_full)
   np.testing.assert_allclose(got, want.transpose(1, 2).numpy(), atol=1e-5)
   np.testing.assert_allclose(np.linalg.norm(got, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["none", "linear", "ntk", "dynamic", "yarn", "llama3", "longrope"])
+def test_depends_on_length_says_whether_a_prefix_table_changes(kind):
+  """RopeScaling.depends_on_length (what generation reads before padding a prompt) is true
+  exactly when the cos/sin of the first positions change once the sequence grows past L."""
+  original, head_dim = 256, 16
+  if kind == "none":
+    scaling = RopeScaling()
+  elif kind == "longrope":
+    n = head_dim // 2
+    scaling = RopeScaling("longrope", 4.0, original, short_factor=[1.0] * n,
+                          long_factor=list(np.linspace(1.0, 8.0, n)))
+  else:
+    scaling = RopeScaling.parse(f"{kind}:4", original=original)
+  config = ModelConfig(hidden_size=2 * head_dim, num_heads=2, max_position_embeddings=4 * original,
+                       rope_scaling=scaling)
+  short = jnp.arange(original // 2, dtype=jnp.int32)[None]
+  long = jnp.arange(4 * original, dtype=jnp.int32)[None]
+  cos_short, _ = rope_lib.rope_tables(config, short)
+  cos_long, _ = rope_lib.rope_tables(config, long)
+  changed = not np.allclose(cos_short[0], cos_long[0, :original // 2], atol=1e-6)
+  assert changed == scaling.depends_on_length

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import pi_jax
-from pi_jax import fetch
+from convert import fetch
 from conftest import rel_err
 from test_tokenizer import real_text
 
@@ -133,9 +133,9 @@ def test_concurrent_fetch_downloads_once(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_fetch_cli_from_empty_cache_with_two_processes(tmp_path):
-  """The real thing: `python -m pi_jax.fetch smollm2` twice at once on an empty cache."""
+  """The real thing: `python -m convert.fetch smollm2` twice at once on an empty cache."""
   env = {**os.environ, "PI_JAX_CACHE": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
-  cmd = [sys.executable, "-m", "pi_jax.fetch", "smollm2"]
+  cmd = [sys.executable, "-m", "convert.fetch", "smollm2"]
   procs = [subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True) for _ in range(2)]
   outs = [p.communicate() for p in procs]

@@ -20,14 +20,13 @@ from pi_jax.attention import kernels
 from pi_jax.attention.kernels import cudnn_attention, splash_attention
 from pi_jax.attention.reference import MASK_VALUE, group_queries, reference_attention
 from pi_jax.attention.ring import ring_attention
-from pi_jax.config import ATTENTION_IMPLS as IMPLS
-
+from pi_jax.config import ATTENTION_IMPLS
 
 
 def resolve_impl(impl: str, dtype) -> str:
   """The implementation `auto` stands for on this backend and compute dtype."""
-  if impl not in IMPLS:
-    raise ValueError(f"unknown attention implementation {impl!r}; expected one of {IMPLS}")
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"unknown attention implementation {impl!r}; expected one of {ATTENTION_IMPLS}")
   if impl != "auto":
     return impl
   backend = kernels.backend()

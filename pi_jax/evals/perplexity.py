@@ -172,6 +172,33 @@ def evaluate_perplexity(config: ModelConfig, params, documents: list[tuple[str, 
   return [results[w] for w in windows]
 
 
+def prefix_perplexities(config: ModelConfig, params, ids: np.ndarray, windows: Iterable[int], *,
+                        chunk: int = loss_lib.DEFAULT_CHUNK) -> dict[int, float]:
+  """{W: perplexity of the first W targets of `ids`} for several W, from ONE forward pass.
+
+  Causal attention makes the first W targets of a long forward the same computation as a
+  forward of the first W + 1 tokens, i.e. `evaluate_perplexity` with window W, stride W and
+  max_tokens W + 1, at the cost of one pass over max(W) + 1 tokens. That holds only for RoPE
+  tables that do not depend on the sequence length (`RopeScaling.depends_on_length`); for
+  dynamic NTK and LongRoPE this raises: use evaluate_perplexity.
+  """
+  windows = sorted(set(int(w) for w in windows))
+  if not windows or windows[0] < 1:
+    raise ValueError(f"windows must be positive token counts, got {windows}")
+  if config.rope_scaling.depends_on_length:
+    raise ValueError(f"RoPE scaling {config.rope_scaling.describe()!r} depends on the sequence "
+                     "length, so a prefix of one long forward is not the forward at that window; "
+                     "use evaluate_perplexity")
+  ids = np.asarray(ids, np.int32)
+  top = windows[-1]
+  if len(ids) < top + 1:
+    raise ValueError(f"{len(ids)} tokens are fewer than the largest window {top} + 1")
+  tokens_BL, targets_BL = ids[None, :top], ids[None, 1:top + 1]
+  nll_fn = jax.jit(lambda p, x, y: loss_lib.token_nll(config, p, x, y, chunk=min(chunk, top)))
+  nll = np.asarray(nll_fn(params, tokens_BL, targets_BL)[0], np.float64)
+  return {w: float(np.exp(nll[:w].mean())) for w in windows}
+
+
 def _score_window_size(result: WindowResult, scorer, documents, window, stride, batch, progress):
   jobs = []  # (doc index, start, length, score_from)
   for i, (_, ids) in enumerate(documents):

