@@ -108,11 +108,9 @@ def real_eval(argv: list[str]) -> int:
   passkey_scalings = [x for x in args.passkey_scalings.split(",") if x]
 
   import random
-  import jax
   import numpy as np
   import pi_jax
   from pi_jax import data as data_lib
-  from pi_jax import loss as loss_lib
   from pi_jax.evals import passkey as passkey_lib
   from pi_jax.evals import perplexity as ppl_lib
   from pi_jax.evals import report
@@ -129,16 +127,14 @@ def real_eval(argv: list[str]) -> int:
   out = {"info": report.run_info(["demo.py", "real-eval"] + argv), "document": doc_id,
          "tokens": int(len(ids)), "model_window": config.max_position_embeddings,
          "ppl": {}, "ppl_seconds": {}, "passkey": {}}
-  tokens_BL, targets_BL = np.asarray(ids[:-1])[None], np.asarray(ids[1:])[None]
   for spec in scalings:
     cfg = config.with_rope_scaling(spec)
-    if cfg.rope_scaling.kind == "dynamic":  # its table depends on the length: no prefix sharing
-      p.error("--scalings: dynamic scaling depends on the sequence length; use eval.py")
     label = cfg.rope_scaling.describe()
     t0 = time.perf_counter()
-    nll = np.asarray(jax.jit(lambda pr, x, y, cfg=cfg: loss_lib.token_nll(cfg, pr, x, y))(
-        params, tokens_BL, targets_BL)[0], np.float64)
-    out["ppl"][label] = {w: float(np.exp(nll[:w].mean())) for w in windows}
+    try:
+      out["ppl"][label] = ppl_lib.prefix_perplexities(cfg, params, ids, windows)
+    except ValueError as e:  # a length-dependent scaling: say so, as eval.py would
+      p.error(f"--scalings {spec}: {e}")
     out["ppl_seconds"][label] = round(time.perf_counter() - t0, 1)
     print(f"[{label}] " + ", ".join(f"{w}: {v:.3f}" for w, v in out["ppl"][label].items())
           + f" ({out['ppl_seconds'][label]} s)", file=sys.stderr, flush=True)
