@@ -125,6 +125,10 @@ def test_bad_input_names_the_file(tmp_path):
   not_gzip.write_text('{"text": "a"}\n')
   with pytest.raises(data_lib.DataError, match=rf"{not_gzip}: cannot read after line 0"):
     list(data_lib.iter_documents(str(not_gzip)))
+  not_zstd = tmp_path / "plain.jsonl.zst"
+  not_zstd.write_text('{"text": "a"}\n')
+  with pytest.raises(data_lib.DataError, match=rf"{not_zstd}: not a valid zstd stream"):
+    list(data_lib.iter_documents(str(not_zstd)))
   bad_parquet = tmp_path / "bad.parquet"
   bad_parquet.write_bytes(open(paths[".parquet"], "rb").read()[:200])
   with pytest.raises(data_lib.DataError, match=rf"{bad_parquet}: not a readable Parquet file"):

@@ -192,6 +192,12 @@ def _settings(spec, data_dir, max_docs, text_key, tok, tokenizer_spec, shard_tok
           "batch_docs": batch_docs, "batch_chars": batch_chars}
 
 
+def _same(a: dict | None, b: dict) -> bool:
+  """Same settings; the tokenizer counts by fingerprint, not by the path it was loaded from."""
+  strip = lambda d: {k: v for k, v in (d or {}).items() if k != "tokenizer_source"}
+  return strip(a) == strip(b)
+
+
 def _differences(a: dict, b: dict) -> str:
   keys = sorted(k for k in set(a) | set(b) if k != "tokenizer_source" and a.get(k) != b.get(k))
   return ", ".join(f"{k}: {a.get(k)!r} then, {b.get(k)!r} now" for k in keys)
@@ -246,7 +252,7 @@ def prepare(spec: str, out: str, tokenizer: str, *, data_dir: str | None = None,
 
   meta = store_lib.read_json(out, store_lib.META)
   if meta is not None and not restart:
-    if meta.get("settings") == settings:
+    if _same(meta.get("settings"), settings):
       log(f"{out}: already a complete token store of this source and tokenizer "
           f"({store_lib.describe(meta)})")
       return {**_summary_of(meta), "already_complete": True}
@@ -255,7 +261,7 @@ def prepare(spec: str, out: str, tokenizer: str, *, data_dir: str | None = None,
         f"({_differences(meta.get('settings', {}), settings)}); pass --restart to replace it, or "
         "choose another OUT")
   progress = None if restart else store_lib.read_json(out, store_lib.PROGRESS)
-  if progress is not None and progress.get("settings") != settings:
+  if progress is not None and not _same(progress.get("settings"), settings):
     raise store_lib.StoreError(
         f"{out} holds an interrupted prepare with other settings "
         f"({_differences(progress.get('settings', {}), settings)}); pass --restart to start over")

@@ -121,6 +121,7 @@ class _ZstdReader(io.RawIOBase):
   def __init__(self, path: str):
     import zstandard
     self._zstd = zstandard
+    self._path = path
     self._file = open(path, "rb")
     self._new = lambda: zstandard.ZstdDecompressor(max_window_size=2**31).decompressobj()
     self._dobj = self._new()
@@ -142,7 +143,7 @@ class _ZstdReader(io.RawIOBase):
         try:
           self._pending += self._dobj.decompress(chunk)
         except self._zstd.ZstdError as e:
-          raise DataError(f"not a valid zstd stream: {e}") from None
+          raise DataError(f"{self._path}: not a valid zstd stream: {e}") from None
         if self._dobj.eof:  # a frame ended; a next one may follow in the same chunk
           chunk = self._dobj.unused_data
           self._dobj, self._in_frame = self._new(), False
