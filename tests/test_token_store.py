@@ -225,6 +225,25 @@ def test_prepare_killed_between_data_and_progress_resumes_exactly(tmp_path, monk
     prepare_lib.prepare(src, out2, "bytes", workers=1, batch_docs=2, **SMALL)
 
 
+def test_command_line(tmp_path, capsys):
+  from pi_jax.data.__main__ import main
+  out = str(tmp_path / "store")
+  assert main(["prepare", "pg19_standin", out, "--tokenizer", "bytes", "--max-docs", "2",
+               "--workers", "1", "--no-progress", "--json"]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert lines[0].startswith(f"token store {out}: 2 documents, ")
+  summary = json.loads(lines[-1])
+  assert summary["documents"] == 2 and summary["workers"] == 1
+  assert main(["info", out]) == 0
+  assert json.loads(capsys.readouterr().out)["fingerprint"] == summary["fingerprint"]
+  assert main(["prepare", str(tmp_path / "nothing*.jsonl"), str(tmp_path / "s2"), "--tokenizer",
+               "bytes", "--no-progress"]) == 2
+  assert "no such directory, file or glob match" in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / "s2")
+  assert main(["info", str(tmp_path)]) == 2
+  assert "is not a token store" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def book_store(tmp_path_factory):
   """The first 5 bundled books (what the tiny training tests read), in a byte-token store."""
@@ -321,16 +340,16 @@ def test_sigkill_and_resume_on_a_store_match_the_documents_run(tmp_path, book_st
   """train.py on the store, SIGKILLed after checkpoint 10 and rerun, gives the losses of an
   uninterrupted train.py run on the documents themselves, exactly."""
   from tests.test_train_distributed import SETS, _wrapper
-  tu.run_train(tmp_path / "text", SETS)
+  tu.run_train(tmp_path / "text", SETS, timeout=900)
   want = tu.losses(tmp_path / "text")
   workdir = tmp_path / "store"
   cmd = tu.train_cmd(workdir, SETS + [f"data={book_store}"])
   killed = subprocess.run([sys.executable, "-c", _wrapper(10), *cmd[1:]],
                           env=tu.subprocess_env(1), cwd=tu.REPO, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=900)
   assert killed.returncode == -signal.SIGKILL, killed.stderr
   assert sorted(os.listdir(workdir / "checkpoints")) == ["10"]
-  tu.run_train(workdir, SETS + [f"data={book_store}"])
+  tu.run_train(workdir, SETS + [f"data={book_store}"], timeout=900)
   got = tu.losses(workdir)
   assert sorted(got) == sorted(want) == list(range(20))
   assert [got[k] for k in range(20)] == [want[k] for k in range(20)]

@@ -247,6 +247,7 @@ def prepare(spec: str, out: str, tokenizer: str, *, data_dir: str | None = None,
   workers = workers or len(os.sched_getaffinity(0))
   settings = _settings(spec, data_dir, max_docs, text_key, tok, tokenizer, shard_tokens,
                        chunk_tokens, batch_docs, batch_chars)
+  sources.spec_files(spec)  # a spec that names nothing fails here, before OUT is touched
   if not store_lib.is_remote(out):
     os.makedirs(out, exist_ok=True)
 
