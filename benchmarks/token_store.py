@@ -79,13 +79,16 @@ def _text(rng, words: np.ndarray, cdf: np.ndarray, n_words: int) -> str:
   return " ".join(np.where(paragraphs, np.char.add(out, "\n\n"), out).tolist())
 
 
-def write_corpus(folder: str, total_chars: int, seed: int = 0, shard_chars: int = 64 << 20):
-  """jsonl.zst shards of synthetic documents, total_chars characters of text in all."""
+def _zipf_cdf(n: int) -> np.ndarray:
+  p = 1.0 / np.arange(1, n + 1) ** 1.1
+  return np.cumsum(p / p.sum())
+
+
+def write_corpus(folder: str, total_chars: int, words: np.ndarray, rng,
+                 shard_chars: int = 64 << 20):
+  """jsonl.zst shards of synthetic documents over `words`, total_chars characters in all."""
   import zstandard
-  rng = np.random.default_rng(seed)
-  words = _vocabulary(rng)
-  p = 1.0 / np.arange(1, len(words) + 1) ** 1.1
-  cdf = np.cumsum(p / p.sum())
+  cdf = _zipf_cdf(len(words))
   os.makedirs(folder, exist_ok=True)
   written, shard, docs = 0, 0, 0
   while written < total_chars:
@@ -249,10 +252,9 @@ def main(argv=None) -> int:
   result = {"cores": cores, "workers": workers, "target_tokens": args.tokens,
             "load_at_start": os.getloadavg()}
   try:
-    rng = np.random.default_rng(1)
-    vocab = _vocabulary(rng)
-    cdf = np.cumsum(1.0 / np.arange(1, len(vocab) + 1) ** 1.1)
-    sample = _text(rng, vocab, cdf / cdf[-1], 600_000)
+    rng = np.random.default_rng(0)
+    vocab = _vocabulary(rng)  # the tokenizer's sample and the corpus share their words
+    sample = _text(rng, vocab, _zipf_cdf(len(vocab)), 600_000)
     tok_dir = train_tokenizer(os.path.join(workdir, "tokenizer"), sample)
     from pi_jax.tokenizer import load_tokenizer
     tok = load_tokenizer(tok_dir)
@@ -260,7 +262,7 @@ def main(argv=None) -> int:
     corpus = os.path.join(workdir, "corpus")
     shutil.rmtree(corpus, ignore_errors=True)
     t0 = time.perf_counter()
-    docs, chars = write_corpus(corpus, int(args.tokens * chars_per_token))
+    docs, chars = write_corpus(corpus, int(args.tokens * chars_per_token), vocab, rng)
     result["corpus"] = {"documents": docs, "chars": chars, "chars_per_token": chars_per_token,
                         "write_seconds": time.perf_counter() - t0,
                         "compressed_bytes": sum(os.path.getsize(os.path.join(corpus, f))

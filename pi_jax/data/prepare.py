@@ -346,6 +346,7 @@ def prepare(spec: str, out: str, tokenizer: str, *, data_dir: str | None = None,
           drain(2 * workers)  # bounded: the reader never runs far ahead of the encoders
         drain(0)
     writer.commit()
+    progress["empty"], progress["empty_examples"] = empties.snapshot()  # trailing ones too
   except BaseException:
     bar.close()
     log(f"prepare stopped: {progress['documents']} documents ({progress['tokens']} tokens) are "
