@@ -313,7 +313,8 @@ def test_a_run_on_a_store_is_the_run_on_its_documents(tmp_path, book_store):
   Trainer(_config(tmp_path / "text", "pg19_standin")).run()
   Trainer(_config(tmp_path / "store", book_store)).run()
   text, store = _records(tmp_path / "text"), _records(tmp_path / "store")
-  assert text == store and len(store) == 7 and store[-1]["loss"] < store[0]["eval_loss"]
+  assert text == store and len(store) == 7  # 4 steps, eval after 0, 2 and 4 steps
+  assert store[-2]["loss"] < store[1]["loss"] and store[-1]["eval_loss"] < store[0]["eval_loss"]
   meta = json.load(open(tmp_path / "store" / "checkpoints" / "4" / "data" / "metadata"))
   assert meta["data_store"]["fingerprint"] == data_lib.TokenStore(book_store).fingerprint
 
