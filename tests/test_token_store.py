@@ -324,8 +324,8 @@ def test_a_run_on_a_store_is_the_run_on_its_documents(tmp_path, book_store):
   with pytest.raises(ValueError, match=r"checkpoint 4 was trained on token store .*books .*"
                      "this run reads .*other .*it was made from other documents"):
     Trainer(_config(tmp_path / "store", other, steps=6))
-  with pytest.raises(ValueError, match="checkpoint 4 was trained on token store .*, this run "
-                     "reads a spec of documents"):
+  with pytest.raises(ValueError, match="checkpoint 4 was trained on token store .*books, this "
+                     "run reads a spec of documents; resume on the store"):
     Trainer(_config(tmp_path / "store", "pg19_standin", steps=6))
   no_bos = tmp_path / "no_bos"  # a tokenizer that encodes differently (no BOS)
   ByteTokenizer(add_bos=False).save(str(no_bos / "tokenizer"))
@@ -333,7 +333,8 @@ def test_a_run_on_a_store_is_the_run_on_its_documents(tmp_path, book_store):
   prepare_lib.prepare("pg19_standin", other_tok, str(no_bos), max_docs=2, workers=1,
                       progress_bar=False, log=lambda *a, **k: None)
   with pytest.raises(store_lib.StoreError, match=rf"token store {other_tok} was made with another "
-                     r"tokenizer than this run \(the byte tokenizer of a random init\)'s"):
+                     r"tokenizer than this run's \(the byte tokenizer of a random init\).*"
+                     "prepare the store again with --tokenizer bytes"):
     Trainer(_config(tmp_path / "fresh", other_tok))
 
 

@@ -235,16 +235,17 @@ class TokenStore:
       return np.zeros((0, length), np.int32)
     return np.stack(parts).astype(np.int32)
 
-  def check_tokenizer(self, tokenizer, used_by: str) -> None:
-    """Raises unless the store was made with a tokenizer that encodes like `tokenizer`."""
+  def check_tokenizer(self, tokenizer, used_by: str, tokenizer_arg: str) -> None:
+    """Raises unless the store was made with a tokenizer that encodes like `tokenizer` (the
+    run's: `used_by` says whose, `tokenizer_arg` is the --tokenizer that would make it)."""
     mine = self.tokenizer
     fingerprint = tokenizer.fingerprint()
     if mine.get("fingerprint") != fingerprint:
       raise StoreError(
-          f"token store {self.path} was made with another tokenizer than {used_by}'s: store "
-          f"{mine.get('kind')} {mine.get('fingerprint')} (from {mine.get('source')}), "
-          f"{used_by} {tokenizer.kind} {fingerprint}; prepare the store again with "
-          f"--tokenizer naming {used_by}'s tokenizer")
+          f"token store {self.path} was made with another tokenizer than this run's ({used_by}):"
+          f" the store's is {mine.get('kind')} {mine.get('fingerprint')} (--tokenizer "
+          f"{mine.get('source')}), the run's {tokenizer.kind} {fingerprint}; prepare the store "
+          f"again with --tokenizer {tokenizer_arg}")
 
 
 def describe(meta: dict) -> str:

@@ -178,9 +178,11 @@ def load_train_data(config, tokenizer, vocab_size: int) -> TrainData:
   sampled: a token store is opened for reading by row, documents are tokenized now."""
   if data_lib.is_token_store(config.data):
     store = data_lib.TokenStore(config.data)
-    used_by = (f"init_checkpoint {config.init_checkpoint}" if config.init_checkpoint
-               else "this run (the byte tokenizer of a random init)")
-    store.check_tokenizer(tokenizer, used_by)
+    if config.init_checkpoint:
+      store.check_tokenizer(tokenizer, f"init_checkpoint {config.init_checkpoint}",
+                            config.init_checkpoint)
+    else:
+      store.check_tokenizer(tokenizer, "the byte tokenizer of a random init", "bytes")
     if store.meta["max_id"] >= vocab_size:
       raise ValueError(f"token store {config.data}: token id {store.meta['max_id']} >= "
                        f"vocab_size {vocab_size}")
@@ -200,11 +202,12 @@ def resume_mismatch(where: str, meta: dict, data) -> str:
   if then is None and now is None:
     return (f"{where} was trained on different data or seq_len ({meta.get('data_fingerprint')} "
             f"vs {data.fingerprint()}); use a new workdir")
-  if then is None or now is None:
-    store = (then or now)["path"]
-    return (f"{where} was trained on {'token store ' + store if then else 'a spec of documents'}"
-            f", this run reads {'token store ' + store if now else 'a spec of documents'} "
-            f"({meta.get('data')!r}); resume on the data it was trained on, or use a new workdir")
+  if now is None:
+    return (f"{where} was trained on token store {then['path']}, this run reads a spec of "
+            "documents; resume on the store it was trained on, or use a new workdir")
+  if then is None:
+    return (f"{where} was trained on a spec of documents ({meta.get('data')!r}), this run "
+            f"reads token store {now['path']}; resume on those documents, or use a new workdir")
   reasons = []
   if then.get("tokenizer") != now.get("tokenizer"):
     reasons.append(f"it was tokenized with tokenizer {then.get('tokenizer')}, this store with "
