@@ -2,7 +2,9 @@
 
 Every tokenizer has:
   encode(text, add_bos=None) -> list[int]   add_bos=None: as the source model's tokenizer does
+  encode_batch(texts, add_bos=None) -> list[list[int]]
   decode(ids) -> str
+  fingerprint() -> str                      changes whenever encode() could give other ids
   bos_id, eos_id (int or None), vocab_size, add_bos (bool: BOS is prepended by default)
 
 Kinds, by the file found in CKPT/tokenizer/:
@@ -13,8 +15,16 @@ Kinds, by the file found in CKPT/tokenizer/:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+
+
+def _digest(*parts) -> str:
+  h = hashlib.sha256()
+  for part in parts:
+    h.update(part if isinstance(part, bytes) else json.dumps(part, sort_keys=True).encode())
+  return h.hexdigest()[:16]
 
 
 class ByteTokenizer:
@@ -30,8 +40,15 @@ class ByteTokenizer:
     ids = list(text.encode("utf-8"))
     return ([self.bos_id] + ids) if (self.add_bos if add_bos is None else add_bos) else ids
 
+  def encode_batch(self, texts: list[str], add_bos: bool | None = None) -> list[list[int]]:
+    return [self.encode(t, add_bos) for t in texts]
+
   def decode(self, ids) -> str:
     return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+  def fingerprint(self) -> str:
+    """Changes whenever encode() could give different ids (token stores record it)."""
+    return _digest(self.kind, self.add_bos)
 
   def save(self, directory: str) -> str:
     os.makedirs(directory, exist_ok=True)
@@ -111,8 +128,17 @@ class HFTokenizer:
     ids = self._tok.encode(text, add_special_tokens=False).ids
     return ([self.bos_id] + ids) if (self.add_bos if add_bos is None else add_bos) else ids
 
+  def encode_batch(self, texts: list[str], add_bos: bool | None = None) -> list[list[int]]:
+    """encode() of many texts at once (the Rust batch encoder, threaded)."""
+    bos = [self.bos_id] if (self.add_bos if add_bos is None else add_bos) else []
+    return [bos + e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
   def decode(self, ids) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  def fingerprint(self) -> str:
+    """Changes whenever encode() could give different ids (token stores record it)."""
+    return _digest(self.kind, self._tok.to_str().encode(), [self.bos_id, self.eos_id, self.add_bos])
 
 
 class SentencePieceTokenizer:
@@ -138,8 +164,16 @@ class SentencePieceTokenizer:
     ids = self._sp.EncodeAsIds(text)
     return ([self.bos_id] + ids) if (self.add_bos if add_bos is None else add_bos) else ids
 
+  def encode_batch(self, texts: list[str], add_bos: bool | None = None) -> list[list[int]]:
+    return [self.encode(t, add_bos) for t in texts]
+
   def decode(self, ids) -> str:
     return self._sp.DecodeIds([int(i) for i in ids])
+
+  def fingerprint(self) -> str:
+    """Changes whenever encode() could give different ids (token stores record it)."""
+    return _digest(self.kind, self._sp.serialized_model_proto(),
+                   [self.bos_id, self.eos_id, self.add_bos])
 
 
 def load_tokenizer(path: str):

@@ -10,6 +10,11 @@ epoch p // n and row perm_epoch[p % n], perm_epoch a seeded permutation. The sam
 state is therefore the step, which every checkpoint stores, so a resumed run sees exactly the
 batches an uninterrupted run would have seen. Each process materializes only the rows of the
 global batch that its devices hold.
+
+Where the stream lives: in memory (`PackedSequences`, a data spec of documents tokenized at
+start-up) or in a token store (`StoreSequences`, made once by `python -m pi_jax.data prepare`):
+the same rows either way, but a store is read row by row, so start-up time and host memory do
+not grow with the corpus and each process reads only its own rows.
 """
 
 from __future__ import annotations
@@ -32,7 +37,10 @@ def tokenize_and_join(spec: str, tokenizer, data_dir: str | None = None,
     raise ValueError("the tokenizer has no EOS token; packing needs one between documents")
   eos = np.asarray([tokenizer.eos_id], np.int32)
   pieces = []
-  for _, text in data_lib.iter_documents(spec, data_dir=data_dir, max_docs=max_docs):
+  # Empty documents are skipped, as `prepare` skips them: a store and its source pack alike.
+  docs = data_lib.iter_documents(spec, data_dir=data_dir, max_docs=max_docs,
+                                 on_empty=lambda doc_id: None)
+  for _, text in docs:
     if isinstance(tokenizer, ByteTokenizer):  # fast path: bytes are the ids
       ids = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
       if tokenizer.add_bos:
@@ -44,19 +52,23 @@ def tokenize_and_join(spec: str, tokenizer, data_dir: str | None = None,
   return np.concatenate(pieces)
 
 
+def _split_rows(num_tokens: int, seq_len: int, eval_sequences: int) -> tuple[int, int]:
+  """(train rows, held-out rows) of a stream of num_tokens tokens."""
+  total = (num_tokens - 1) // seq_len
+  if total - eval_sequences < 1:
+    raise ValueError(f"the data has {num_tokens} tokens: {total} sequences of "
+                     f"{seq_len}+1, not enough for {eval_sequences} held-out sequences and "
+                     "training")
+  return total - eval_sequences, eval_sequences
+
+
 class PackedSequences:
   """Rows of seq_len + 1 tokens over a token stream, split into train and held-out rows."""
 
   def __init__(self, tokens_T: np.ndarray, seq_len: int, eval_sequences: int = 0):
     self.tokens_T = np.asarray(tokens_T, np.int32)
     self.seq_len = seq_len
-    total = (len(self.tokens_T) - 1) // seq_len
-    if total - eval_sequences < 1:
-      raise ValueError(f"the data has {len(self.tokens_T)} tokens: {total} sequences of "
-                       f"{seq_len}+1, not enough for {eval_sequences} held-out sequences and "
-                       "training")
-    self.num_train = total - eval_sequences
-    self.num_eval = eval_sequences
+    self.num_train, self.num_eval = _split_rows(len(self.tokens_T), seq_len, eval_sequences)
 
   def rows(self, indices) -> np.ndarray:
     """Rows [len(indices), seq_len + 1] for row indices (train rows first, then held-out)."""
@@ -67,6 +79,30 @@ class PackedSequences:
     """Identifies the token stream, so a resume with different data is caught."""
     h = hashlib.sha256(self.tokens_T.tobytes()).hexdigest()[:16]
     return f"{h}:{len(self.tokens_T)}:{self.seq_len}:{self.num_train}"
+
+
+class StoreSequences:
+  """PackedSequences' rows over a token store (pi_jax.data.store), read when asked.
+
+  Holds no tokens: `rows` reads each row's seq_len + 1 tokens from the store (concurrently), so
+  memory and start-up do not depend on the store's size. max_docs keeps the stream of the first
+  max_docs documents, as it does for a spec of documents.
+  """
+
+  def __init__(self, store, seq_len: int, eval_sequences: int = 0, max_docs: int | None = None):
+    self.store, self.seq_len = store, seq_len
+    self.num_tokens = store.num_tokens
+    if max_docs is not None and max_docs < store.num_documents:
+      self.num_tokens = int(store.document_offsets(max_docs, max_docs + 1)[0])
+    self.num_train, self.num_eval = _split_rows(self.num_tokens, seq_len, eval_sequences)
+
+  def rows(self, indices) -> np.ndarray:
+    """Rows [len(indices), seq_len + 1] for row indices (train rows first, then held-out)."""
+    starts = np.asarray(indices, np.int64) * self.seq_len
+    return self.store.slices(starts, self.seq_len + 1)
+
+  def fingerprint(self) -> str:
+    return f"store:{self.store.fingerprint}:{self.num_tokens}:{self.seq_len}:{self.num_train}"
 
 
 class StepSampler:
@@ -126,14 +162,65 @@ class TrainData:
   def fingerprint(self) -> str:
     return self.packed.fingerprint()
 
+  def store_meta(self) -> dict | None:
+    """What a checkpoint records about the token store it was trained on (None: no store)."""
+    store = getattr(self.packed, "store", None)
+    if store is None:
+      return None
+    return {"path": store.path, "fingerprint": store.fingerprint,
+            "tokenizer": store.tokenizer.get("fingerprint"),
+            "source": store.meta.get("source", {}).get("sha256"),
+            "tokens": self.packed.num_tokens}
+
 
 def load_train_data(config, tokenizer, vocab_size: int) -> TrainData:
-  """The run config's data spec, tokenized, checked against the vocabulary, packed and sampled."""
+  """The run config's data spec, checked against the tokenizer and vocabulary, packed and
+  sampled: a token store is opened for reading by row, documents are tokenized now."""
+  if data_lib.is_token_store(config.data):
+    store = data_lib.TokenStore(config.data)
+    if config.init_checkpoint:
+      store.check_tokenizer(tokenizer, f"init_checkpoint {config.init_checkpoint}",
+                            config.init_checkpoint)
+    else:
+      store.check_tokenizer(tokenizer, "the byte tokenizer of a random init", "bytes")
+    if store.meta["max_id"] >= vocab_size:
+      raise ValueError(f"token store {config.data}: token id {store.meta['max_id']} >= "
+                       f"vocab_size {vocab_size}")
+    packed = StoreSequences(store, config.seq_len, config.eval_sequences, config.max_docs)
+    return TrainData(packed, config.global_batch, config.seed)
   tokens = tokenize_and_join(config.data, tokenizer, config.data_dir, config.max_docs)
   if tokens.max() >= vocab_size:
     raise ValueError(f"data {config.data!r}: token id {tokens.max()} >= vocab_size {vocab_size}")
   packed = PackedSequences(tokens, config.seq_len, config.eval_sequences)
   return TrainData(packed, config.global_batch, config.seed)
+
+
+def resume_mismatch(where: str, meta: dict, data) -> str:
+  """Why checkpoint metadata `meta` does not match `data` (a TrainData): the error to raise."""
+  then = meta.get("data_store")
+  now = data.store_meta() if hasattr(data, "store_meta") else None
+  if then is None and now is None:
+    return (f"{where} was trained on different data or seq_len ({meta.get('data_fingerprint')} "
+            f"vs {data.fingerprint()}); use a new workdir")
+  if now is None:
+    return (f"{where} was trained on token store {then['path']}, this run reads a spec of "
+            "documents; resume on the store it was trained on, or use a new workdir")
+  if then is None:
+    return (f"{where} was trained on a spec of documents ({meta.get('data')!r}), this run "
+            f"reads token store {now['path']}; resume on those documents, or use a new workdir")
+  reasons = []
+  if then.get("tokenizer") != now.get("tokenizer"):
+    reasons.append(f"it was tokenized with tokenizer {then.get('tokenizer')}, this store with "
+                   f"{now.get('tokenizer')}")
+  if then.get("source") != now.get("source"):
+    reasons.append("it was made from other documents")
+  if then.get("fingerprint") == now.get("fingerprint"):
+    reasons.append(f"same store, but seq_len, max_docs or eval_sequences differ "
+                   f"({meta.get('data_fingerprint')} vs {data.fingerprint()})")
+  return (f"{where} was trained on token store {then.get('path')} (fingerprint "
+          f"{then.get('fingerprint')}), this run reads {now.get('path')} (fingerprint "
+          f"{now.get('fingerprint')}): {'; '.join(reasons) or 'the stores differ'}; resume on "
+          "the store it was trained on, or use a new workdir")
 
 
 def process_rows(sharding: jax.sharding.Sharding, global_shape: tuple[int, ...]) -> slice:

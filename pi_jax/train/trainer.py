@@ -299,9 +299,8 @@ class Trainer:
     target = state_lib.with_shardings(abstract, self.shardings)
     state, meta = self.checkpoints.restore(step, target)
     if meta.get("data_fingerprint") != self.data.fingerprint():
-      raise ValueError(
-          f"{config.workdir}: checkpoint {step} was trained on different data or seq_len "
-          f"({meta.get('data_fingerprint')} vs {self.data.fingerprint()}); use a new workdir")
+      raise ValueError(pipeline.resume_mismatch(f"{config.workdir}: checkpoint {step}", meta,
+                                                self.data))
     for key in ("seed", "global_batch"):  # the sampler's position depends on both
       if key in meta and meta[key] != getattr(config, key):
         raise ValueError(f"{config.workdir}: checkpoint {step} was trained with {key}="
@@ -319,7 +318,8 @@ class Trainer:
   def _data_meta(self, step: int) -> dict:
     return {"step": step, "seed": self.config.seed, "global_batch": self.config.global_batch,
             "data": self.config.data,
-            "data_fingerprint": self.data.fingerprint(), "model": self.model.to_dict()}
+            "data_fingerprint": self.data.fingerprint(), "model": self.model.to_dict(),
+            "data_store": self.data.store_meta() if hasattr(self.data, "store_meta") else None}
 
   def save(self) -> None:
     if self.checkpoints.latest_step() != self.step:

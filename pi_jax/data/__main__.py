@@ -1,0 +1,65 @@
+"""python -m pi_jax.data prepare SPEC OUT --tokenizer CKPT | info STORE"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m pi_jax.data",
+                                   description="Token stores: tokenize a corpus once, train from it.")
+  sub = parser.add_subparsers(dest="command", required=True)
+  p = sub.add_parser("prepare", help="tokenize a data spec into a token store",
+                     description="Tokenize SPEC (directory, glob, .jsonl[.gz|.zst], .parquet, "
+                     "tfds:NAME:SPLIT) into the token store OUT (a local path or gs://...). "
+                     "Rerunning an interrupted prepare resumes it.")
+  p.add_argument("spec", help="the documents: a data spec")
+  p.add_argument("out", help="the store directory to write (then: train.py --set data=OUT)")
+  p.add_argument("--tokenizer", required=True,
+                 help="checkpoint or tokenizer folder whose tokenizer the trained model uses; "
+                 "`bytes` for the byte tokenizer of randomly initialized models")
+  p.add_argument("--data-dir", default=None, help="tensorflow-datasets data_dir for tfds: specs")
+  p.add_argument("--max-docs", type=int, default=None, help="only the first N documents")
+  p.add_argument("--text-key", default="text", help="JSONL field / Parquet column of the text")
+  p.add_argument("--workers", type=int, default=None,
+                 help="tokenizer processes (default: one per CPU core; 1: in this process)")
+  p.add_argument("--shard-tokens", type=int, default=None,
+                 help="tokens per store file and per commit (default 16M)")
+  p.add_argument("--restart", action="store_true",
+                 help="discard an interrupted or different store at OUT and start over")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.add_argument("--json", action="store_true", help="print the summary as JSON too")
+  i = sub.add_parser("info", help="print what a token store holds")
+  i.add_argument("store")
+  args = parser.parse_args(argv)
+
+  from pi_jax.data import prepare as prepare_lib
+  from pi_jax.data import store as store_lib
+  from pi_jax.data.sources import DataError
+  try:
+    if args.command == "info":
+      store = store_lib.TokenStore(args.store)
+      print(json.dumps(store.meta, indent=1, sort_keys=True))
+      return 0
+    kwargs = {}
+    if args.shard_tokens:
+      kwargs["shard_tokens"] = args.shard_tokens
+      kwargs["chunk_tokens"] = min(prepare_lib.DEFAULT_CHUNK_TOKENS, args.shard_tokens)
+    summary = prepare_lib.prepare(
+        args.spec, args.out, args.tokenizer, data_dir=args.data_dir, max_docs=args.max_docs,
+        text_key=args.text_key, workers=args.workers, restart=args.restart,
+        progress_bar=not args.no_progress, **kwargs)
+  except (DataError, store_lib.StoreError, ValueError, FileNotFoundError, ImportError) as e:
+    print(f"python -m pi_jax.data: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    return 130
+  if args.json:
+    print(json.dumps(summary, sort_keys=True))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
