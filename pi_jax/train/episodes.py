@@ -69,3 +69,6 @@ class PasskeyMixture:
 
   def fingerprint(self) -> str:
     return f"{self.base.fingerprint()}:passkey:{self.fraction:g}:{self.template_name}"
+
+  def store_meta(self) -> dict | None:
+    return self.base.store_meta() if hasattr(self.base, "store_meta") else None
