@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from pi_jax import attention as attn_lib
 from pi_jax import rope
 from pi_jax.config import ModelConfig
+from pi_jax.inputs import check_token_ids
 from pi_jax.sharding import shard
 
 Params = dict
@@ -148,6 +149,7 @@ def hidden_states(config: ModelConfig, params: Params, tokens_BL: jax.Array,
   means a prefill of an empty cache from position 0; an index means decode after that many
   cached tokens.
   """
+  check_token_ids(tokens_BL, config.vocab_size)
   dt = jnp.dtype(config.compute_dtype)
   b, l = tokens_BL.shape
   if positions_BL is None:
