@@ -179,8 +179,7 @@ def export(ckpt: str, out: str, *, force: bool = False, max_shard_size: str | in
   return out
 
 
-def main(argv=None) -> int:
-  exit_on_sigterm()
+def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m convert.to_hf", description=__doc__,
                               formatter_class=HelpFormatter)
   p.add_argument("ckpt", help="pi_jax checkpoint directory")
@@ -189,7 +188,12 @@ def main(argv=None) -> int:
   p.add_argument("--max-shard-size", default="2GB", help="split weights above this")
   p.add_argument("--dtype", default=None, choices=sorted(SAFETENSORS_DTYPES),
                  help="weights dtype (default: the checkpoint's)")
-  args = p.parse_args(argv)
+  return p
+
+
+def main(argv=None) -> int:
+  exit_on_sigterm()
+  args = build_parser().parse_args(argv)
   start = time.time()
   try:
     out = export(args.ckpt, args.out, force=args.force, max_shard_size=args.max_shard_size,

@@ -93,8 +93,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
   """The module docstring as written, and every option's default in --help."""
 
 
-def main(argv=None) -> int:
-  exit_on_sigterm()
+def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m convert.to_pi_jax", description=__doc__,
                               formatter_class=HelpFormatter)
   p.add_argument("src", help="HF directory, Meta directory, or .gguf file")
@@ -104,7 +103,12 @@ def main(argv=None) -> int:
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                  help="parameter dtype of the output")
   p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-  args = p.parse_args(argv)
+  return p
+
+
+def main(argv=None) -> int:
+  exit_on_sigterm()
+  args = build_parser().parse_args(argv)
   start = time.time()
   try:
     out = convert(args.src, args.out, args.rope_scaling, args.dtype, args.force, progress=True)

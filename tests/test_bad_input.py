@@ -48,6 +48,20 @@ def run(cmd, timeout=300, **kw):
                         timeout=timeout, **kw)
 
 
+def eval_cli(args, capsys):
+  """eval.py in this process: (exit code, stderr)."""
+  sys.path.insert(0, REPO)
+  import eval as eval_module
+  code = eval_module.main(args)
+  return code, capsys.readouterr().err
+
+
+def to_hf_cli(args, capsys):
+  from convert import to_hf
+  code = to_hf.main(args)
+  return code, capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def small_ckpt(tmp_path_factory):
   """A copy of the committed tiny model written by this version (so it has checksums)."""
@@ -61,20 +75,20 @@ def small_ckpt(tmp_path_factory):
 
 # --- 1. no command writes over its own input ---------------------------------------------------
 
-def test_export_into_the_run_that_holds_the_checkpoint_is_refused(tmp_path, small_ckpt):
+def test_export_into_the_run_that_holds_the_checkpoint_is_refused(tmp_path, small_ckpt, capsys):
   run_dir = tmp_path / "RUN"
   shutil.copytree(small_ckpt, run_dir / "final")
   before = md5_tree(run_dir)
-  r = run([sys.executable, "-m", "convert.to_hf", str(run_dir / "final"), str(run_dir), "--force"])
-  assert r.returncode == 1 and "contains the input" in r.stderr, r.stderr
+  code, err = to_hf_cli([str(run_dir / "final"), str(run_dir), "--force"], capsys)
+  assert code == 1 and "contains the input" in err, err
   assert md5_tree(run_dir) == before
-  r = run([sys.executable, "-m", "convert.to_hf", str(run_dir / "final"),
-           str(run_dir / "final" / "hf"), "--force"])
-  assert r.returncode == 1 and "lies inside the input" in r.stderr, r.stderr
+  code, err = to_hf_cli([str(run_dir / "final"), str(run_dir / "final" / "hf"), "--force"], capsys)
+  assert code == 1 and "lies inside the input" in err, err
   assert md5_tree(run_dir) == before
 
 
-def test_import_over_its_source_and_report_over_its_input_are_refused(tmp_path, small_ckpt):
+def test_import_over_its_source_and_report_over_its_input_are_refused(tmp_path, small_ckpt,
+                                                                     capsys):
   from convert.assemble import ConversionError
   from convert.to_pi_jax import convert
   src = tmp_path / "src"
@@ -88,8 +102,8 @@ def test_import_over_its_source_and_report_over_its_input_are_refused(tmp_path, 
   report = tmp_path / "a.json"
   report.write_text(json.dumps({"task": "passkey", "runs": [], "settings": {"ckpt": "x"}}))
   before = md5_tree(report)
-  r = run([sys.executable, "eval.py", "report", str(report), "--json", str(report)])
-  assert r.returncode == 2 and "is the input" in r.stderr, r.stderr
+  code, err = eval_cli(["report", str(report), "--json", str(report)], capsys)
+  assert code == 2 and "is the input" in err, err
   assert md5_tree(report) == before
 
 
@@ -214,10 +228,10 @@ def test_hf_config_values_that_cannot_work_are_refused(tmp_path, change, message
     convert(str(src), str(tmp_path / "out"))
 
 
-def test_absurd_scaling_on_the_command_line_is_refused():
-  r = run([sys.executable, "eval.py", "passkey", "--ckpt", TINY_BASE, "--rope-scaling",
-           "linear:1e300", "--lengths", "200", "--depths", "1", "--trials", "1"])
-  assert r.returncode == 2 and "absurd" in r.stderr, r.stderr
+def test_absurd_scaling_on_the_command_line_is_refused(capsys):
+  code, err = eval_cli(["passkey", "--ckpt", TINY_BASE, "--rope-scaling", "linear:1e300",
+                        "--lengths", "200", "--depths", "1", "--trials", "1"], capsys)
+  assert code == 2 and "absurd" in err, err
 
 
 # --- 5. token ids outside the vocabulary -------------------------------------------------------
@@ -273,7 +287,10 @@ def test_checkpoints_without_checksums_still_load():
 QUICK = ["steps=4", "checkpoint_every=2", "keep_checkpoints=3"]
 
 
-@pytest.mark.parametrize("damage", ["truncated_array", "empty_metadata", "random_bytes"])
+@pytest.mark.parametrize("damage", [
+    "truncated_array",
+    pytest.param("empty_metadata", marks=pytest.mark.slow),
+    pytest.param("random_bytes", marks=pytest.mark.slow)])
 def test_damaged_latest_checkpoint_falls_back_to_the_newest_good_one(tmp_path, damage):
   work = tmp_path / "run"
   run_train(work, QUICK)
@@ -306,7 +323,7 @@ def test_a_second_run_on_a_workdir_exits_naming_the_holder(tmp_path):
   from pi_jax.train.trainer import WorkdirLock
   holder = subprocess.Popen(
       [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
-       "from pi_jax.train.trainer import WorkdirLock; WorkdirLock(sys.argv[2]);"
+       "from pi_jax.train.trainer import WorkdirLock; lock = WorkdirLock(sys.argv[2]);"
        "print('locked', flush=True); time.sleep(60)", REPO, str(work)],
       env=subprocess_env(), stdout=subprocess.PIPE, text=True)
   try:
@@ -404,25 +421,25 @@ def test_a_batch_the_data_axes_do_not_divide_is_refused(tmp_path):
   assert "global_batch 3" in r.stderr and "2 data shards" in r.stderr, r.stderr
 
 
-def test_what_cannot_fit_fails_before_loading(tmp_path):
-  t0 = time.time()
-  r = run([sys.executable, "eval.py", "passkey", "--ckpt", TINY_BASE, "--lengths", "100000000"])
-  assert r.returncode == 2 and "--lengths 100000000: needs at least" in r.stderr, r.stderr
+def test_what_cannot_fit_fails_before_loading(tmp_path, capsys):
+  code, err = eval_cli(["passkey", "--ckpt", TINY_BASE, "--lengths", "100000000"], capsys)
+  assert code == 2 and "--lengths 100000000: needs at least" in err, err
+  assert "forward passes" not in err  # refused before the checkpoint was loaded
   r = run(train_cmd(tmp_path / "big", ["model=llama-7b", "steps=1"]))
   assert r.returncode == 2 and "the train state" in r.stderr and "GiB per device" in r.stderr, \
       r.stderr
-  assert time.time() - t0 < 120
-  assert not os.path.exists(tmp_path / "big" / "checkpoints" / "0")
+  assert not os.path.exists(tmp_path / "big" / "tokenizer")  # before data and init
+  assert not os.listdir(tmp_path / "big" / "checkpoints")
 
 
-def test_unwritable_outputs_fail_before_the_evaluation(tmp_path):
+def test_unwritable_outputs_fail_before_the_evaluation(tmp_path, capsys):
   blocker = tmp_path / "file"
   blocker.write_text("not a directory")
   before = md5_tree(tmp_path)
-  r = run([sys.executable, "eval.py", "passkey", "--ckpt", TINY_BASE, "--lengths", "200",
-           "--depths", "1", "--trials", "1", "--json", str(blocker / "out.json")])
-  assert r.returncode == 2 and "--json file" in r.stderr and "cannot be written" in r.stderr
-  assert "forward passes" not in r.stderr  # failed before any work
+  code, err = eval_cli(["passkey", "--ckpt", TINY_BASE, "--lengths", "200", "--depths", "1",
+                        "--trials", "1", "--json", str(blocker / "out.json")], capsys)
+  assert code == 2 and "--json file" in err and "cannot be written" in err, err
+  assert "forward passes" not in err  # failed before any work
   assert md5_tree(tmp_path) == before
 
 
