@@ -247,10 +247,9 @@ def main(argv=None):
   print()
   print(markdown(rows, args.weights))
   if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-      json.dump({"weights": args.weights, "block_size": args.block_size, "chunk": args.chunk,
-                 "cpu_count": os.cpu_count(), "rows": rows}, f, indent=2)
+    from pi_jax import files
+    files.write_json(args.json, {"weights": args.weights, "block_size": args.block_size,
+                                 "chunk": args.chunk, "cpu_count": os.cpu_count(), "rows": rows})
   return 0
 
 

@@ -34,10 +34,9 @@ class ByteTokenizer:
     return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
   def save(self, directory: str) -> str:
-    os.makedirs(directory, exist_ok=True)
+    from pi_jax import files
     path = os.path.join(directory, "bytes.json")
-    with open(path, "w") as f:
-      json.dump({"type": "bytes", "add_bos": self.add_bos}, f)
+    files.write_json(path, {"type": "bytes", "add_bos": self.add_bos}, indent=None)
     return path
 
 

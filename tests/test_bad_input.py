@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import pi_jax
-from pi_jax import checkpoint, files
+from pi_jax import checkpoint
 from tests.train_utils import REPO, losses, run_train, subprocess_env, train_cmd
 
 TINY_BASE = os.path.join(REPO, "assets", "tiny_base")
