@@ -229,7 +229,10 @@ def run_perplexity(args) -> dict:
   _check_outputs(args, [args.ckpt])
   info = report.run_info(args.argv)
   docs = list(data_lib.iter_documents(args.data, data_dir=args.data_dir, max_docs=args.max_docs))
-  _check_fits(args, windows, "--windows", kv_cache=False)
+  # A document of N bytes has at most N + 1 tokens (BOS included) for byte-covering tokenizers:
+  # a window beyond every document runs at that length (see evaluate_perplexity).
+  longest = max((len(text.encode("utf-8")) + 2 for _, text in docs), default=1)
+  _check_fits(args, sorted({min(w, longest) for w in windows}), "--windows", kv_cache=False)
   mesh, config, params, tok, batch = _load(args)
   configs = _check_scalings(config, _scalings(args.rope_scaling), args.ckpt)
   documents = ppl.tokenize_documents(tok, docs, args.max_tokens)
