@@ -70,12 +70,23 @@ def _array_checksum(x: jax.Array) -> jax.Array:
                     jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)])
 
 
-_checksums_jit = jax.jit(lambda tree: jax.tree.map(_array_checksum, tree))
+def _sums_of_tree(tree):
+  return jax.tree.map(_array_checksum, tree)
 
 
 def checksums(tree) -> dict[str, str]:
-  """{array path: checksum} of a pytree of arrays (computed where the arrays live)."""
-  sums = jax.device_get(_checksums_jit(tree))
+  """{array path: checksum} of a pytree of arrays (computed where the arrays live).
+
+  On a mesh the sums come back replicated, so every process of a multi-host run can read them.
+  """
+  meshes = {leaf.sharding.mesh for leaf in jax.tree.leaves(tree)
+            if isinstance(getattr(leaf, "sharding", None), jax.sharding.NamedSharding)}
+  if len(meshes) == 1:
+    replicated = jax.sharding.NamedSharding(meshes.pop(), jax.sharding.PartitionSpec())
+    fn = jax.jit(_sums_of_tree, out_shardings=replicated)
+  else:
+    fn = jax.jit(_sums_of_tree)
+  sums = jax.device_get(fn(tree))
   return {jax.tree_util.keystr(p): f"{int(v[0]):08x}{int(v[1]):08x}"
           for p, v in jax.tree_util.tree_flatten_with_path(sums)[0]}
 
