@@ -12,7 +12,9 @@ The definitions are in pi_jax/evals/perplexity.py and pi_jax/evals/passkey.py.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -59,11 +61,16 @@ def _common(p: argparse.ArgumentParser) -> None:
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+  """The docstring as written, and every option's default in --help."""
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="eval.py", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   formatter_class=HelpFormatter)
   sub = parser.add_subparsers(dest="task", required=True)
-  p = sub.add_parser("perplexity", help="sliding-window perplexity (Press et al. 2022)")
+  p = sub.add_parser("perplexity", help="sliding-window perplexity (Press et al. 2022)",
+                     formatter_class=HelpFormatter)
   _common(p)
   p.add_argument("--data", required=True,
                  help="directory / glob of text files, JSONL with 'text', tfds:NAME[:SPLIT], or "
@@ -80,17 +87,27 @@ def build_parser() -> argparse.ArgumentParser:
                  help="YaRN's variant: exp(mean over windows of each window's mean NLL)")
   p.add_argument("--chunk", type=int, default=1024, help="loss chunk (positions per logits block)")
 
-  p = sub.add_parser("passkey", help="passkey retrieval and k_max (PI §3.3)")
+  p = sub.add_parser("passkey", help="passkey retrieval and k_max (PI §3.3)",
+                     description="Forward passes = lengths × depths × trials prompts (each a "
+                                 "prefill of up to L tokens plus a few decode steps); the "
+                                 "defaults at 4K-8K take hours on a CPU: start small "
+                                 "(--lengths 1024 --depths 4 --trials 2).",
+                     formatter_class=HelpFormatter)
   _common(p)
   p.add_argument("--lengths", default="4096,8192", help="comma-separated prompt lengths (tokens)")
   p.add_argument("--trials", type=int, default=10, help="random keys per (length, k)")
-  p.add_argument("--depths", type=int, default=32, help="values of k per length, over [0, L)")
+  p.add_argument("--depths", type=int, default=32,
+                 help="how many key distances k per length, evenly spaced over [0, L); k is "
+                      "counted in tokens back from the END of the prompt (k=0: key just before "
+                      "the question), not the depth %% from the start of needle-in-a-haystack "
+                      "tools")
   p.add_argument("--mode", default="generate", choices=("generate", "score"))
   p.add_argument("--template", default="paper", choices=("paper", "mini"),
                  help="prompt text: the paper's, or the miniature's (no task line, key once)")
   p.add_argument("--seed", type=int, default=0)
 
-  p = sub.add_parser("report", help="merge JSON files of one task into one table and plot")
+  p = sub.add_parser("report", help="merge JSON files of one task into one table and plot",
+                     formatter_class=HelpFormatter)
   p.add_argument("inputs", nargs="+", help="JSON files written by --json")
   p.add_argument("--json", dest="json_out", default=None)
   p.add_argument("--plot", default=None)
@@ -99,8 +116,76 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _progress(args):
   from tqdm import tqdm
-  return lambda desc, total: tqdm(total=total, desc=desc, file=sys.stderr, unit="seq",
-                                  disable=args.no_progress, dynamic_ncols=True, leave=False)
+
+  def make(desc, total):
+    return _Estimating(tqdm(total=total, desc=desc, file=sys.stderr, unit="seq",
+                            disable=args.no_progress, dynamic_ncols=True, leave=False), total, desc)
+  return make
+
+
+class _Estimating:
+  """A progress bar that prints, after the first batch, an estimate of the whole run."""
+
+  def __init__(self, bar, total, desc):
+    self.bar, self.total, self.desc, self.done = bar, total, desc, 0
+    self.t0 = time.perf_counter()
+
+  def update(self, n):
+    if self.done == 0 and n < self.total:
+      seconds = time.perf_counter() - self.t0
+      print(f"[{self.desc}] first batch ({n} of {self.total}) took {seconds:.1f}s including "
+            f"compilation; estimated total about {_duration(seconds * self.total / n)}",
+            file=sys.stderr, flush=True)
+    self.done += n
+    self.bar.update(n)
+
+  def close(self):
+    self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+  if seconds < 120:
+    return f"{seconds:.0f}s"
+  if seconds < 7200:
+    return f"{seconds / 60:.0f} min"
+  return f"{seconds / 3600:.1f} h"
+
+
+def _check_outputs(args, inputs) -> None:
+  """Before any work: --json/--plot writable and not over an input (checkpoint or JSON file)."""
+  from pi_jax import files
+  outs = [(args.json_out, "--json file"), (getattr(args, "plot", None), "--plot file")]
+  for path, what in outs:
+    if path:
+      files.check_separate(path, inputs, what)
+      files.check_writable(path, what)
+  if args.json_out and getattr(args, "plot", None) and (
+      os.path.realpath(args.json_out) == os.path.realpath(args.plot)):
+    raise ValueError(f"--json and --plot are the same file {args.json_out}")
+
+
+def _check_fits(args, lengths: list[int], what: str, kv_cache: bool) -> None:
+  """Before loading anything: refuse lengths whose parameters + activations (+ KV cache) cannot
+  fit in the memory there is. A rough lower bound: the exact XLA estimate comes later."""
+  import pi_jax
+  from pi_jax.evals import runtime
+  from pi_jax import checkpoint
+  config = checkpoint.load_config(args.ckpt)
+  batch = args.batch_size or 1
+  free, name = runtime.free_device_memory()
+  if free is None:
+    return
+  act = 4 if (args.dtype or config.compute_dtype) == "float32" else 2
+  params = pi_jax.count_params(config) * (4 if config.param_dtype == "float32" else 2)
+  for length in lengths:
+    need = params + batch * length * (2 * config.hidden_size + config.intermediate_size) * act
+    if kv_cache:
+      need += 2 * config.num_layers * batch * length * config.num_kv_heads * config.head_dim * act
+    if need > runtime.MEMORY_HEADROOM * free:
+      raise MemoryError(
+          f"{what} {length}: needs at least {need / 2**30:.1f} GiB (parameters, activations"
+          f"{', KV cache' if kv_cache else ''}) but {name} has {free / 2**30:.1f} GiB free; "
+          "use shorter lengths")
 
 
 def _load(args):
@@ -143,11 +228,21 @@ def run_perplexity(args) -> dict:
       raise ValueError(f"--stride {args.stride} must be between 1 and every window ({w})")
   if args.max_tokens is not None and args.max_tokens < 2:
     raise ValueError(f"--max-tokens {args.max_tokens}: need at least 2 tokens to score one")
+  _check_outputs(args, [args.ckpt])
   info = report.run_info(args.argv)
   docs = list(data_lib.iter_documents(args.data, data_dir=args.data_dir, max_docs=args.max_docs))
+  # A document of N bytes has at most N + 1 tokens (BOS included) for byte-covering tokenizers:
+  # a window beyond every document runs at that length (see evaluate_perplexity).
+  longest = max((len(text.encode("utf-8")) + 2 for _, text in docs), default=1)
+  _check_fits(args, sorted({min(w, longest) for w in windows}), "--windows", kv_cache=False)
   mesh, config, params, tok, batch = _load(args)
   configs = _check_scalings(config, _scalings(args.rope_scaling), args.ckpt)
   documents = ppl.tokenize_documents(tok, docs, args.max_tokens)
+  passes = sum(-(-sum(len(ppl.plan_windows(len(t), w, args.stride)) for _, t in documents)
+                 // batch) for w in windows) * len(configs)
+  print(f"perplexity: {passes} forward passes ({len(documents)} documents, windows {windows}, "
+        f"stride {args.stride}, batches of {batch}, {len(configs)} scaling(s)); an estimate "
+        "follows the first batch", file=sys.stderr, flush=True)
   definition = "per_window_mean" if args.per_window_mean else "sliding"
   bar = _progress(args)
   runs = []
@@ -197,11 +292,20 @@ def run_passkey(args) -> dict:
   lengths = _int_list(args.lengths, "--lengths")
   if args.trials < 1:
     raise ValueError(f"--trials must be >= 1, got {args.trials}")
+  passkey.depth_grid(1, args.depths)  # validates --depths before any work
+  _check_outputs(args, [args.ckpt])
   info = report.run_info(args.argv)
+  _check_fits(args, lengths, "--lengths", kv_cache=args.mode == "generate")
   mesh, config, params, tok, batch = _load(args)
   configs = _check_scalings(config, _scalings(args.rope_scaling), args.ckpt)
   builder = passkey.PromptBuilder(tok, passkey.get_template(args.template))
   trials = builder.trials(lengths, args.depths, args.trials, args.seed)
+  batches = -(-len(trials) // batch) * len(configs)
+  steps = "" if args.mode == "score" else " plus about 7 one-token decode steps each"
+  print(f"passkey: {len(trials) * len(configs)} prompts = {len(lengths)} lengths × "
+        f"{args.depths} depths × {args.trials} trials × {len(configs)} scaling(s), in "
+        f"{batches} forward passes of batch {batch} (prefills of up to {max(lengths)} tokens"
+        f"{steps}); an estimate follows the first batch", file=sys.stderr, flush=True)
   bar = _progress(args)
   runs = []
   for cfg in configs:
@@ -218,7 +322,9 @@ def run_passkey(args) -> dict:
   return {
       "task": "passkey",
       "protocol": "PI §3.3 / Mohtashami & Jaggi 2023; k = tokens from the key to the end; "
-                  "k_max = largest k with every k' <= k at >= 20% accuracy",
+                  "k_max = largest k with every k' <= k at >= 20% accuracy (null when k = 0 "
+                  "fails); far_run_from = smallest k with every k' >= k at >= 20%; "
+                  "largest_passing_k = largest k at >= 20%",
       "settings": {"ckpt": args.ckpt, "lengths": lengths, "trials": args.trials,
                    "depths": args.depths, "mode": args.mode, "template": args.template,
                    "seed": args.seed,
@@ -231,8 +337,12 @@ def run_passkey(args) -> dict:
 
 
 def run_report(args) -> dict:
-  """Runs with the same RoPE scaling label are merged (their windows or lengths joined)."""
+  """Merges runs of one task. A row is (checkpoint, RoPE scaling): runs of one checkpoint with
+  the same scaling are joined (their windows or lengths); the same cell in two files is an error,
+  never a silent pick."""
   import json
+  if args.json_out or args.plot:
+    _check_outputs(args, args.inputs)
   payloads = []
   for path in args.inputs:
     try:
@@ -244,19 +354,32 @@ def run_report(args) -> dict:
   if len(tasks) != 1 or tasks - {"perplexity", "passkey"}:
     raise ValueError(f"report needs JSON files of one task (perplexity or passkey), got {tasks}")
   task = tasks.pop()
-  runs: dict[str, dict] = {}
-  for p in payloads:
+  ckpts = list(dict.fromkeys(str((p.get("settings") or {}).get("ckpt")) for p in payloads))
+  field = "results" if task == "perplexity" else "lengths"
+  runs: dict[tuple, dict] = {}
+  seen: dict[tuple, str] = {}  # (row, window or length) -> the file it came from
+  for path, p in zip(args.inputs, payloads):
+    ckpt = str((p.get("settings") or {}).get("ckpt"))
     for run in p["runs"]:
-      field = "results" if task == "perplexity" else "lengths"
-      merged = runs.setdefault(run["rope_scaling"], {"rope_scaling": run["rope_scaling"],
-                                                    field: [] if field == "results" else {}})
+      scaling = run["rope_scaling"]
+      label = scaling if len(ckpts) == 1 else f"{ckpt} [{scaling}]"
+      merged = runs.setdefault((ckpt, scaling), {"rope_scaling": label, "ckpt": ckpt,
+                                                 "scaling": scaling,
+                                                 field: [] if field == "results" else {}})
+      cells = [r["window"] for r in run["results"]] if field == "results" else list(run["lengths"])
+      for cell in cells:
+        if ((ckpt, scaling), cell) in seen:
+          raise ValueError(f"{path} and {seen[((ckpt, scaling), cell)]} both have "
+                           f"{ckpt} [{scaling}] at {'window' if field == 'results' else 'length'} "
+                           f"{cell}; keep one of them")
+        seen[((ckpt, scaling), cell)] = path
       if field == "results":
         merged["results"] = sorted(merged["results"] + run["results"], key=lambda r: r["window"])
       else:
         merged["lengths"].update(run["lengths"])
-  return {"task": task, "sources": [{"file": f, "command": p.get("command"),
-                                     "settings": p.get("settings")}
-                                    for f, p in zip(args.inputs, payloads)],
+  return {"task": task, "checkpoints": ckpts,
+          "sources": [{"file": f, "command": p.get("command"), "settings": p.get("settings")}
+                      for f, p in zip(args.inputs, payloads)],
           "runs": list(runs.values())}
 
 
@@ -271,8 +394,7 @@ def main(argv=None) -> int:
       print(table(out["runs"]))
       if args.plot:
         plot = report.plot_perplexity if out["task"] == "perplexity" else report.plot_passkey
-        first = out["sources"][0]
-        plot(out["runs"], args.plot, f"{out['task']}: {first['settings'].get('ckpt')} "
+        plot(out["runs"], args.plot, f"{out['task']}: {', '.join(out['checkpoints'])} "
              f"({len(args.inputs)} files merged)")
     elif args.task == "perplexity":
       out = run_perplexity(args)
@@ -288,6 +410,9 @@ def main(argv=None) -> int:
         report.plot_passkey(out["runs"], args.plot, f"passkey: {args.ckpt} ({args.mode})")
     if args.json_out:
       report.write_json(args.json_out, out)
+  except KeyboardInterrupt:
+    print(f"eval.py {args.task}: interrupted; nothing written", file=sys.stderr)
+    return 130
   except (ValueError, FileNotFoundError, ImportError, MemoryError, KeyError) as e:
     print(f"eval.py {args.task}: error: {e}", file=sys.stderr)
     return 2

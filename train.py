@@ -1,7 +1,8 @@
 """Train or fine-tune a model: `python train.py --config configs/NAME.py [--set key=value ...]`.
 
-Rerunning the same command resumes from the run's latest checkpoint; SIGTERM saves and exits 0.
-See pi_jax/train/config.py for every key --set accepts.
+Rerunning the same command resumes from the run's newest good checkpoint; SIGTERM or Ctrl-C
+saves and exits 0 (a second Ctrl-C stops without saving). One run per workdir at a time.
+See pi_jax/train/config.py for every key --set accepts (--print-config shows their values).
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ import sys
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=type("HelpFormatter", (
+                                       argparse.RawDescriptionHelpFormatter,
+                                       argparse.ArgumentDefaultsHelpFormatter), {}))
   parser.add_argument("--config", required=True, help="run config: a .py file with get_config()")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a config field (repeatable); model.FIELD=... for a literal model")
@@ -35,6 +39,11 @@ def main(argv=None) -> int:
   except (ValueError, FileNotFoundError) as e:
     print(f"train.py: error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print("train.py: interrupted while starting; nothing was trained or saved", file=sys.stderr)
+    return 130
+  if trainer.is_main and trainer.resume_message:
+    print(f"train.py: {trainer.resume_message}", file=sys.stderr, flush=True)
   callbacks = []
   bar = None
   if trainer.is_main and not args.no_progress and trainer.step < config.steps:
@@ -56,12 +65,19 @@ def main(argv=None) -> int:
       bar.close()
     print(f"train.py: stopped: {e}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt:
+    if bar is not None:
+      bar.close()
+    print(f"train.py: stopped by a second Ctrl-C without saving; rerun the same command to "
+          f"resume from the last complete checkpoint in {config.workdir}/checkpoints",
+          file=sys.stderr)
+    return 130
   if bar is not None:
     bar.close()
   if trainer.is_main:
     if summary["status"] == "preempted":
-      print(f"SIGTERM: saved checkpoint at step {summary['step']} in {config.workdir}; "
-            "rerun the same command to resume")
+      print(f"{summary['signal']}: saved checkpoint at step {summary['step']} in "
+            f"{config.workdir}; rerun the same command to resume")
     else:
       print(f"done: step {summary['step']}; final checkpoint {summary['final']}")
   return 0

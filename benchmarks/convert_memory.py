@@ -76,8 +76,8 @@ def write_random_hf(path: str, layers: int = 8, hidden: int = 1024, mlp: int = 2
     entries.append((name, shape, dtype,
                     lambda shape=shape: rng.standard_normal(shape, np.float32) * 0.02))
   write_safetensors(os.path.join(path, "model.safetensors"), entries)
-  with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(config.to_hf(), f)
+  from pi_jax import files
+  files.write_json(os.path.join(path, "config.json"), config.to_hf())
   return sum(int(np.prod(e[1])) for e in entries)
 
 

@@ -265,14 +265,14 @@ def main(argv=None):
   print()
   print(markdown(rows, args.weights))
   if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-      json.dump({"command": "python benchmarks/cpu_forward.py " + " ".join(
-                     sys.argv[1:] if argv is None else argv),
-                 "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                 "weights": args.weights, "block_size": args.block_size, "chunk": args.chunk,
-                 "cpu_count": os.cpu_count(), "machine_before": start_state,
-                 "machine_after": quiet.machine_state(), "rows": rows}, f, indent=2)
+    from pi_jax import files
+    files.write_json(args.json, {
+        "command": "python benchmarks/cpu_forward.py " + " ".join(
+            sys.argv[1:] if argv is None else argv),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "weights": args.weights, "block_size": args.block_size, "chunk": args.chunk,
+        "cpu_count": os.cpu_count(), "machine_before": start_state,
+        "machine_after": quiet.machine_state(), "rows": rows})
   return 0
 
 

@@ -16,8 +16,6 @@ FLOP/s (--peak-tflops, else looked up from the device kind).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -137,9 +135,8 @@ def main(argv=None):
           f"{r['model_tflops_per_s']:.2f} | {mfu} | {_gib(r['peak_device_bytes'])} | "
           f"{_gib(r['compiled_temp_bytes'])} | {r['compile_s']:.1f} |")
   if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-      json.dump({"shape": args.shape, "params": n, "rows": rows}, f, indent=2)
+    from pi_jax import files
+    files.write_json(args.json, {"shape": args.shape, "params": n, "rows": rows})
   return 0
 
 

@@ -31,13 +31,41 @@ def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
   return buf[start:start + nbytes].view(dtype).reshape(shape)
 
 
+# Buffers some checkpoints carry that are derived from the config, not weights.
+DERIVED_SUFFIXES = ("rotary_emb.inv_freq", "rope.freqs")
+
+
+def check_all_used(config: ModelConfig, source_names, source_name: str, get_tensor=None) -> None:
+  """Every tensor of the source must have a slot in the model the config describes.
+
+  A config that undercounts (block_count 29 with 30 blocks present) would otherwise drop layers
+  silently. A tied model may carry lm_head.weight equal to the embedding.
+  """
+  needed = {name for name, *_ in hf_layout.hf_names(config)}
+  left = sorted(n for n in source_names if n not in needed and not n.endswith(DERIVED_SUFFIXES))
+  if left == ["lm_head.weight"] and config.tie_word_embeddings and get_tensor is not None:
+    head, embed = get_tensor("lm_head.weight"), get_tensor("model.embed_tokens.weight")
+    if head is not None and embed is not None and np.array_equal(head, embed):
+      return
+  if left:
+    shown = ", ".join(left[:8]) + (f", ... ({len(left)} in all)" if len(left) > 8 else "")
+    raise ConversionError(
+        f"{source_name}: {len(left)} tensor(s) have no slot in the model its config describes "
+        f"({config.num_layers} layers, tie_word_embeddings={config.tie_word_embeddings}): "
+        f"{shown}; the config undercounts the model (e.g. its layer count) or the model has "
+        "parts pi_jax does not implement")
+
+
 def assemble_params(config: ModelConfig, get_tensor, source_name: str, dtype: str = "float32",
-                    progress=None, get_rows=None) -> dict:
+                    progress=None, get_rows=None, source_names=None) -> dict:
   """get_tensor(hf_name) -> np.ndarray (HF layout) or None if absent.
 
   get_rows(hf_name) -> (shape, read(start, stop)) or None, optional: lets the big embedding /
   LM head be copied in row blocks instead of through one full-size temporary.
+  source_names: every tensor the source holds (HF names); each must be used (check_all_used).
   """
+  if source_names is not None:
+    check_all_used(config, source_names, source_name, get_tensor)
   np_dtype = NUMPY_DTYPES[dtype]
   shapes = model_lib.param_shapes(config)
   params: dict = {"layers": {}}

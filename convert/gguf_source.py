@@ -150,6 +150,10 @@ class GGUFSource:
       raise ConversionError(f"{self.path}: metadata does not describe a valid model: {e}") from None
     return self._config
 
+  def tensor_names(self) -> list[str]:
+    """Every tensor in the file: its HF name, or its GGUF name where pi_jax has no slot."""
+    return [gguf_to_hf_name(n) or n for n in self.tensors]
+
   def tensor(self, hf_name: str) -> np.ndarray | None:
     if not hasattr(self, "_by_hf"):
       self._by_hf = {gguf_to_hf_name(n): n for n in self.tensors}

@@ -5,9 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-import struct
 
-import ml_dtypes
 import numpy as np
 
 from convert.assemble import ConversionError
@@ -38,67 +36,55 @@ def load_torch_file(path: str) -> dict:
   return state
 
 
-SAFETENSORS_NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-                     "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32,
-                     "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-
-
 class SafetensorsFile:
-  """A safetensors file read tensor by tensor with plain reads (no mmap, no framework).
+  """A safetensors file read tensor by tensor through the `safetensors` library.
 
-  Each tensor is read into its own buffer, so memory holds one tensor at a time rather than
-  every page of the file that was ever touched; BF16 comes back as ml_dtypes.bfloat16.
+  The library checks the header (offsets in bounds, contiguous, not overlapping, sizes matching
+  shapes) when the file is opened. Each read opens the file, copies one tensor (or a block of
+  rows) out and closes it again, so memory holds one tensor at a time rather than every mapped
+  page of the file ever touched. BF16 comes back as ml_dtypes.bfloat16.
   """
 
   def __init__(self, path: str):
     self.path = path
-    size = os.path.getsize(path)
+    with self._open() as f:
+      self.entries = {}
+      for name in f.keys():
+        info = f.get_slice(name)
+        self.entries[name] = {"shape": tuple(info.get_shape()), "dtype": info.get_dtype()}
+
+  def _open(self):
+    from safetensors import SafetensorError, safe_open
     try:
-      with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > size - 8:
-          raise ValueError(f"header length {n} exceeds the file size {size}")
-        header = json.loads(f.read(n))
-    except (struct.error, ValueError, UnicodeDecodeError) as e:
-      raise ConversionError(f"{path}: not a readable safetensors file (truncated or "
+      return safe_open(self.path, framework="numpy")
+    except (SafetensorError, OSError) as e:
+      raise ConversionError(f"{self.path}: not a readable safetensors file (truncated or "
                             f"corrupted?): {e}") from None
-    header.pop("__metadata__", None)
-    self.data_start = 8 + n
-    self.entries = header
-    end = max((e["data_offsets"][1] for e in header.values()), default=0)
-    if self.data_start + end > size:
-      raise ConversionError(f"{path}: truncated: tensors need {self.data_start + end} bytes, "
-                            f"the file has {size}")
 
   def keys(self):
     return self.entries.keys()
 
+  def shape(self, name: str) -> tuple[int, ...]:
+    return self.entries[name]["shape"]
+
   def get_tensor(self, name: str) -> np.ndarray:
-    shape = self.entries[name]["shape"]
-    return self.read_rows(name, 0, shape[0] if shape else 1)
+    with self._open() as f:
+      return self._read(lambda: f.get_tensor(name), name)
 
   def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
     """Rows start:stop of tensor `name` (the whole tensor for scalars)."""
-    e = self.entries[name]
-    dtype = SAFETENSORS_NUMPY.get(e["dtype"])
-    if dtype is None:
-      raise ConversionError(f"{self.path}: tensor {name!r} has unsupported dtype {e['dtype']}")
-    begin, end = e["data_offsets"]
-    shape = list(e["shape"])
-    count = int(np.prod(shape, dtype=np.int64))
-    if (end - begin) != count * np.dtype(dtype).itemsize:
-      raise ConversionError(f"{self.path}: tensor {name!r}: {end - begin} bytes do not hold "
-                            f"shape {shape} of {e['dtype']}")
-    row_bytes = (end - begin) // shape[0] if shape and shape[0] else end - begin
-    if shape:
-      shape[0] = stop - start
-    out = np.empty(int(np.prod(shape, dtype=np.int64)), dtype)
-    with open(self.path, "rb") as f:
-      f.seek(self.data_start + begin + start * row_bytes)
-      got = f.readinto(out.view(np.uint8))
-    if got != out.nbytes:
-      raise ConversionError(f"{self.path}: truncated while reading tensor {name!r}")
-    return out.reshape(shape)
+    with self._open() as f:
+      if not self.shape(name):
+        return self._read(lambda: f.get_tensor(name), name)
+      return self._read(lambda: f.get_slice(name)[start:stop], name)
+
+  def _read(self, fn, name):
+    from safetensors import SafetensorError
+    try:
+      return np.asarray(fn())
+    except (SafetensorError, TypeError, ValueError) as e:
+      raise ConversionError(f"{self.path}: could not read tensor {name!r} (unsupported dtype "
+                            f"{self.entries[name]['dtype']}, or corrupted?): {e}") from None
 
 
 def torch_to_numpy(t) -> np.ndarray:
@@ -133,6 +119,10 @@ class HFSource:
     self._bin_cache: tuple[str, dict] | None = None
     for file in self.files:
       for name in self._names(file):
+        if name in self._index:  # a silent "last file wins" would pick weights by file order
+          raise ConversionError(f"{path}: tensor {name!r} is in both "
+                                f"{os.path.basename(self._index[name])} and "
+                                f"{os.path.basename(file)}; remove the duplicate file")
         self._index[name] = file
 
   def config(self) -> ModelConfig:
@@ -162,7 +152,11 @@ class HFSource:
     if file is None or self.kind != "safetensors":
       return None
     st = self._safetensors(file)
-    return tuple(st.entries[name]["shape"]), lambda a, b: st.read_rows(name, a, b)
+    return st.shape(name), lambda a, b: st.read_rows(name, a, b)
+
+  def tensor_names(self) -> list[str]:
+    """Every tensor in the source (HF names), for the check that each one is used."""
+    return list(self._index)
 
   def tensor(self, name: str) -> np.ndarray | None:
     file = self._index.get(name)

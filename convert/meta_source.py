@@ -158,6 +158,22 @@ class MetaSource:
       self._shards = [load_torch_file(f) for f in self.files]  # mmapped, read on access
     return self._shards
 
+  def tensor_names(self) -> list[str]:
+    """Every tensor in the shards: its HF name, or its Meta name where pi_jax has no slot."""
+    to_hf = {meta: hf for hf, (meta, _) in GLOBAL_NAMES.items()}
+    layer_to_hf = {meta: hf for hf, (meta, _) in LAYER_NAMES.items()}
+    out = set()
+    for shard in self._load_shards():
+      for name in shard:
+        m = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", name)
+        if name in to_hf:
+          out.add(to_hf[name])
+        elif m and m.group(2) in layer_to_hf:
+          out.add(f"model.layers.{m.group(1)}.{layer_to_hf[m.group(2)]}.weight")
+        else:
+          out.add(name)
+    return sorted(out)
+
   def _meta_name(self, hf_name: str):
     if hf_name in GLOBAL_NAMES:
       return GLOBAL_NAMES[hf_name]

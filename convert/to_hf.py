@@ -5,16 +5,17 @@
 OUT gets config.json (with the RoPE scaling, e.g. `rope_type: linear, factor: 4`, and
 max_position_embeddings = the extended window), model.safetensors (or model-0000i-of-0000N
 shards plus model.safetensors.index.json above --max-shard-size), and the tokenizer files kept
-in CKPT/tokenizer/. Tensors are streamed to disk one at a time; OUT appears atomically.
+in CKPT/tokenizer/. config.json carries the RoPE scaling in both forms: `rope_parameters`
+(transformers >= 5) and `rope_scaling` + `rope_theta` (transformers 4.x, vLLM, TGI, llama.cpp's
+converter). Files are written by the `safetensors` library one shard at a time (host memory:
+the checkpoint plus one shard, at most --max-shard-size); OUT appears atomically.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import struct
 import sys
 import time
 
@@ -22,6 +23,8 @@ import numpy as np
 
 from convert import hf_layout
 from convert.assemble import NUMPY_DTYPES, ConversionError
+from convert.to_pi_jax import HelpFormatter, exit_on_sigterm
+from pi_jax import files
 from pi_jax.config import ModelConfig
 
 SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -49,24 +52,29 @@ def parse_size(text: str) -> int:
 
 
 def write_safetensors(path: str, tensors) -> None:
-  """Writes [(name, shape, dtype_name, array_fn)] as a safetensors file, one tensor at a time."""
-  header, offset = {}, 0
-  for name, shape, dtype, _ in tensors:
-    nbytes = int(np.prod(shape)) * np.dtype(NUMPY_DTYPES[dtype]).itemsize
-    header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
-                    "data_offsets": [offset, offset + nbytes]}
-    offset += nbytes
-  header["__metadata__"] = {"format": "pt"}
-  blob = json.dumps(header, separators=(",", ":")).encode()
-  blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
-  with open(path, "wb") as f:
-    f.write(struct.pack("<Q", len(blob)))
-    f.write(blob)
-    for name, shape, dtype, array_fn in tensors:
-      w = np.ascontiguousarray(array_fn(), dtype=NUMPY_DTYPES[dtype])
-      if tuple(w.shape) != tuple(shape):
-        raise ValueError(f"{name}: shape {w.shape}, expected {tuple(shape)}")
-      f.write(w.tobytes())  # one tensor's bytes at a time
+  """Writes [(name, shape, dtype_name, array_fn)] as one safetensors file (the library's writer).
+
+  The shard's arrays are built, written and dropped together: memory is one shard.
+  """
+  from safetensors.numpy import save_file
+  arrays = {}
+  for name, shape, dtype, array_fn in tensors:
+    w = np.ascontiguousarray(array_fn(), dtype=NUMPY_DTYPES[dtype])
+    if tuple(w.shape) != tuple(shape):
+      raise ValueError(f"{name}: shape {w.shape}, expected {tuple(shape)}")
+    arrays[name] = w
+  save_file(arrays, path, metadata={"format": "pt"})
+
+
+def hf_config_dict(config: ModelConfig, dtype: str) -> dict:
+  """transformers config.json with the RoPE scaling in both the v5 and the 4.x form."""
+  config = config.replace(param_dtype=dtype)
+  hf = config.to_hf()
+  legacy = config.to_hf(legacy=True)
+  hf["rope_scaling"] = legacy["rope_scaling"]
+  hf["rope_theta"] = legacy["rope_theta"]
+  hf["dtype"] = dtype  # transformers >= 5 reads `dtype`; torch_dtype kept for older ones
+  return hf
 
 
 def _plan(config: ModelConfig, params, dtype: str):
@@ -115,6 +123,11 @@ def export(ckpt: str, out: str, *, force: bool = False, max_shard_size: str | in
   """Writes the HF directory OUT from pi_jax checkpoint CKPT (atomically); returns OUT."""
   from pi_jax import checkpoint
   out = os.path.abspath(out)
+  try:
+    files.check_separate(out, [ckpt], "OUT")
+    files.check_writable(out, "OUT")
+  except ValueError as e:
+    raise ConversionError(str(e)) from None
   if os.path.exists(out) and not force:
     raise ConversionError(f"{out} already exists; pass --force to replace it")
   max_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
@@ -127,14 +140,13 @@ def export(ckpt: str, out: str, *, force: bool = False, max_shard_size: str | in
     raise ConversionError(f"--dtype {dtype!r}: expected one of {sorted(SAFETENSORS_DTYPES)}")
   try:
     config, params = checkpoint.load_checkpoint(ckpt)
-    hf_config = config.replace(param_dtype=dtype).to_hf()
+    hf_config = hf_config_dict(config, dtype)
   except (FileNotFoundError, ValueError) as e:
     raise ConversionError(str(e)) from None
-  hf_config["dtype"] = dtype  # transformers >= 5 reads `dtype`; torch_dtype kept for older ones
   entries = _plan(config, params, dtype)
   shards = _shards(entries, max_bytes)
 
-  with checkpoint.atomic_directory(out) as tmp:
+  with files.atomic_directory(out) as tmp:
     weight_map, total = {}, 0
     bar = None
     if progress:
@@ -153,31 +165,35 @@ def export(ckpt: str, out: str, *, force: bool = False, max_shard_size: str | in
     if bar:
       bar.close()
     if len(shards) > 1:
-      with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(hf_config, f, indent=2)
+      files.write_json(os.path.join(tmp, "model.safetensors.index.json"),
+                       {"metadata": {"total_size": total}, "weight_map": weight_map})
+    files.write_json(os.path.join(tmp, "config.json"), hf_config)
     tok_dir = os.path.join(ckpt, checkpoint.TOKENIZER_DIR)
     if os.path.isdir(tok_dir):
       names = [n for n in sorted(os.listdir(tok_dir)) if n not in TOKENIZER_SKIP]
       for n in names:
         shutil.copyfile(os.path.join(tok_dir, n), os.path.join(tmp, n))
       if "tokenizer.model" in names and not ({"tokenizer.json", "tokenizer_config.json"} & set(names)):
-        with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-          json.dump(_tokenizer_config(config, tok_dir), f, indent=2)
+        files.write_json(os.path.join(tmp, "tokenizer_config.json"),
+                         _tokenizer_config(config, tok_dir))
   return out
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m convert.to_hf", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=HelpFormatter)
   p.add_argument("ckpt", help="pi_jax checkpoint directory")
   p.add_argument("out", help="Hugging Face model directory to write")
   p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-  p.add_argument("--max-shard-size", default="2GB", help="split weights above this (default 2GB)")
+  p.add_argument("--max-shard-size", default="2GB", help="split weights above this")
   p.add_argument("--dtype", default=None, choices=sorted(SAFETENSORS_DTYPES),
                  help="weights dtype (default: the checkpoint's)")
-  args = p.parse_args(argv)
+  return p
+
+
+def main(argv=None) -> int:
+  exit_on_sigterm()
+  args = build_parser().parse_args(argv)
   start = time.time()
   try:
     out = export(args.ckpt, args.out, force=args.force, max_shard_size=args.max_shard_size,

@@ -15,7 +15,7 @@ import sys
 import time
 
 from convert.assemble import ConversionError, assemble_params
-from pi_jax import checkpoint
+from pi_jax import checkpoint, files
 
 
 def open_source(src: str):
@@ -39,6 +39,11 @@ def open_source(src: str):
 def convert(src: str, out: str, rope_scaling: str | None = None, dtype: str = "float32",
             force: bool = False, progress: bool = False) -> str:
   """Converts SRC to a pi_jax checkpoint at OUT (written atomically); returns OUT."""
+  try:
+    files.check_separate(out, [src], "OUT")
+    files.check_writable(out, "OUT")
+  except ValueError as e:
+    raise ConversionError(str(e)) from None
   if os.path.exists(out) and not force:
     raise ConversionError(f"{out} already exists; pass --force to replace it")
   source = open_source(src)
@@ -57,7 +62,8 @@ def convert(src: str, out: str, rope_scaling: str | None = None, dtype: str = "f
   # to the assembled parameters'; it also fails fast.
   tokenizer_files = source.tokenizer_files()
   params = assemble_params(config, source.tensor, src, dtype=dtype, progress=bar,
-                           get_rows=getattr(source, "tensor_rows", None))
+                           get_rows=getattr(source, "tensor_rows", None),
+                           source_names=source.tensor_names())
   _to_device_in_place(params)
   return checkpoint.save_checkpoint(out, config, params, force=force, extra_files=tokenizer_files)
 
@@ -77,17 +83,32 @@ def _to_device_in_place(tree: dict) -> None:
       tree[key] = jax.device_put(value, may_alias=True).block_until_ready()
 
 
-def main(argv=None) -> int:
+def exit_on_sigterm() -> None:
+  """SIGTERM raises SystemExit, so the atomic writers' clean-up runs (Ctrl-C already does)."""
+  import signal
+  signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+  """The module docstring as written, and every option's default in --help."""
+
+
+def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m convert.to_pi_jax", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=HelpFormatter)
   p.add_argument("src", help="HF directory, Meta directory, or .gguf file")
   p.add_argument("out", help="pi_jax checkpoint directory to write")
   p.add_argument("--rope-scaling", default=None,
                  help="set/replace RoPE scaling: KIND:FACTOR (e.g. linear:4) or a JSON object")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                 help="parameter dtype of the output (default float32)")
+                 help="parameter dtype of the output")
   p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-  args = p.parse_args(argv)
+  return p
+
+
+def main(argv=None) -> int:
+  exit_on_sigterm()
+  args = build_parser().parse_args(argv)
   start = time.time()
   try:
     out = convert(args.src, args.out, args.rope_scaling, args.dtype, args.force, progress=True)

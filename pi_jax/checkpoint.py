@@ -4,6 +4,8 @@ Layout of a checkpoint directory CKPT:
   CKPT/config.json     ModelConfig.to_dict() (architecture, RoPE scaling, dtypes)
   CKPT/params/         orbax (OCDBT + tensorstore) arrays of the parameter pytree
   CKPT/tokenizer/      optional: the source model's tokenizer files (see pi_jax.tokenizer)
+  CKPT/checksums.json  a checksum per array, verified on load (checkpoints written before it
+                       existed have none and load unverified)
 
 Writes go to a temporary sibling directory that is renamed into place at the end, so a failed
 save never leaves a half-written CKPT. Restores go straight into the requested shardings.
@@ -11,21 +13,24 @@ save never leaves a half-written CKPT. Restores go straight into the requested s
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import uuid
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from pi_jax import files
 from pi_jax import model as model_lib
 from pi_jax.config import ModelConfig
+from pi_jax.files import atomic_directory  # noqa: F401  (re-exported: the one atomic writer)
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
+CHECKSUMS_FILE = "checksums.json"
+CHECKSUM_FORMAT = "sum32x2"
 OCDBT_FILE_BYTES = 32 * 2**20
 
 
@@ -45,25 +50,78 @@ def load_config(path: str) -> ModelConfig:
     raise ValueError(f"{file}: not a valid pi_jax config: {e}") from None
 
 
-@contextlib.contextmanager
-def atomic_directory(path: str):
-  """Yields a temporary sibling directory that replaces `path` only if the block succeeds.
+# --- checksums ---------------------------------------------------------------------------------
 
-  On any error the temporary directory is removed and `path` (new or old) is untouched, so a
-  failed write never leaves a half-written checkpoint or export.
+def _array_checksum(x: jax.Array) -> jax.Array:
+  """Two uint32 sums of the array's raw bits: plain, and weighted by each element's position
+  (so swapped or shifted values change it). Integer sums wrap identically in any reduction
+  order, so the result does not depend on the sharding; no reshape, so no gather."""
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32)
+  else:
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+  index = jnp.zeros(x.shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(x.ndim)):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(stride % 2**32)
+    stride *= x.shape[axis]
+  return jnp.stack([jnp.sum(bits, dtype=jnp.uint32),
+                    jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)])
+
+
+def _sums_of_tree(tree):
+  return jax.tree.map(_array_checksum, tree)
+
+
+def checksums(tree) -> dict[str, str]:
+  """{array path: checksum} of a pytree of arrays (computed where the arrays live).
+
+  On a mesh the sums come back replicated, so every process of a multi-host run can read them.
   """
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+  meshes = {leaf.sharding.mesh for leaf in jax.tree.leaves(tree)
+            if isinstance(getattr(leaf, "sharding", None), jax.sharding.NamedSharding)}
+  if len(meshes) == 1:
+    replicated = jax.sharding.NamedSharding(meshes.pop(), jax.sharding.PartitionSpec())
+    fn = jax.jit(_sums_of_tree, out_shardings=replicated)
+  else:
+    fn = jax.jit(_sums_of_tree)
+  sums = jax.device_get(fn(tree))
+  return {jax.tree_util.keystr(p): f"{int(v[0]):08x}{int(v[1]):08x}"
+          for p, v in jax.tree_util.tree_flatten_with_path(sums)[0]}
+
+
+def verify_checksums(tree, expected: dict[str, str], where: str, recorded_in: str) -> None:
+  """Raises ValueError naming the first array whose checksum differs from the recorded one."""
+  got = checksums(tree)
+  for name, value in got.items():
+    if name in expected and expected[name] != value:
+      raise ValueError(f"{where}: array {name} does not match the checksum recorded in "
+                       f"{recorded_in} (got {value}, recorded {expected[name]}): the file is "
+                       "damaged")
+  missing = sorted(set(expected) - set(got))
+  if missing:
+    raise ValueError(f"{where}: arrays {missing} listed in {recorded_in} were not restored")
+
+
+def write_checksums(path: str, params) -> None:
+  files.write_json(os.path.join(path, CHECKSUMS_FILE),
+                   {"format": CHECKSUM_FORMAT, "arrays": checksums(params)})
+
+
+def read_checksums(path: str) -> dict[str, str] | None:
+  """The recorded checksums of checkpoint `path`, or None for one written without them."""
+  file = os.path.join(path, CHECKSUMS_FILE)
+  if not os.path.isfile(file):
+    return None
   try:
-    os.makedirs(tmp)
-    yield tmp
-    if os.path.exists(path):
-      shutil.rmtree(path)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
+    with open(file) as f:
+      data = json.load(f)
+    if data.get("format") != CHECKSUM_FORMAT:
+      raise ValueError(f"unknown format {data.get('format')!r}")
+    return dict(data["arrays"])
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    raise ValueError(f"{file}: unreadable checksums (damaged?): {e}") from None
 
 
 def save_checkpoint(path: str, config: ModelConfig, params, *, force: bool = False,
@@ -76,7 +134,7 @@ def save_checkpoint(path: str, config: ModelConfig, params, *, force: bool = Fal
   if os.path.exists(path) and not force:
     raise FileExistsError(f"{path} already exists (pass force=True / --force to replace it)")
   _check_params_match(config, params)
-  with atomic_directory(path) as tmp:
+  with files.atomic_directory(path) as tmp:
     # Small OCDBT data files: tensorstore keeps a data file's bytes in memory until it is
     # written, so orbax's default (~2 GB files) adds up to a second model copy to peak host
     # memory (benchmarks/convert_memory.py). Restores read it like any orbax checkpoint.
@@ -87,8 +145,8 @@ def save_checkpoint(path: str, config: ModelConfig, params, *, force: bool = Fal
       dst = os.path.join(tmp, name)
       os.makedirs(os.path.dirname(dst), exist_ok=True)
       shutil.copyfile(src, dst)
-    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-      f.write(config.to_json())
+    write_checksums(tmp, params)
+    files.write_text(os.path.join(tmp, CONFIG_FILE), config.to_json())
   return path
 
 
@@ -100,10 +158,12 @@ def load_checkpoint(path: str, *, mesh: jax.sharding.Mesh | None = None,
   (no full copy on one device or host); otherwise onto the default device. config_overrides
   replace run-time fields (compute_dtype, attention_impl, remat, ...); param_dtype casts on load.
   """
-  config = load_config(path)
-  if config_overrides:
-    config = config.replace(**config_overrides)
-  abstract = model_lib.abstract_params(config)
+  stored = load_config(path)
+  config = stored.replace(**config_overrides) if config_overrides else stored
+  expected = read_checksums(path)
+  # Verified at the stored dtype, then cast: a checksum is of the bits on disk.
+  restore_as = config.replace(param_dtype=stored.param_dtype) if expected else config
+  abstract = model_lib.abstract_params(restore_as)
   if mesh is not None:
     from pi_jax import sharding as sharding_lib
     shardings = sharding_lib.tree_shardings(mesh, model_lib.param_axes(config), abstract)
@@ -120,7 +180,23 @@ def load_checkpoint(path: str, *, mesh: jax.sharding.Mesh | None = None,
       params = ckptr.restore(params_dir, target)
   except Exception as e:  # orbax raises many types; name the file and the cause
     raise ValueError(f"{params_dir}: could not restore parameters for this config: {e}") from e
+  if expected is not None:
+    verify_checksums(params, expected, params_dir, os.path.join(path, CHECKSUMS_FILE))
+    if config.param_dtype != stored.param_dtype:
+      params = _cast_leaf_by_leaf(params, jnp.dtype(config.param_dtype))
   return config, params
+
+
+def _cast_leaf_by_leaf(tree, dtype):
+  """Casts every array, freeing each original as soon as its copy exists."""
+  flat, treedef = jax.tree.flatten(tree)
+  out = []
+  while flat:
+    x = flat.pop(0)
+    y = x.astype(dtype)
+    x.delete()
+    out.append(y)
+  return jax.tree.unflatten(treedef, out)
 
 
 def _check_params_match(config: ModelConfig, params) -> None:

@@ -21,6 +21,17 @@ DTYPES = ("float32", "bfloat16", "float16")
 # Keys older checkpoints' config.json may carry that no longer mean anything (scan_layers: the
 # layers are always scanned); from_dict drops them so those checkpoints still load.
 _RETIRED_KEYS = ("scan_layers",)
+
+MAX_ROPE_FACTOR = 4096.0  # far beyond any published extension (LongRoPE: 128x)
+MAX_POSITIONS = 2**31 - 1  # positions are int32
+
+
+def _positive_number(name: str, value) -> None:
+  """A real, finite, positive number (not a string, not a bool)."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+  if not math.isfinite(value) or value <= 0:
+    raise ValueError(f"{name} must be a finite positive number, got {value!r}")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 # The attention implementations (pi_jax.attention dispatches on these names; it reads this tuple).
 ATTENTION_IMPLS = ("auto", "reference", "xla_blockwise", "cudnn", "splash", "ring")
@@ -55,8 +66,12 @@ class RopeScaling:
   def __post_init__(self):
     if self.kind not in ROPE_KINDS:
       raise ValueError(f"unknown RoPE scaling kind {self.kind!r}; expected one of {ROPE_KINDS}")
-    if not (isinstance(self.factor, (int, float)) and math.isfinite(self.factor)):
+    if isinstance(self.factor, bool) or not (isinstance(self.factor, (int, float))
+                                             and math.isfinite(self.factor)):
       raise ValueError(f"RoPE scaling factor must be a finite number, got {self.factor!r}")
+    if self.factor > MAX_ROPE_FACTOR:
+      raise ValueError(f"RoPE scaling factor {self.factor:g} is absurd (at most "
+                       f"{MAX_ROPE_FACTOR:g}); it is L'/L, e.g. 4 for 2K -> 8K")
     if self.kind == "none":
       if self.factor != 1.0:
         raise ValueError(f"RoPE scaling kind 'none' takes no factor, got factor={self.factor}")
@@ -196,8 +211,11 @@ class ModelConfig:
           f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads} (GQA)")
     if self.head_dim % 2:
       raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
-    if self.rope_theta <= 0:
-      raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
+    if self.max_position_embeddings > MAX_POSITIONS:
+      raise ValueError(f"max_position_embeddings {self.max_position_embeddings} exceeds "
+                       f"{MAX_POSITIONS} (positions are int32)")
+    _positive_number("rope_theta", self.rope_theta)
+    _positive_number("rms_norm_eps", self.rms_norm_eps)
     for name in ("param_dtype", "compute_dtype"):
       if getattr(self, name) not in DTYPES:
         raise ValueError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
@@ -268,9 +286,22 @@ class ModelConfig:
     for flag in ("attention_bias", "mlp_bias"):
       if hf.get(flag):
         raise ValueError(f"config sets {flag}=true; pi_jax's LLaMA has no biases")
+    window_limit = hf.get("sliding_window")
+    if window_limit is not None and hf.get("use_sliding_window", True) and (
+        not isinstance(window_limit, int) or
+        window_limit < hf.get("max_position_embeddings", 2048)):
+      raise ValueError(f"sliding_window={window_limit!r} (Mistral-style local attention) is not "
+                       "implemented: pi_jax attends to the whole window, so the model would "
+                       "compute something else")
     if hf.get("hidden_act", "silu") != "silu":
       raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (LLaMA uses silu)")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if hf.get("rope_parameters") and hf.get("rope_scaling"):  # both forms: they must agree
+      a = rope_scaling_from_hf(hf["rope_parameters"], hf.get("original_max_position_embeddings"))
+      b = rope_scaling_from_hf(hf["rope_scaling"], hf.get("original_max_position_embeddings"))
+      if a != b:
+        raise ValueError(f"rope_parameters {hf['rope_parameters']} and rope_scaling "
+                         f"{hf['rope_scaling']} disagree; remove the wrong one")
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     window = hf.get("max_position_embeddings", 2048)
     scaling = rope_scaling_from_hf(rope, original=hf.get("original_max_position_embeddings"))

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from pi_jax import model as model_lib
 from pi_jax.config import ModelConfig
+from pi_jax.inputs import check_token_ids
 
 PROMPT_BUCKET = 64
 
@@ -138,6 +139,7 @@ def _run(config, params, prompt_BL, max_new_tokens, temperature, top_k, top_p, k
          return_logits):
   prompt_BL = jnp.asarray(prompt_BL)
   _check_args(prompt_BL, max_new_tokens, temperature, top_k, top_p, key)
+  check_token_ids(prompt_BL, config.vocab_size, "prompt token ids")
   b, length = prompt_BL.shape
   if max_new_tokens == 0:
     empty = jnp.zeros((b, 0), jnp.int32)

@@ -40,6 +40,7 @@ from flax import nnx
 from pi_jax import attention as attn_lib
 from pi_jax import rope
 from pi_jax.config import ModelConfig
+from pi_jax.inputs import check_token_ids
 from pi_jax.sharding import shard
 
 Params = dict
@@ -285,6 +286,7 @@ def hidden_states(config: ModelConfig, params: Params, tokens_BL: jax.Array,
   means a prefill of an empty cache from position 0; an index means decode after that many
   cached tokens.
   """
+  check_token_ids(tokens_BL, config.vocab_size)
   return Llama.from_params(config, params).hidden_states(tokens_BL, positions_BL, cache,
                                                          cache_index)
 

@@ -51,10 +51,9 @@ class ByteTokenizer:
     return _digest(self.kind, self.add_bos)
 
   def save(self, directory: str) -> str:
-    os.makedirs(directory, exist_ok=True)
+    from pi_jax import files
     path = os.path.join(directory, "bytes.json")
-    with open(path, "w") as f:
-      json.dump({"type": "bytes", "add_bos": self.add_bos}, f)
+    files.write_json(path, {"type": "bytes", "add_bos": self.add_bos}, indent=None)
     return path
 
 

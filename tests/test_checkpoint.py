@@ -60,7 +60,7 @@ def test_refuses_existing_path_and_leaves_it_untouched(tmp_path):
   assert (target / "precious.txt").read_text() == "keep me"
   assert listing(tmp_path) == ["ckpt"]
   pi_jax.save_checkpoint(str(target), CONFIG, params_of(CONFIG), force=True)
-  assert listing(target) == ["config.json", "params"]
+  assert listing(target) == ["checksums.json", "config.json", "params"]
 
 
 def test_params_not_matching_the_config_leave_nothing(tmp_path):

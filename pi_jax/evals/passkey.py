@@ -15,7 +15,12 @@ Modes:
             log-probability.
 
 k_max (the effective context window) = the largest k of the grid such that every k' <= k
-succeeds in at least 20% of its trials (None when even the nearest k fails).
+succeeds in at least 20% of its trials (None when even the nearest k fails, even if every
+farther k succeeds). Two more numbers say what k_max alone hides: `largest_passing_k` (the
+largest k that succeeds at all) and `far_run_from` (the smallest k such that every k' >= k, up
+to the farthest, succeeds; None when the farthest fails). `depths` is a COUNT of distances k
+measured from the END of the prompt (k = 0: key right before the question), not the "depth %"
+from the start that needle-in-a-haystack tools use: depth % ≈ 100·(1 − k/L).
 """
 
 from __future__ import annotations
@@ -91,6 +96,21 @@ def effective_window(ks, accuracies, threshold: float = SUCCESS_THRESHOLD):
       break
     best = k
   return best
+
+
+def far_run_from(ks, accuracies, threshold: float = SUCCESS_THRESHOLD):
+  """The smallest k such that every k' >= k of the grid passes (None if the farthest fails)."""
+  best = None
+  for k, acc in sorted(zip(ks, accuracies), reverse=True):
+    if acc < threshold:
+      break
+    best = k
+  return best
+
+
+def largest_passing_k(ks, accuracies, threshold: float = SUCCESS_THRESHOLD):
+  passing = [k for k, a in zip(ks, accuracies) if a >= threshold]
+  return max(passing) if passing else None
 
 
 def depth_grid(length: int, depths: int) -> list[int]:
@@ -188,6 +208,10 @@ def run_trials(config: ModelConfig, params, tok, trials: list[Trial], *, mode: s
   """One result dict per trial: success, generated text or key log-prob, timings."""
   if mode not in MODES:
     raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
+  from pi_jax.inputs import check_token_ids
+  for t in trials:
+    check_token_ids(np.asarray(t.ids + t.key_ids), config.vocab_size,
+                    f"passkey prompt (length {t.length}, k {t.k})")
   bar = progress(len(trials)) if progress else None
   results = []
   groups: dict[tuple, list[Trial]] = {}
@@ -268,5 +292,8 @@ def summarize(results: list[dict]) -> dict:
         "trials": [len(by_k[k]) for k in ks],
         "mean_accuracy": float(np.mean(acc)),
         "k_max": effective_window(ks, acc),
+        "largest_passing_k": largest_passing_k(ks, acc),
+        "far_run_from": far_run_from(ks, acc),
+        "passing": sum(a >= SUCCESS_THRESHOLD for a in acc),
     }
   return out

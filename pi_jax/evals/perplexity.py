@@ -38,6 +38,7 @@ import numpy as np
 from pi_jax import loss as loss_lib
 from pi_jax.config import ModelConfig
 from pi_jax.evals import runtime
+from pi_jax.inputs import check_token_ids
 
 DEFINITIONS = ("sliding", "per_window_mean")
 
@@ -150,6 +151,8 @@ def evaluate_perplexity(config: ModelConfig, params, documents: list[tuple[str, 
   """
   if not documents:
     raise ValueError("no documents to evaluate")
+  for doc_id, ids in documents:
+    check_token_ids(ids, config.vocab_size, f"document {doc_id}")
   for w in windows:
     if not 1 <= stride <= w:
       raise ValueError(f"--stride {stride} must be between 1 and every window (window {w})")
@@ -163,12 +166,19 @@ def evaluate_perplexity(config: ModelConfig, params, documents: list[tuple[str, 
     if not documents:
       raise ValueError(f"every document is shorter than {need} tokens (--skip-short with "
                        f"window {max(windows)}); lower the window or drop --skip-short")
+  # A window longer than every document would only pad: run it at the longest document's
+  # length, which gives the same numbers (causal attention never sees right padding) unless the
+  # RoPE table itself depends on the sequence length.
+  longest = max(len(t) - 1 for _, t in documents)
+  length_dependent = config.rope_scaling.kind in ("dynamic", "longrope")
+  widths = {w: w if length_dependent else max(1, min(w, longest)) for w in windows}
   scorers = {}
   for w in windows:  # compile all first: a window that does not fit fails before any work
     scorers[w], results[w].memory_bytes, results[w].compile_seconds = scorer_factory(
-        config, params, w, batch_size, mesh=mesh, chunk=chunk)
+        config, params, widths[w], batch_size, mesh=mesh, chunk=chunk)
   for w in windows:
-    _score_window_size(results[w], scorers[w], documents, w, stride, batch_size, progress)
+    _score_window_size(results[w], scorers[w], documents, w, stride, batch_size, progress,
+                       width=widths[w])
   return [results[w] for w in windows]
 
 
@@ -199,7 +209,8 @@ def prefix_perplexities(config: ModelConfig, params, ids: np.ndarray, windows: I
   return {w: float(np.exp(nll[:w].mean())) for w in windows}
 
 
-def _score_window_size(result: WindowResult, scorer, documents, window, stride, batch, progress):
+def _score_window_size(result: WindowResult, scorer, documents, window, stride, batch, progress,
+                       width=None):
   jobs = []  # (doc index, start, length, score_from)
   for i, (_, ids) in enumerate(documents):
     plan = plan_windows(len(ids), window, stride)
@@ -212,8 +223,8 @@ def _score_window_size(result: WindowResult, scorer, documents, window, stride, 
   pending = None  # dispatch batch n+1 before reading batch n back: the host never idles the device
   for b0 in range(0, len(jobs), batch):
     chunk_jobs = jobs[b0:b0 + batch]
-    tokens = np.zeros((batch, window), np.int32)
-    targets = np.zeros((batch, window), np.int32)
+    tokens = np.zeros((batch, width or window), np.int32)
+    targets = np.zeros((batch, width or window), np.int32)
     for row, (i, start, length, _) in enumerate(chunk_jobs):
       ids = documents[i][1]
       tokens[row, :length] = ids[start:start + length]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import shlex
 import subprocess
 import sys
+
+from pi_jax import files
 
 
 def run_info(argv=None, prog: str = "eval.py") -> dict:
@@ -36,12 +37,7 @@ def run_info(argv=None, prog: str = "eval.py") -> dict:
 
 
 def write_json(path: str, payload: dict) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=False)
-    f.write("\n")
-  os.replace(tmp, path)
+  files.write_json(path, payload, indent=2, sort_keys=False)
 
 
 def _fmt_ppl(x: float) -> str:
@@ -62,14 +58,32 @@ def perplexity_table(runs: list[dict]) -> str:
   return "\n".join(lines)
 
 
+PASSKEY_LEGEND = (
+    "k = tokens from the key to the end of the prompt (k = 0: key right before the question); "
+    "a k passes at >= 20% of its trials. k_max (PI §3.3): every k' <= k passes; far run: every "
+    "k' >= k passes; '–': no such k.")
+
+
+def _k(value) -> str:
+  return "–" if value is None else str(value)
+
+
 def passkey_table(runs: list[dict]) -> str:
-  """Rows: scaling × length; mean accuracy over depths and k_max."""
-  lines = ["| scaling | length | mean accuracy | k_max | accuracy by k |", "|---|---|---|---|---|"]
+  """Rows: scaling × length; mean accuracy over the k grid, k_max and what it hides."""
+  lines = ["| scaling | length | mean accuracy | k_max (all k' ≤ k pass) | far run (all k' ≥ k "
+           "pass) | largest passing k | k passing | accuracy by k |",
+           "|---|---|---|---|---|---|---|---|"]
   for run in runs:
     for length, s in run["lengths"].items():
       by_k = " ".join(f"{k}:{a:.1f}" for k, a in zip(s["k"], s["accuracy"]))
+      far = s.get("far_run_from")
+      largest = s.get("largest_passing_k")
+      passing = s.get("passing", sum(a >= 0.2 for a in s["accuracy"]))
       lines.append(f"| {run['rope_scaling']} | {length} | {s['mean_accuracy']:.2f} | "
-                   f"{s['k_max'] if s['k_max'] is not None else 'none'} | {by_k} |")
+                   f"{_k(s['k_max'])} | {_k(far)} | {_k(largest)} | {passing}/{len(s['k'])} | "
+                   f"{by_k} |")
+  lines.append("")
+  lines.append(PASSKEY_LEGEND)
   return "\n".join(lines)
 
 
@@ -105,8 +119,7 @@ def plot_perplexity(runs: list[dict], path: str, title: str) -> None:
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=120)
+  _save_figure(fig, path)
   plt.close(fig)
 
 
@@ -133,6 +146,11 @@ def plot_passkey(runs: list[dict], path: str, title: str) -> None:
     ax.set_title(run["rope_scaling"], fontsize=9)
   fig.colorbar(im, ax=axes[0].tolist(), label="accuracy")
   fig.suptitle(title, fontsize=9)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=120)
+  _save_figure(fig, path)
   plt.close(fig)
+
+
+def _save_figure(fig, path: str) -> None:
+  fmt = os.path.splitext(path)[1].lstrip(".").lower() or "png"
+  with files.atomic_file(path, "wb") as f:
+    fig.savefig(f, dpi=120, format=fmt)

@@ -50,10 +50,48 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
   return 6.0 * n + attention
 
 
-class MetricsWriter:
-  """One JSON object per step to WORKDIR/metrics.jsonl, scalars to TensorBoard (process 0)."""
+def trim_metrics(path: str, resume_step: int) -> int:
+  """Drops the records of steps after `resume_step` (a run that went on past its last checkpoint
+  before it stopped), so a resumed run logs every step once; returns how many were dropped.
+  Training records keep step < resume_step; evaluation records after_steps <= resume_step (the
+  one at 0 only when resuming past 0: a fresh start evaluates step 0 again)."""
+  if not os.path.isfile(path):
+    return 0
+  kept, dropped = [], 0
+  with open(path) as f:
+    for line in f:
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:  # a line cut by a crash
+        dropped += 1
+        continue
+      if "step" in record:
+        keep = record["step"] < resume_step
+      elif "after_steps" in record:
+        keep = record["after_steps"] <= resume_step and resume_step > 0
+      else:
+        keep = True
+      if keep:
+        kept.append(line if line.endswith("\n") else line + "\n")
+      else:
+        dropped += 1
+  if dropped:
+    from pi_jax import files
+    files.write_text(path, "".join(kept))
+  return dropped
 
-  def __init__(self, workdir: str, tensorboard: bool = True, enabled: bool = True):
+
+class MetricsWriter:
+  """One JSON object per step to WORKDIR/metrics.jsonl, scalars to TensorBoard (process 0).
+
+  resume_step: the step the run (re)starts from; later records of an earlier attempt are
+  dropped from metrics.jsonl, and TensorBoard is told to purge them (purge_step).
+  """
+
+  def __init__(self, workdir: str, tensorboard: bool = True, enabled: bool = True,
+               resume_step: int | None = None):
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._file = None
@@ -61,10 +99,12 @@ class MetricsWriter:
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
+    if resume_step is not None:
+      trim_metrics(self.path, resume_step)
     self._file = open(self.path, "a", buffering=1)
     if tensorboard:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step)
 
   def write(self, record: dict, tensorboard: bool = True) -> None:
     if not self.enabled:

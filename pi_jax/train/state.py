@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pi_jax import checkpoint as ckpt_lib
+from pi_jax import files
 from pi_jax import model as model_lib
 from pi_jax import sharding as sharding_lib
 from pi_jax.config import ModelConfig
@@ -82,43 +83,103 @@ class RunCheckpoints:
   """WORKDIR/checkpoints/<step>/{state, data}: orbax CheckpointManager, async, keeps the last K.
 
   `step` is the number of completed optimizer steps. Only complete checkpoints are listed, so
-  a save interrupted by SIGKILL is never resumed from.
+  a save interrupted by SIGKILL is never resumed from. Each save records a checksum per array
+  in its `data` item; `restore` verifies them, and `restore_newest_good` falls back past
+  checkpoints that do not load or verify (moving them to WORKDIR/damaged_checkpoints/).
   """
 
   def __init__(self, workdir: str, keep: int, async_save: bool = True):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.damaged_directory = os.path.join(os.path.abspath(workdir), "damaged_checkpoints")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
         create=True)
-    self.manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                         options=options, item_names=("state", "data"))
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=("state", "data"))
+    self._closed = False
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
   def save(self, step: int, state: dict, data_meta: dict) -> None:
+    meta = dict(data_meta, checksums=ckpt_lib.checksums(state),
+                checksum_format=ckpt_lib.CHECKSUM_FORMAT)
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_meta)), force=True)
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(meta)), force=True)
 
   def restore(self, step: int, target: dict) -> tuple[dict, dict]:
+    """(state, data meta) of checkpoint `step`, checksums verified when it has them."""
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-    return out["state"], out["data"]
+    meta = out["data"]
+    if meta.get("checksums"):
+      ckpt_lib.verify_checksums(out["state"], meta["checksums"], self.path(step),
+                                os.path.join(self.path(step), "data"))
+    return out["state"], meta
+
+  def restore_newest_good(self, target: dict, check=None, log=print):
+    """(step, state, meta) of the newest checkpoint that restores, verifies and passes
+    `check(step, meta)` (which raises ValueError to reject); (None, None, None) when there are
+    none. Damaged ones are moved aside, never deleted, and named with the reason."""
+    skipped = []
+    for step in reversed(self.all_steps()):
+      try:
+        state, meta = self.restore(step, target)
+      except Exception as e:  # orbax/tensorstore raise many types for a damaged file
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        moved = self._move_aside(step)
+        log(f"skipping checkpoint {step} ({self.path(step)}): it does not load or verify: "
+            f"{reason}; moved to {moved}")
+        skipped.append((step, reason))
+        continue
+      if check is not None:
+        check(step, meta)  # a mismatch with the run config is the user's to fix: no fallback
+      return step, state, meta
+    if skipped:
+      raise ValueError(f"{self.directory}: no checkpoint loads ({len(skipped)} damaged, moved to "
+                       f"{self.damaged_directory}); remove the workdir's checkpoints to start "
+                       "over, or use a new workdir")
+    return None, None, None
+
+  def _move_aside(self, step: int) -> str:
+    import time
+    os.makedirs(self.damaged_directory, exist_ok=True)
+    dest = os.path.join(self.damaged_directory, f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
+    if jax.process_index() == 0:
+      os.replace(self.path(step), dest)
+    from jax.experimental import multihost_utils
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"pi_jax_move_aside_{step}")
+    self.manager.reload()
+    return dest
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for pending saves and stops orbax's threads; safe to call more than once."""
+    if self._closed:
+      return
+    self._closed = True
+    try:
+      self.manager.wait_until_finished()
+    finally:
+      self.manager.close()
 
 
 def save_final(path: str, config: ModelConfig, params, tokenizer_files: dict[str, str]) -> str:
   """WORKDIR/final as a pi_jax checkpoint (what eval.py --ckpt and convert.to_hf read).
 
   Written by every process (orbax coordinates the sharded arrays); config.json goes last, so a
-  directory without it is never mistaken for a checkpoint.
+  directory without it is never mistaken for a checkpoint. (Not through files.atomic_directory:
+  every process must write the same directory; the config-last order gives the same guarantee.)
   """
-  import shutil
   path = os.path.abspath(path)
   config_file = os.path.join(path, ckpt_lib.CONFIG_FILE)
   if jax.process_index() == 0 and os.path.exists(config_file):
@@ -126,13 +187,11 @@ def save_final(path: str, config: ModelConfig, params, tokenizer_files: dict[str
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(path, ckpt_lib.PARAMS_DIR), params, force=True)
     ckptr.wait_until_finished()
+  sums = ckpt_lib.checksums(params)  # every process: the arrays may span hosts
   if jax.process_index() == 0:
     for name, src in tokenizer_files.items():
-      dst = os.path.join(path, ckpt_lib.TOKENIZER_DIR, name)
-      os.makedirs(os.path.dirname(dst), exist_ok=True)
-      shutil.copyfile(src, dst)
-    tmp = os.path.join(path, ckpt_lib.CONFIG_FILE + ".tmp")
-    with open(tmp, "w") as f:
-      f.write(config.to_json())
-    os.replace(tmp, os.path.join(path, ckpt_lib.CONFIG_FILE))
+      files.copy_file(src, os.path.join(path, ckpt_lib.TOKENIZER_DIR, name))
+    files.write_json(os.path.join(path, ckpt_lib.CHECKSUMS_FILE),
+                     {"format": ckpt_lib.CHECKSUM_FORMAT, "arrays": sums})
+    files.write_text(os.path.join(path, ckpt_lib.CONFIG_FILE), config.to_json())
   return path

@@ -3,16 +3,19 @@
 `train(config)` runs (or resumes) a run in config.workdir and returns a summary. The step is
 one jitted function with the state donated; gradients are accumulated over micro-batches with
 `lax.scan`. A non-finite loss or gradient keeps the previous state (in the same jitted step) and
-stops the run with NonFiniteError; SIGTERM saves a checkpoint and returns cleanly.
+stops the run with NonFiniteError; SIGTERM or Ctrl-C (SIGINT) saves a checkpoint and returns
+cleanly (a second Ctrl-C stops at once). The workdir is locked against a second run; a resume
+restores the newest checkpoint that loads and verifies, moving damaged ones aside.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import functools
-import json
 import os
 import signal
+import sys
 import time
 from typing import Callable
 
@@ -22,6 +25,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from pi_jax import files
 from pi_jax import loss as loss_lib
 from pi_jax import model as model_lib
 from pi_jax import sharding as sharding_lib
@@ -237,6 +241,61 @@ def make_eval_step(config: TrainConfig, model: ModelConfig, shardings, batch_sha
 
 # --- the run -----------------------------------------------------------------------------------
 
+class WorkdirInUseError(ValueError):
+  """Another process holds the workdir's lock."""
+
+
+class WorkdirLock:
+  """An exclusive lock on WORKDIR/.lock (released when the process ends, even by SIGKILL); the
+  file holds the holder's PID so a second run can name it."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, ".lock")
+    self._file = open(self.path, "a+")
+    try:
+      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      self._file.seek(0)
+      holder = self._file.read().strip() or "unknown"
+      self._file.close()
+      raise WorkdirInUseError(f"workdir {workdir} is in use by another run (process {holder}, lock "
+                         f"{self.path}); wait for it to finish or stop it, or use another "
+                         "workdir") from None
+    self._file.seek(0)
+    self._file.truncate()
+    self._file.write(f"{os.getpid()}\n")
+    self._file.flush()
+
+  def release(self) -> None:
+    if self._file is not None:
+      fcntl.flock(self._file, fcntl.LOCK_UN)
+      self._file.close()
+      self._file = None
+
+
+def state_bytes_per_device(abstract: dict, shardings: dict) -> int:
+  """Bytes of one device's shard of the train state, plus float32 gradients of the parameters."""
+  def shard_bytes(a, s):
+    return int(np.prod(s.shard_shape(a.shape), dtype=np.int64)) * a.dtype.itemsize
+  state = sum(jax.tree.leaves(jax.tree.map(shard_bytes, abstract, shardings)))
+  grads = sum(jax.tree.leaves(jax.tree.map(
+      lambda a, s: int(np.prod(s.shard_shape(a.shape), dtype=np.int64)) * 4,
+      abstract["params"], shardings["params"])))
+  return state + grads
+
+
+def check_state_fits(abstract: dict, shardings: dict) -> None:
+  """Refuses, before allocating anything, a train state that cannot fit in device memory."""
+  from pi_jax.evals import runtime
+  free, name = runtime.free_device_memory()
+  need = state_bytes_per_device(abstract, shardings)
+  if free is not None and need > runtime.MEMORY_HEADROOM * free:
+    raise ValueError(
+        f"the train state (parameters, optimizer moments, gradients) needs {need / 2**30:.1f} "
+        f"GiB per device before any activation, but {name} has {free / 2**30:.1f} GiB free; "
+        "shard it over more devices (--set mesh=fsdp:N), use a smaller model, or "
+        "--set param_dtype=bfloat16")
+
 class Trainer:
   """One run: build everything, then `run()`. Use `train(config)` unless you need the parts."""
 
@@ -247,35 +306,72 @@ class Trainer:
     self.config = config
     self.callbacks = list(callbacks)
     self.is_main = jax.process_index() == 0
-    self.mesh = sharding_lib.make_mesh(config.mesh)
-    self.optimizer = optim.make_optimizer(config)
-    self._stop_requested = False
+    self._stop_requested = None  # the signal name once one asks to stop
+    self._lock = self.checkpoints = self.writer = None
+    if config.init_checkpoint:  # the run writes WORKDIR/final: never over its own input
+      files.check_separate(config.workdir, [config.init_checkpoint], "workdir")
     os.makedirs(config.workdir, exist_ok=True)
+    if self.is_main:
+      self._lock = WorkdirLock(config.workdir)
+    try:
+      self._build(config, data)
+    except BaseException:
+      self.close()  # orbax's threads, the lock, the metrics file: on every exit path
+      raise
 
+  def _build(self, config: TrainConfig, data) -> None:
+    self.mesh = sharding_lib.make_mesh(config.mesh)
+    from pi_jax.evals import runtime
+    shards = runtime.batch_shards(self.mesh)
+    micro = config.global_batch // config.accum_steps
+    if micro % shards:
+      raise ValueError(
+          f"global_batch {config.global_batch} in {config.accum_steps} micro-batch(es) of {micro} "
+          f"cannot be split over the {shards} data shards of mesh {dict(self.mesh.shape)}: each "
+          f"micro-batch must be a multiple of {shards} (otherwise every device would get the "
+          "whole batch: no data parallelism)")
+    self.optimizer = optim.make_optimizer(config)
     self.checkpoints = state_lib.RunCheckpoints(config.workdir, config.keep_checkpoints,
                                                 config.async_checkpoints)
-    latest = self.checkpoints.latest_step()
-    # The init checkpoint's parameters are read only for a fresh run: a resume reads its own.
-    model, init_params = _load_model(config, self.mesh, fresh=latest is None)
+    has_checkpoints = bool(self.checkpoints.all_steps())
+
+    # Shapes and memory first: a model that cannot fit fails before anything big is read.
+    model, _ = _load_model(config, self.mesh, fresh=False)
     self.model = _final_model_config(config, model)
+    abstract = state_lib.abstract_state(self.model, self.optimizer)
+    self.shardings = state_lib.state_shardings(self.mesh, self.model, self.optimizer, abstract)
+    check_state_fits(abstract, self.shardings)
+    # The init checkpoint's parameters are read only for a fresh run: a resume reads its own.
+    init_params = None
+    if not has_checkpoints and config.init_checkpoint:
+      _, init_params = _load_model(config, self.mesh, fresh=True)
     self.tokenizer, self.tokenizer_files = _tokenizer(config, self.model)
     self.data = data or _train_data(config, self.tokenizer, self.model.vocab_size)
 
-    # Sharded state: shapes, shardings, then restore / init straight into them.
-    abstract = state_lib.abstract_state(self.model, self.optimizer)
-    self.shardings = state_lib.state_shardings(self.mesh, self.model, self.optimizer, abstract)
     self.batch_sharding = sharding_lib.named_sharding(
         self.mesh, ("batch", None), (config.global_batch, config.seq_len + 1))
-    micro = config.global_batch // config.accum_steps
     self.eval_sharding = sharding_lib.named_sharding(self.mesh, ("batch", None),
                                                      (micro, config.seq_len + 1))
     if config.eval_every and self.data.num_eval < micro:
       raise ValueError(f"eval_sequences {config.eval_sequences} is less than one micro-batch "
                        f"({micro} sequences)")
-    self.resumed_from = latest
-    if latest is not None:
-      self.state = self._restore(latest, abstract)
+    self.resumed_from = None
+    self.resume_message = None
+    restored = None
+    if has_checkpoints:
+      step, restored, _ = self.checkpoints.restore_newest_good(
+          state_lib.with_shardings(abstract, self.shardings), check=self._check_meta,
+          log=self._log)
+      if step is not None:
+        self.resumed_from = step
+        self.resume_message = (f"resuming from step {step} (checkpoint "
+                               f"{self.checkpoints.path(step)})")
+    if restored is not None:
+      self.state = restored
     elif init_params is not None:
+      self.state = state_lib.state_from_params(init_params, self.optimizer, self.shardings)
+    elif config.init_checkpoint:  # every checkpoint was damaged: start again from the init
+      _, init_params = _load_model(config, self.mesh, fresh=True)
       self.state = state_lib.state_from_params(init_params, self.optimizer, self.shardings)
     else:
       self.state = state_lib.init_state(self.model, self.optimizer, self.shardings, config.seed)
@@ -288,16 +384,33 @@ class Trainer:
       self.eval_step = make_eval_step(config, self.model, self.shardings, self.eval_sharding)
     self.flops_per_token = metrics_lib.flops_per_token(self.model, config.seq_len)
     self.peak_flops = metrics_lib.peak_flops_per_device(jax.devices()[0], config.peak_tflops)
-    self.writer = metrics_lib.MetricsWriter(config.workdir, config.tensorboard, self.is_main)
+    # Every step appears once: records after the restored step (the run went on past its last
+    # checkpoint before it stopped) are dropped, from metrics.jsonl and from TensorBoard.
+    self.writer = metrics_lib.MetricsWriter(config.workdir, config.tensorboard, self.is_main,
+                                            resume_step=self.step)
     if self.is_main:
-      with open(os.path.join(config.workdir, "run_config.json"), "w") as f:
-        json.dump(_jsonable(config.to_dict()), f, indent=2, sort_keys=True)
+      files.write_json(os.path.join(config.workdir, "run_config.json"),
+                       _jsonable(config.to_dict()), sort_keys=True)
 
-  def _restore(self, step: int, abstract) -> dict:
-    """The state of checkpoint `step`, after checking it was trained on this data and sampler."""
+  def _log(self, message: str) -> None:
+    if self.is_main:
+      print(f"pi_jax.train: {message}", file=sys.stderr, flush=True)
+
+  def close(self) -> None:
+    """Releases what the run holds (checkpoint manager, metrics files, workdir lock)."""
+    try:
+      if self.checkpoints is not None:
+        self.checkpoints.close()
+    finally:
+      if self.writer is not None:
+        self.writer.close()
+      if self._lock is not None:
+        self._lock.release()
+        self._lock = None
+
+  def _check_meta(self, step: int, meta: dict) -> None:
+    """Checkpoint `step` was trained on this data and sampler, or resuming would be wrong."""
     config = self.config
-    target = state_lib.with_shardings(abstract, self.shardings)
-    state, meta = self.checkpoints.restore(step, target)
     if meta.get("data_fingerprint") != self.data.fingerprint():
       raise ValueError(pipeline.resume_mismatch(f"{config.workdir}: checkpoint {step}", meta,
                                                 self.data))
@@ -306,7 +419,6 @@ class Trainer:
         raise ValueError(f"{config.workdir}: checkpoint {step} was trained with {key}="
                          f"{meta[key]}, this run has {getattr(config, key)}; resuming would "
                          "repeat or skip batches (use a new workdir)")
-    return state
 
   # -- pieces --
 
@@ -339,21 +451,26 @@ class Trainer:
     return total / count
 
   def _stop_now(self) -> bool:
-    flag = self._stop_requested
+    flag = bool(self._stop_requested)
     if jax.process_count() > 1:  # every process must stop at the same step
       from jax.experimental import multihost_utils
       flag = bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
     return flag
 
-  def _on_sigterm(self, signum, frame):
-    self._stop_requested = True
+  def _on_signal(self, signum, frame):
+    if signum == signal.SIGINT and self._stop_requested:
+      raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the save
+    self._stop_requested = signal.Signals(signum).name
+    if signum == signal.SIGINT:
+      self._log("Ctrl-C: saving a checkpoint at the end of this step (press again to stop "
+                "without saving)")
 
   # -- the loop --
 
   def run(self) -> dict:
-    """Trains to config.steps (or until SIGTERM); returns a summary dict."""
+    """Trains to config.steps (or until SIGTERM / Ctrl-C); returns a summary dict."""
     c = self.config
-    previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     n_devices = jax.device_count()
     status = "finished"
     try:
@@ -403,11 +520,11 @@ class Trainer:
         if self.step != self._start_step or not os.path.isfile(os.path.join(final, "config.json")):
           state_lib.save_final(final, self.model, self.state["params"], self.tokenizer_files)
     finally:
-      signal.signal(signal.SIGTERM, previous)
-      self.checkpoints.close()
-      self.writer.close()
+      for signum, handler in previous.items():
+        signal.signal(signum, handler)
+      self.close()
     return {"status": status, "step": self.step, "workdir": c.workdir,
-            "resumed_from": self.resumed_from,
+            "resumed_from": self.resumed_from, "signal": self._stop_requested,
             "final": os.path.join(c.workdir, "final") if status == "finished" else None}
 
 
