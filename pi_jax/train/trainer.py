@@ -223,6 +223,49 @@ def make_eval_step(config: TrainConfig, model: ModelConfig, shardings, batch_sha
                  out_shardings=replicated)
 
 
+@dataclasses.dataclass
+class StepSpecs:
+  """Everything the jitted steps are built from, without a single parameter allocated."""
+  optimizer: optax.GradientTransformation
+  abstract: dict  # ShapeDtypeStructs of the train state
+  shardings: dict  # NamedShardings of the train state
+  batch_sharding: NamedSharding  # [global_batch, seq_len + 1] rows of the train step
+  eval_sharding: NamedSharding  # [micro_batch, seq_len + 1] rows of the eval step
+
+  def abstract_state(self) -> dict:
+    """The state's ShapeDtypeStructs carrying their shardings (what `.lower` takes)."""
+    return state_lib.with_shardings(self.abstract, self.shardings)
+
+
+def step_specs(config: TrainConfig, model: ModelConfig, mesh) -> StepSpecs:
+  """Optimizer, abstract state and shardings of a run on `mesh` (real or compile-only devices)."""
+  optimizer = optim.make_optimizer(config)
+  abstract = state_lib.abstract_state(model, optimizer)
+  shardings = state_lib.state_shardings(mesh, model, optimizer, abstract)
+  micro = config.global_batch // config.accum_steps
+  rows = lambda b: sharding_lib.named_sharding(mesh, ("batch", None), (b, config.seq_len + 1))
+  return StepSpecs(optimizer, abstract, shardings, rows(config.global_batch), rows(micro))
+
+
+def abstract_model_config(config: TrainConfig) -> tuple[ModelConfig, str]:
+  """(final model config, where its architecture came from) without reading any parameter.
+
+  The init checkpoint's config.json when it exists, else the run config's `model` (the
+  architecture the checkpoint must have): what a compile-only run needs before the weights are
+  downloaded or converted.
+  """
+  from pi_jax import checkpoint as ckpt_lib
+  if config.init_checkpoint and ckpt_lib.is_checkpoint(config.init_checkpoint):
+    model, source = _load_model(config, None, fresh=False)[0], config.init_checkpoint
+  elif config.model is not None:
+    model, source = _model_from_config(config), (
+        f"preset {config.model}" if isinstance(config.model, str) else "the run config's model")
+  else:
+    raise ValueError(f"init_checkpoint {config.init_checkpoint!r} is not a pi_jax checkpoint and "
+                     "the run config names no model: set model=PRESET for a compile-only run")
+  return _final_model_config(config, model), source
+
+
 # --- the run -----------------------------------------------------------------------------------
 
 class Trainer:
@@ -236,7 +279,6 @@ class Trainer:
     self.callbacks = list(callbacks)
     self.is_main = jax.process_index() == 0
     self.mesh = sharding_lib.make_mesh(config.mesh)
-    self.optimizer = optim.make_optimizer(config)
     self._stop_requested = False
     os.makedirs(config.workdir, exist_ok=True)
 
@@ -250,13 +292,10 @@ class Trainer:
     self.data = data or pipeline.load_train_data(config, self.tokenizer, self.model.vocab_size)
 
     # Sharded state: shapes, shardings, then restore / init straight into them.
-    abstract = state_lib.abstract_state(self.model, self.optimizer)
-    self.shardings = state_lib.state_shardings(self.mesh, self.model, self.optimizer, abstract)
-    self.batch_sharding = sharding_lib.named_sharding(
-        self.mesh, ("batch", None), (config.global_batch, config.seq_len + 1))
+    specs = step_specs(config, self.model, self.mesh)
+    self.optimizer, abstract, self.shardings = specs.optimizer, specs.abstract, specs.shardings
+    self.batch_sharding, self.eval_sharding = specs.batch_sharding, specs.eval_sharding
     micro = config.global_batch // config.accum_steps
-    self.eval_sharding = sharding_lib.named_sharding(self.mesh, ("batch", None),
-                                                     (micro, config.seq_len + 1))
     if config.eval_every and self.data.num_eval < micro:
       raise ValueError(f"eval_sequences {config.eval_sequences} is less than one micro-batch "
                        f"({micro} sequences)")
