@@ -59,20 +59,11 @@ def _row_config(config_file: str, chips: int):
   return config.replace(micro_batch=micro, grad_accum=1)
 
 
-def _estimate_chips(record: dict, model_state_bytes: int) -> float:
-  """Chips needed if the sharded state shrinks with chips and the per-sequence part does not."""
-  hbm = record["hbm_bytes_per_chip"]
-  per_seq = record["per_chip_bytes"] - model_state_bytes / record["chips"]
-  if per_seq >= hbm:
-    return float("inf")
-  return model_state_bytes / (hbm - per_seq)
-
-
 def search(name: str, config_file: str, slices, log) -> dict:
+  from pi_jax import tpu
   from pi_jax.train import aot
   tried = []
   for slice_name in sorted(slices, key=_slice_hbm):
-    from pi_jax import tpu
     chips = tpu.parse_slice(slice_name).chips
     config = _row_config(config_file, chips)
     if config is None:

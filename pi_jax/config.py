@@ -18,7 +18,8 @@ _TO_HF_TYPE = {"none": "default", "linear": "linear", "dynamic": "dynamic", "yar
                "llama3": "llama3", "longrope": "longrope"}
 _FROM_HF_TYPE = {v: k for k, v in _TO_HF_TYPE.items()}
 DTYPES = ("float32", "bfloat16", "float16")
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+REMAT_POLICIES = ("none", "full", "offload", "save_qkv_out", "dots_saveable",
+                  "dots_with_no_batch_dims_saveable")  # see pi_jax.model._remat_policy
 ATTENTION_IMPLS = ("auto", "reference", "xla_blockwise", "cudnn", "splash", "ring")  # see pi_jax.attention
 
 

@@ -70,7 +70,7 @@ def _topology_for_chips(generation: str, chips: int, name: str) -> str:
     while dims[0] * dims[1] * dims[2] < chips:  # 2x2x1, 2x2x2, 2x2x4, 2x4x4, 4x4x4, 4x4x8, ...
       dims[axis] *= 2
       axis = (axis - 1) % 3
-    dims = sorted(dims)
+    dims = sorted(d for d in dims if d > 1) + [1] * dims.count(1)  # 2x2x1, 2x2x4, 2x4x4, 4x4x8
   else:
     if chips > 256:
       raise ValueError(f"TPU slice {name!r}: a {generation} slice has at most 256 chips")
