@@ -72,7 +72,7 @@ def overflow_record(message: str, hbm_bytes: int) -> dict | None:
   m = re.search(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm", message)
   if m:
     record["per_chip_bytes"] = _size(m.group(1), m.group(2))
-  m = re.search(r"temporaries ([\d.]+)([KMGT]?)", message) or re.search(
+  m = re.search(r"temporaries \(?([\d.]+)([KMGT]?)", message) or re.search(
       r"program\s+([\d.]+)([KMGT]?)", message)
   if m:
     record["temp_bytes"] = _size(m.group(1), m.group(2))
