@@ -45,7 +45,7 @@ def _scalings(values: list[str] | None) -> list[str | None]:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--ckpt", required=True, help="pi_jax checkpoint directory")
+  p.add_argument("--ckpt", default=None, help="pi_jax checkpoint directory (required)")
   p.add_argument("--rope-scaling", action="append", metavar="KIND:FACTOR",
                  help="replace the checkpoint's RoPE scaling (none, linear:2, ntk:2, yarn:2, "
                       "dynamic:2, or JSON); repeat or comma-separate to compare several; "
@@ -72,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("perplexity", help="sliding-window perplexity (Press et al. 2022)",
                      formatter_class=HelpFormatter)
   _common(p)
-  p.add_argument("--data", required=True,
-                 help="directory / glob of text files, JSONL with 'text', tfds:NAME[:SPLIT], or "
+  p.add_argument("--data", default=None,
+                 help="(required) directory / glob of text files, JSONL with 'text', tfds:NAME[:SPLIT], or "
                       "a bundled name (pg19_standin, proofpile_standin)")
   p.add_argument("--data-dir", default=None, help="tfds data_dir")
   p.add_argument("--windows", default="2048,4096,8192", help="comma-separated window sizes")
@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--per-window-mean", action="store_true",
                  help="YaRN's variant: exp(mean over windows of each window's mean NLL)")
   p.add_argument("--chunk", type=int, default=1024, help="loss chunk (positions per logits block)")
+  p.add_argument("--compile-only", action="store_true",
+                 help="compile the window scorer for --topology and report its memory per chip; "
+                      "reads only the checkpoint's config.json (or --model), no data")
+  p.add_argument("--topology", default=None, help="TPU slice for --compile-only (v5e-16, v5p-64)")
+  p.add_argument("--model", default=None,
+                 help="with --compile-only and no --ckpt: a preset name (llama-7b)")
 
   p = sub.add_parser("passkey", help="passkey retrieval and k_max (PI §3.3)",
                      description="Forward passes = lengths × depths × trials prompts (each a "
@@ -383,9 +389,52 @@ def run_report(args) -> dict:
           "runs": list(runs.values())}
 
 
+def compile_perplexity(args) -> int:
+  """--compile-only: 0 if every window fits the slice, 1 if one does not, with the numbers."""
+  import json
+  from pi_jax.train import aot
+  if args.ckpt:
+    from pi_jax import checkpoint
+    config, source = checkpoint.load_config(args.ckpt), args.ckpt
+  else:
+    from pi_jax import presets
+    config, source = presets.preset(args.model), f"preset {args.model}"
+  overrides = {k: v for k, v in (("compute_dtype", args.dtype),
+                                 ("attention_impl", args.attention_impl)) if v}
+  config = config.replace(**overrides) if overrides else config
+  records = []
+  for spec in _scalings(args.rope_scaling):
+    cfg = _with_scaling(config, spec, args.ckpt or args.model)
+    for window in _int_list(args.windows, "--windows"):
+      try:
+        record = aot.compile_perplexity_step(cfg, args.topology, window, args.batch_size,
+                                             args.mesh, min(args.chunk, window), source)
+      except RuntimeError as e:
+        raise ValueError(str(e)) from None
+      print(aot.format_record(record))
+      records.append(record)
+  if args.json_out:
+    with open(args.json_out, "w") as f:
+      out = records[0] if len(records) == 1 else {
+          "fits": all(r["fits"] for r in records),
+          "per_chip_bytes": max(r["per_chip_bytes"] for r in records),
+          "hbm_bytes_per_chip": records[0]["hbm_bytes_per_chip"], "records": records}
+      json.dump(out, f, indent=2)
+  return 0 if all(r["fits"] for r in records) else 1
+
+
 def main(argv=None) -> int:
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
   args.argv = sys.argv[1:] if argv is None else list(argv)
+  if args.task in ("perplexity", "passkey"):
+    compile_only = getattr(args, "compile_only", False)
+    if compile_only != bool(getattr(args, "topology", None)):
+      parser.error("--compile-only and --topology go together")
+    if not args.ckpt and not (compile_only and args.model):
+      parser.error("--ckpt is required" + (" (or --model PRESET)" if compile_only else ""))
+    if args.task == "perplexity" and not compile_only and not args.data:
+      parser.error("--data is required")
   try:
     from pi_jax.evals import report
     if args.task == "report":
@@ -396,6 +445,8 @@ def main(argv=None) -> int:
         plot = report.plot_perplexity if out["task"] == "perplexity" else report.plot_passkey
         plot(out["runs"], args.plot, f"{out['task']}: {', '.join(out['checkpoints'])} "
              f"({len(args.inputs)} files merged)")
+    elif args.task == "perplexity" and args.compile_only:
+      return compile_perplexity(args)
     elif args.task == "perplexity":
       out = run_perplexity(args)
       print(report.perplexity_table(out["runs"]))

@@ -3,6 +3,10 @@
 Rerunning the same command resumes from the run's newest good checkpoint; SIGTERM or Ctrl-C
 saves and exits 0 (a second Ctrl-C stops without saving). One run per workdir at a time.
 See pi_jax/train/config.py for every key --set accepts (--print-config shows their values).
+
+`--compile-only --topology v5p-64 [--json out.json]` compiles the same train step for a TPU slice
+on this host (no TPU, no weights needed), prints its memory per chip and exits 1 if it does not
+fit (docs/tpu.md).
 """
 
 from __future__ import annotations
@@ -21,7 +25,17 @@ def main(argv=None) -> int:
                       help="override a config field (repeatable); model.FIELD=... for a literal model")
   parser.add_argument("--print-config", action="store_true", help="print the final config and exit")
   parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+  parser.add_argument("--compile-only", action="store_true",
+                      help="compile the train step for --topology and report its memory; no run")
+  parser.add_argument("--topology", default=None,
+                      help="TPU slice for --compile-only: v5p-64, v4-32, v5e-16, v6e-64, v5e:4x4")
+  parser.add_argument("--json", dest="json_out", default=None,
+                      help="with --compile-only: write the record here")
   args = parser.parse_args(argv)
+  if args.compile_only != bool(args.topology):
+    parser.error("--compile-only and --topology go together")
+  if args.json_out and not args.compile_only:
+    parser.error("--json is for --compile-only")
 
   from pi_jax.train import config as config_lib
   try:
@@ -32,6 +46,9 @@ def main(argv=None) -> int:
     import json
     print(json.dumps(config.to_dict(), indent=2, default=str))
     return 0
+
+  if args.compile_only:
+    return _compile_only(config, args)
 
   from pi_jax.train import trainer as trainer_lib
   try:
@@ -81,6 +98,22 @@ def main(argv=None) -> int:
     else:
       print(f"done: step {summary['step']}; final checkpoint {summary['final']}")
   return 0
+
+
+def _compile_only(config, args) -> int:
+  """0 if the step fits the slice's HBM, 1 if not (with the numbers), 2 on a bad config."""
+  import json
+  from pi_jax.train import aot
+  try:
+    record = aot.compile_train_step(config, args.topology)
+  except (ValueError, FileNotFoundError, RuntimeError) as e:
+    print(f"train.py: error: {e}", file=sys.stderr)
+    return 2
+  print(aot.format_record(record))
+  if args.json_out:
+    with open(args.json_out, "w") as f:
+      json.dump(record, f, indent=2)
+  return 0 if record["fits"] else 1
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from pi_jax import attention as attn_lib
 from pi_jax import rope
@@ -93,9 +94,9 @@ class DecoderLayer(nnx.Module):
     config = self.config
     dt = jnp.dtype(config.compute_dtype)
     h_BLD = rms_norm(x_BLD, self.attn_norm[...], config.rms_norm_eps)
-    q_BLNH = jnp.einsum("BLD,DNH->BLNH", h_BLD, self.wq[...].astype(dt))
-    k_BLKH = jnp.einsum("BLD,DKH->BLKH", h_BLD, self.wk[...].astype(dt))
-    v_BLKH = jnp.einsum("BLD,DKH->BLKH", h_BLD, self.wv[...].astype(dt))
+    q_BLNH = checkpoint_name(jnp.einsum("BLD,DNH->BLNH", h_BLD, self.wq[...].astype(dt)), "q_proj")
+    k_BLKH = checkpoint_name(jnp.einsum("BLD,DKH->BLKH", h_BLD, self.wk[...].astype(dt)), "k_proj")
+    v_BLKH = checkpoint_name(jnp.einsum("BLD,DKH->BLKH", h_BLD, self.wv[...].astype(dt)), "v_proj")
     q_BLNH = shard(rope.apply_rope(q_BLNH, cos, sin), ("batch", "length", "act_heads", None))
     k_BLKH = shard(rope.apply_rope(k_BLKH, cos, sin), ("batch", "length", "act_kv_heads", None))
     v_BLKH = shard(v_BLKH, ("batch", "length", "act_kv_heads", None))
@@ -114,7 +115,8 @@ class DecoderLayer(nnx.Module):
       o_BLNH = attn_lib.reference_attention(q_BLNH, new_cache[0].astype(dt),
                                             new_cache[1].astype(dt), q_offset=cache_index,
                                             kv_length=cache_index + q_BLNH.shape[1])
-    out_BLD = jnp.einsum("BLNH,NHD->BLD", o_BLNH, self.wo[...].astype(dt))
+    out_BLD = checkpoint_name(jnp.einsum("BLNH,NHD->BLD", o_BLNH, self.wo[...].astype(dt)),
+                              "out_proj")
     return out_BLD, new_cache
 
   def mlp(self, x_BLD):
@@ -134,12 +136,32 @@ class DecoderLayer(nnx.Module):
     return x_BLD, new_kv
 
 
+def _remat_policy(policy: str):
+  """The jax.checkpoint policy of a remat name (config.REMAT_POLICIES; docs/tpu.md).
+
+  full: save only each layer's input (compute dtype) and recompute the rest in the backward pass.
+  offload: the same, with the saved layer inputs in pinned host memory instead of HBM.
+  save_qkv_out: also keep the q/k/v and attention-output projections (cheap matmul outputs,
+    (2N + 2K)·H per token), so the backward pass does not redo those four matmuls.
+  """
+  cp = jax.checkpoint_policies
+  if policy == "full":
+    return cp.nothing_saveable
+  if policy == "offload":
+    return cp.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_input"],
+        offload_src="device", offload_dst="pinned_host")
+  if policy == "save_qkv_out":
+    return cp.save_only_these_names("q_proj", "k_proj", "v_proj", "out_proj")
+  return getattr(cp, policy)
+
+
 def _remat(fn, policy: str):
   if policy == "none":
     return fn
-  if policy == "full":
-    return jax.checkpoint(fn)
-  return jax.checkpoint(fn, policy=getattr(jax.checkpoint_policies, policy))
+  # prevent_cse=False: the scan over layers already keeps XLA from merging the recompute with
+  # the forward pass (jax.checkpoint's documentation), and the barriers only cost memory.
+  return jax.checkpoint(fn, policy=_remat_policy(policy), prevent_cse=False)
 
 
 class Llama(nnx.Module):
@@ -197,13 +219,20 @@ class Llama(nnx.Module):
     def layer_fn(x_BLD, xs):
       layer_params, cache_kv = xs
       layer = nnx.merge(layer_def, layer_params)  # this layer's [Y] slice as a DecoderLayer
+      # The one activation remat keeps per layer (the "offload" policy moves it to host memory).
+      x_BLD = checkpoint_name(x_BLD, "layer_input")
       return layer(x_BLD, cos, sin, cache_kv, cache_index)
 
     layer_fn = _remat(layer_fn, config.remat)
     cache_xs = None if cache is None else (cache["k"], cache["v"])
     stacked = nnx.to_pure_dict(nnx.state(self.layers, nnx.Param))
     x_BLD, new_kv = jax.lax.scan(layer_fn, x_BLD, (stacked, cache_xs))
-    x_BLD = rms_norm(x_BLD, self.final_norm[...], config.rms_norm_eps)
+    # Under remat the final norm is recomputed too: its float32 intermediates ([B, L, D], 4·D
+    # bytes a token) are not kept for the backward pass.
+    final_norm = functools.partial(rms_norm, eps=config.rms_norm_eps)
+    if config.remat != "none":
+      final_norm = jax.checkpoint(final_norm)
+    x_BLD = final_norm(x_BLD, self.final_norm[...])
     if cache is None:
       return x_BLD
     return x_BLD, {"k": new_kv[0], "v": new_kv[1]}

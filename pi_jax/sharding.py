@@ -64,7 +64,11 @@ def parse_mesh_spec(spec: str | dict | None) -> dict[str, int]:
 
 
 def make_mesh(spec: str | dict | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, tensor, sequence) mesh over `devices` (default: all devices)."""
+  """A (data, fsdp, tensor, sequence) mesh over `devices` (default: all devices).
+
+  One axis of size -1 takes the devices the others leave (`fsdp:-1,tensor:4`), so one spec
+  fits any slice size.
+  """
   devices = list(devices if devices is not None else jax.devices())
   sizes = parse_mesh_spec(spec)
   free = [k for k, v in sizes.items() if v == -1]
@@ -80,10 +84,21 @@ def make_mesh(spec: str | dict | None = None, devices: Sequence[jax.Device] | No
     raise ValueError(
         f"mesh spec {spec!r} needs {total} devices ({sizes}); {len(devices)} are available")
   shape = tuple(sizes[a] for a in MESH_AXES)
-  if devices == list(jax.devices()):
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
-              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  types = (AxisType.Auto,) * len(MESH_AXES)
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices > 1:  # multi-slice: the data axis crosses the data-center network, the rest stay on ICI
+    if sizes["data"] % slices:
+      raise ValueError(f"mesh spec {spec!r}: the devices span {slices} slices; the data axis "
+                       f"({sizes['data']}) must be a multiple of {slices} (e.g. data:{slices})")
+    from jax.experimental import mesh_utils
+    ici = tuple(sizes[a] // (slices if a == "data" else 1) for a in MESH_AXES)
+    dcn = tuple(slices if a == "data" else 1 for a in MESH_AXES)
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+    return Mesh(grid, MESH_AXES, axis_types=types)
+  if devices[0].platform == "cpu":  # fake CPU devices: no physical topology to follow
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=types)
+  # Accelerators (real or compile-only TPU devices): jax orders them along the physical torus.
+  return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
 
 
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = None,

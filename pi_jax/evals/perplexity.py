@@ -114,6 +114,13 @@ def tokenize_documents(tok, docs: Iterable[tuple[str, str]], max_tokens: int | N
   return out
 
 
+def window_nll_fn(config: ModelConfig, window: int, chunk: int = loss_lib.DEFAULT_CHUNK):
+  """nll(params, tokens [B, W], targets [B, W]) -> NLL [B, W]: what each window batch runs."""
+  def nll_fn(params, tokens_BL, targets_BL):
+    return loss_lib.token_nll(config, params, tokens_BL, targets_BL, chunk=min(chunk, window))
+  return nll_fn
+
+
 def make_window_scorer(config: ModelConfig, params, window: int, batch: int, *,
                        mesh=None, chunk: int = loss_lib.DEFAULT_CHUNK):
   """Compiles NLL [B, W] of a batch of windows; returns (fn, memory_bytes, compile_seconds).
@@ -121,9 +128,7 @@ def make_window_scorer(config: ModelConfig, params, window: int, batch: int, *,
   Raises before any work if XLA's estimate of the activation memory exceeds what the device
   has free.
   """
-  def nll_fn(params, tokens_BL, targets_BL):
-    return loss_lib.token_nll(config, params, tokens_BL, targets_BL, chunk=min(chunk, window))
-
+  nll_fn = window_nll_fn(config, window, chunk)
   tokens_spec = runtime.batch_struct((batch, window), mesh)
   t0 = time.perf_counter()
   with runtime.mesh_context(mesh):

@@ -239,6 +239,49 @@ def make_eval_step(config: TrainConfig, model: ModelConfig, shardings, batch_sha
                  out_shardings=replicated)
 
 
+@dataclasses.dataclass
+class StepSpecs:
+  """Everything the jitted steps are built from, without a single parameter allocated."""
+  optimizer: optax.GradientTransformation
+  abstract: dict  # ShapeDtypeStructs of the train state
+  shardings: dict  # NamedShardings of the train state
+  batch_sharding: NamedSharding  # [global_batch, seq_len + 1] rows of the train step
+  eval_sharding: NamedSharding  # [micro_batch, seq_len + 1] rows of the eval step
+
+  def abstract_state(self) -> dict:
+    """The state's ShapeDtypeStructs carrying their shardings (what `.lower` takes)."""
+    return state_lib.with_shardings(self.abstract, self.shardings)
+
+
+def step_specs(config: TrainConfig, model: ModelConfig, mesh) -> StepSpecs:
+  """Optimizer, abstract state and shardings of a run on `mesh` (real or compile-only devices)."""
+  optimizer = optim.make_optimizer(config)
+  abstract = state_lib.abstract_state(model, optimizer)
+  shardings = state_lib.state_shardings(mesh, model, optimizer, abstract)
+  micro = config.global_batch // config.accum_steps
+  rows = lambda b: sharding_lib.named_sharding(mesh, ("batch", None), (b, config.seq_len + 1))
+  return StepSpecs(optimizer, abstract, shardings, rows(config.global_batch), rows(micro))
+
+
+def abstract_model_config(config: TrainConfig) -> tuple[ModelConfig, str]:
+  """(final model config, where its architecture came from) without reading any parameter.
+
+  The init checkpoint's config.json when it exists, else the run config's `model` (the
+  architecture the checkpoint must have): what a compile-only run needs before the weights are
+  downloaded or converted.
+  """
+  from pi_jax import checkpoint as ckpt_lib
+  if config.init_checkpoint and ckpt_lib.is_checkpoint(config.init_checkpoint):
+    model, source = _load_model(config, None, fresh=False)[0], config.init_checkpoint
+  elif config.model is not None:
+    model, source = _model_from_config(config), (
+        f"preset {config.model}" if isinstance(config.model, str) else "the run config's model")
+  else:
+    raise ValueError(f"init_checkpoint {config.init_checkpoint!r} is not a pi_jax checkpoint and "
+                     "the run config names no model: set model=PRESET for a compile-only run")
+  return _final_model_config(config, model), source
+
+
 # --- the run -----------------------------------------------------------------------------------
 
 class WorkdirInUseError(ValueError):
@@ -330,7 +373,6 @@ class Trainer:
           f"cannot be split over the {shards} data shards of mesh {dict(self.mesh.shape)}: each "
           f"micro-batch must be a multiple of {shards} (otherwise every device would get the "
           "whole batch: no data parallelism)")
-    self.optimizer = optim.make_optimizer(config)
     self.checkpoints = state_lib.RunCheckpoints(config.workdir, config.keep_checkpoints,
                                                 config.async_checkpoints)
     has_checkpoints = bool(self.checkpoints.all_steps())
@@ -338,8 +380,8 @@ class Trainer:
     # Shapes and memory first: a model that cannot fit fails before anything big is read.
     model, _ = _load_model(config, self.mesh, fresh=False)
     self.model = _final_model_config(config, model)
-    abstract = state_lib.abstract_state(self.model, self.optimizer)
-    self.shardings = state_lib.state_shardings(self.mesh, self.model, self.optimizer, abstract)
+    specs = step_specs(config, self.model, self.mesh)
+    self.optimizer, abstract, self.shardings = specs.optimizer, specs.abstract, specs.shardings
     check_state_fits(abstract, self.shardings)
     # The init checkpoint's parameters are read only for a fresh run: a resume reads its own.
     init_params = None
@@ -347,11 +389,7 @@ class Trainer:
       _, init_params = _load_model(config, self.mesh, fresh=True)
     self.tokenizer, self.tokenizer_files = _tokenizer(config, self.model)
     self.data = data or _train_data(config, self.tokenizer, self.model.vocab_size)
-
-    self.batch_sharding = sharding_lib.named_sharding(
-        self.mesh, ("batch", None), (config.global_batch, config.seq_len + 1))
-    self.eval_sharding = sharding_lib.named_sharding(self.mesh, ("batch", None),
-                                                     (micro, config.seq_len + 1))
+    self.batch_sharding, self.eval_sharding = specs.batch_sharding, specs.eval_sharding
     if config.eval_every and self.data.num_eval < micro:
       raise ValueError(f"eval_sequences {config.eval_sequences} is less than one micro-batch "
                        f"({micro} sequences)")

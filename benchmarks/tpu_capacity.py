@@ -1,0 +1,142 @@
+"""The capacity table: for each of the paper's recipes, the smallest TPU slice its train step fits.
+
+  python benchmarks/tpu_capacity.py --json results/tpu_capacity.json --markdown docs/tpu_capacity.md
+
+Every number comes from the TPU compiler (compile-only, on this host: no TPU needed): the real
+train step of configs/NAME.py (pi_jax.train.aot.compile_train_step) compiled for a slice, its
+memory per chip from memory_analysis(). The search tries few candidates: slices in order of
+total HBM, one sequence per chip (micro-batch = chips, the rest by gradient accumulation), the
+config's own remat and mesh; the first slice whose step fits is the row. Rows already in the
+--json file are kept (--redo NAME recompiles one), so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+GiB = 2**30
+
+# (row name, config file, what the paper calls it)
+ROWS = (
+    ("7B 8K PI", "llama_7b_8k.py"),
+    ("7B 16K PI", "llama_7b_16k.py"),
+    ("7B 32K PI", "llama_7b_32k.py"),
+    ("13B 8K PI", "llama_13b_8k.py"),
+    ("33B 8K PI", "llama_33b_8k.py"),
+    ("65B 8K PI", "llama_65b_8k.py"),
+    ("Llama-2 7B 32K PI", "llama2_7b_32k.py"),
+    ("7B 8K FT (direct fine-tuning)", "llama_7b_8k_ft.py"),
+    ("SmolLM2-135M 32K PI", "smollm2_135m_32k.py"),
+)
+
+# Candidate slices, cheapest first within a generation; the search walks them in order of total
+# HBM (chips × HBM per chip) and stops at the first that fits.
+SLICES = ("v5e-4", "v5e-8", "v5e-16", "v6e-8", "v4-16", "v5e-32", "v6e-16", "v4-32", "v5p-16",
+          "v5e-64", "v6e-32", "v4-64", "v5p-32", "v5e-128", "v6e-64", "v4-128", "v5p-64",
+          "v5e-256", "v6e-128", "v4-256", "v5p-128", "v6e-256", "v5p-256", "v5p-512")
+
+
+def _slice_hbm(name: str) -> int:
+  from pi_jax import tpu
+  s = tpu.parse_slice(name)
+  return s.chips * s.hbm_bytes_per_chip
+
+
+def _row_config(config_file: str, chips: int):
+  """The config with one sequence per chip (micro-batch = chips) when the batch allows."""
+  from pi_jax.train import config as config_lib
+  config = config_lib.load_config_file(os.path.join(REPO, "configs", config_file))
+  micro = min(chips, config.global_batch)
+  if config.global_batch % micro:
+    return None
+  return config.replace(micro_batch=micro, grad_accum=1)
+
+
+def search(name: str, config_file: str, slices, log) -> dict:
+  from pi_jax import tpu
+  from pi_jax.train import aot
+  tried = []
+  for slice_name in sorted(slices, key=_slice_hbm):
+    chips = tpu.parse_slice(slice_name).chips
+    config = _row_config(config_file, chips)
+    if config is None:
+      continue
+    t0 = time.time()
+    try:
+      record = aot.compile_train_step(config, slice_name)
+    except ValueError as e:  # a mesh or batch that does not split over this slice
+      log(f"{name}: {slice_name}: skipped ({e})")
+      continue
+    per_chip = record["per_chip_bytes"]
+    log(f"{name}: {slice_name}: {'fits' if record['fits'] else 'does not fit'} "
+        f"({per_chip / GiB if per_chip else float('nan'):.2f} GiB per chip, "
+        f"{time.time() - t0:.0f} s)")
+    tried.append({k: record[k] for k in ("topology", "fits", "per_chip_bytes")})
+    if record["fits"]:
+      return {"row": name, "config": config_file, **record, "tried": tried}
+  return {"row": name, "config": config_file, "fits": False, "tried": tried}
+
+
+def markdown(rows: list[dict]) -> str:
+  head = ("| run | smallest slice | mesh | micro-batch × accum | remat | attention | "
+          "per chip (temp) | HBM | compile |\n|---|---|---|---|---|---|---|---|---|")
+  lines = [head]
+  for r in rows:
+    if not r.get("fits"):
+      tried = ", ".join(t["topology"] for t in r.get("tried", []))
+      lines.append(f"| {r['row']} | none fits (tried {tried}) | | | | | | | |")
+      continue
+    mesh = ",".join(f"{k}:{v}" for k, v in r["mesh"].items() if v > 1)
+    lines.append(
+        f"| {r['row']} | {r['topology']} | {mesh} | {r['micro_batch']} × {r['accum_steps']} | "
+        f"{r['model']['remat']} | {r['attention_compiled']} | "
+        f"{r['per_chip_bytes'] / GiB:.1f} GiB ({r['temp_bytes'] / GiB:.1f}) | "
+        f"{r['hbm_bytes_per_chip'] // GiB} GiB | {r['compile_seconds']:.0f} s |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--json", dest="json_out", required=True, help="results file (resumed if present)")
+  p.add_argument("--markdown", default=None, help="write the table here")
+  p.add_argument("--only", action="append", default=[], help="row config file(s) to run")
+  p.add_argument("--redo", action="append", default=[], help="recompile these rows")
+  p.add_argument("--slices", default=",".join(SLICES), help="candidate slices")
+  args = p.parse_args(argv)
+  done = {}
+  if os.path.exists(args.json_out):
+    with open(args.json_out) as f:
+      done = {r["config"]: r for r in json.load(f)["rows"]}
+  slices = [s for s in args.slices.split(",") if s]
+  rows = []
+  for name, config_file in ROWS:
+    if args.only and config_file not in args.only:
+      if config_file in done:
+        rows.append(done[config_file])
+      continue
+    if config_file in done and config_file not in args.redo:
+      rows.append(done[config_file])
+      continue
+    rows.append(search(name, config_file, slices, lambda m: print(m, flush=True)))
+    os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
+    with open(args.json_out, "w") as f:
+      json.dump({"command": "python benchmarks/tpu_capacity.py " + " ".join(argv or sys.argv[1:]),
+                 "rows": rows}, f, indent=2)
+  table = markdown(rows)
+  print(table)
+  if args.markdown:
+    with open(args.markdown, "w") as f:
+      f.write("<!-- written by: python benchmarks/tpu_capacity.py; do not edit by hand -->\n")
+      f.write(table)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,264 @@
+"""Compile-only (ahead-of-time) runs: the real train step, compiled for a TPU slice on any host.
+
+`compile_train_step(config, "v5p-64")` builds the step exactly as `Trainer` does (make_train_step,
+step_specs' state and batch shardings, the mesh spec, remat, attention) over abstract state
+(ShapeDtypeStructs: no parameter is read or allocated), compiles it with the TPU compiler for the
+slice's compile-only devices and returns a record: per-chip argument / output / temporary bytes
+from `memory_analysis()`, the chip's HBM, whether it fits, the step's model FLOPs and the compile
+time. train.py --compile-only and eval.py perplexity --compile-only print it.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import jax
+
+from pi_jax import attention as attn_lib
+from pi_jax import sharding as sharding_lib
+from pi_jax import tpu
+from pi_jax.train import metrics as metrics_lib
+from pi_jax.train import trainer as trainer_lib
+from pi_jax.train.config import TrainConfig
+
+GiB = tpu.GiB
+
+
+def memory_record(compiled, hbm_bytes: int) -> dict:
+  """Per-chip bytes of a compiled executable (XLA's memory_analysis) against the chip's HBM.
+
+  total = arguments + outputs − outputs aliased to donated arguments + temporaries (+ code).
+  """
+  m = compiled.memory_analysis()
+  args, out, alias = m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes
+  temp, code = m.temp_size_in_bytes, m.generated_code_size_in_bytes
+  total = args + out - alias + temp + code
+  host = m.host_temp_size_in_bytes + m.host_argument_size_in_bytes + m.host_output_size_in_bytes
+  return {
+      "fits": bool(total <= hbm_bytes),
+      "per_chip_bytes": int(total),
+      "hbm_bytes_per_chip": int(hbm_bytes),
+      "argument_bytes": int(args),
+      "output_bytes": int(out),
+      "alias_bytes": int(alias),
+      "temp_bytes": int(temp),
+      "code_bytes": int(code),
+      "host_bytes": int(host),
+  }
+
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _size(number: str, unit: str) -> int:
+  """`254.30`, `G` (the compiler's binary units) -> bytes."""
+  return int(float(number) * _UNITS[unit])
+
+
+def overflow_record(message: str, hbm_bytes: int) -> dict | None:
+  """The record of a compile the TPU compiler refused for running out of HBM, or None.
+
+  The compiler stops at its own memory check ("Ran out of memory in memory space hbm. Used
+  254.30G of 95.74G hbm", "HLO temporaries 254.30G exceed ...") before memory_analysis exists;
+  its numbers are the record.
+  """
+  if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:
+    return None
+  record = {"fits": False, "per_chip_bytes": None, "hbm_bytes_per_chip": int(hbm_bytes),
+            "argument_bytes": None, "output_bytes": None, "alias_bytes": None,
+            "temp_bytes": None, "code_bytes": None, "host_bytes": None,
+            "compiler_message": message.strip()[:2000]}
+  m = re.search(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm", message)
+  if m:
+    record["per_chip_bytes"] = _size(m.group(1), m.group(2))
+  m = re.search(r"temporaries \(?([\d.]+)([KMGT]?)", message) or re.search(
+      r"program\s+([\d.]+)([KMGT]?)", message)
+  if m:
+    record["temp_bytes"] = _size(m.group(1), m.group(2))
+  m = re.search(r"arguments\s+([\d.]+)([KMGT]?)", message)
+  if m:
+    record["argument_bytes"] = _size(m.group(1), m.group(2))
+  if record["per_chip_bytes"] is None:
+    parts = [record[k] for k in ("temp_bytes", "argument_bytes") if record[k] is not None]
+    record["per_chip_bytes"] = sum(parts) if parts else None
+  return record
+
+
+def _compile(lowered, hbm_bytes: int) -> dict:
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # the TPU compiler's out-of-memory refusal is a result, not a crash
+    record = overflow_record(str(e), hbm_bytes)
+    if record is None:
+      raise
+    return record
+  return memory_record(compiled, hbm_bytes)
+
+
+def _mesh_for_spec(spec: str | None, slice_: tpu.TpuSlice):
+  devices = tpu.compile_only_devices(slice_)
+  try:
+    return sharding_lib.make_mesh(spec, devices)
+  except ValueError as e:
+    raise ValueError(f"{slice_.name} ({len(devices)} chips): {e}") from None
+
+
+def _check_batch(config: TrainConfig, mesh) -> None:
+  shards = 1
+  for axis in sharding_lib.LOGICAL_AXIS_RULES["batch"] or ():
+    shards *= mesh.shape[axis]
+  micro = config.global_batch // config.accum_steps
+  if micro % shards:
+    raise ValueError(f"micro-batch {micro} (global_batch {config.global_batch} / "
+                     f"{config.accum_steps} accumulation steps) does not split over the "
+                     f"{shards} data shards of mesh {dict(mesh.shape)}: use a multiple of "
+                     f"{shards}, or a tensor / sequence axis for the rest of the chips")
+
+
+def compile_train_step(config: TrainConfig, topology: str) -> dict:
+  """Compiles the run's train step for the TPU slice `topology`; returns the record."""
+  slice_ = tpu.parse_slice(topology)
+  model, source = trainer_lib.abstract_model_config(config)
+  mesh = _mesh_for_spec(config.mesh, slice_)
+  _check_batch(config, mesh)
+  specs = trainer_lib.step_specs(config, model, mesh)
+  rows = jax.ShapeDtypeStruct((config.global_batch, config.seq_len + 1), jax.numpy.int32,
+                              sharding=specs.batch_sharding)
+  t0 = time.perf_counter()
+  with jax.set_mesh(mesh):
+    step = trainer_lib.make_train_step(config, model, specs.optimizer, specs.shardings,
+                                       specs.batch_sharding)
+    attention = attn_lib.resolve_impl(model.attention_impl, model.compute_dtype)
+    lowered = step.lower(specs.abstract_state(), rows)
+    memory = _compile(lowered, slice_.hbm_bytes_per_chip)
+  seconds = time.perf_counter() - t0
+  tokens = config.global_batch * config.seq_len
+  flops = metrics_lib.flops_per_token(model, config.seq_len) * tokens
+  record = {
+      "what": "train_step",
+      "topology": slice_.name,
+      "slice": slice_.describe(),
+      "generation": slice_.generation,
+      "chips": slice_.chips,
+      "mesh": {k: int(v) for k, v in mesh.shape.items()},
+      "model_source": source,
+      "model": _model_summary(model),
+      "attention_compiled": attention,
+      "seq_len": config.seq_len,
+      "global_batch": config.global_batch,
+      "micro_batch": config.global_batch // config.accum_steps,
+      "accum_steps": config.accum_steps,
+      "loss_chunk": config.loss_chunk,
+      "tokens_per_step": tokens,
+      "model_flops_per_step": flops,
+      "model_flops_per_chip": flops / slice_.chips,
+      "compile_seconds": round(seconds, 1),
+      **memory,
+  }
+  return record
+
+
+def _model_summary(model) -> dict:
+  from pi_jax import model as model_lib
+  return {"params": model_lib.count_params(model), "num_layers": model.num_layers,
+          "hidden_size": model.hidden_size, "rope_scaling": model.rope_scaling.describe(),
+          "param_dtype": model.param_dtype, "compute_dtype": model.compute_dtype,
+          "remat": model.remat, "attention_impl": model.attention_impl,
+          "attention_block_size": model.attention_block_size}
+
+
+def _gib(n: int) -> str:
+  return f"{n / GiB:.2f} GiB" if n >= GiB // 10 else f"{n / 2**20:.2f} MiB"
+
+
+def format_record(record: dict) -> str:
+  """The human-readable lines train.py / eval.py print."""
+  m = record["model"]
+  lines = [
+      f"{record['what']} compiled for {record['slice']} in {record['compile_seconds']} s",
+      f"  mesh {record['mesh']}; model {m['params'] / 1e9:.2f}B params ({record['model_source']}), "
+      f"{m['rope_scaling']}, {m['param_dtype']} params / {m['compute_dtype']} compute, "
+      f"remat {m['remat']}, attention {m['attention_impl']} -> {record['attention_compiled']}",
+  ]
+  if record["what"] == "train_step":
+    lines.append(f"  batch {record['global_batch']} × {record['seq_len']} tokens "
+                 f"(micro-batch {record['micro_batch']}, loss chunk {record['loss_chunk']}); "
+                 f"model FLOPs {record['model_flops_per_step']:.3e} per step, "
+                 f"{record['model_flops_per_chip']:.3e} per chip")
+  else:
+    lines.append(f"  batch {record['batch']} windows × {record['window']} tokens; "
+                 f"model FLOPs {record['model_flops_per_step']:.3e} per call")
+  if record.get("compiler_message"):
+    total = record["per_chip_bytes"]
+    return "\n".join(lines + [
+        "  DOES NOT FIT: the TPU compiler ran out of HBM"
+        + (f" (needs {_gib(total)} of {_gib(record['hbm_bytes_per_chip'])} per chip, over by "
+           f"{_gib(total - record['hbm_bytes_per_chip'])})" if total else ""),
+        "  " + record["compiler_message"].splitlines()[0][:400]])
+  lines += [
+      "  per chip: arguments " + _gib(record["argument_bytes"]) +
+      ", outputs " + _gib(record["output_bytes"]) +
+      f" ({_gib(record['alias_bytes'])} aliased to donated arguments)" +
+      ", temporaries " + _gib(record["temp_bytes"]),
+      f"  total {_gib(record['per_chip_bytes'])} of {_gib(record['hbm_bytes_per_chip'])} HBM: " +
+      ("fits" if record["fits"] else
+       f"DOES NOT FIT (over by {_gib(record['per_chip_bytes'] - record['hbm_bytes_per_chip'])})"),
+  ]
+  return "\n".join(lines)
+
+
+def compile_perplexity_step(model, topology: str, window: int, batch: int | None = None,
+                            mesh_spec: str | None = None, chunk: int = 1024,
+                            model_source: str = "") -> dict:
+  """Compiles eval.py perplexity's window scorer (pi_jax.evals.perplexity.window_nll_fn) for a
+  TPU slice: parameters sharded as load_checkpoint places them, window batches over the data
+  axes. `batch` defaults to one window per data shard."""
+  from pi_jax import model as model_lib
+  from pi_jax.evals import perplexity as ppl
+  from pi_jax.evals import runtime
+  from pi_jax.train import state as state_lib
+  slice_ = tpu.parse_slice(topology)
+  mesh = _mesh_for_spec(mesh_spec, slice_)
+  batch = runtime.check_batch_size(runtime.batch_shards(mesh) if batch is None else batch, mesh)
+  params = state_lib.with_shardings(model_lib.abstract_params(model),
+                                    state_lib.param_shardings(mesh, model))
+  tokens = runtime.batch_struct((batch, window), mesh)
+  t0 = time.perf_counter()
+  with jax.set_mesh(mesh):
+    attention = attn_lib.resolve_impl(model.attention_impl, model.compute_dtype)
+    memory = _compile(jax.jit(ppl.window_nll_fn(model, window, chunk)).lower(
+        params, tokens, tokens), slice_.hbm_bytes_per_chip)
+  seconds = time.perf_counter() - t0
+  # A forward pass is a third of a training step's 6·N + attention FLOPs per token.
+  flops = metrics_lib.flops_per_token(model, window) / 3 * batch * window
+  return {
+      "what": "perplexity_window", "topology": slice_.name, "slice": slice_.describe(),
+      "generation": slice_.generation, "chips": slice_.chips,
+      "mesh": {k: int(v) for k, v in mesh.shape.items()}, "model_source": model_source,
+      "model": _model_summary(model), "attention_compiled": attention,
+      "window": window, "batch": batch, "loss_chunk": chunk,
+      "model_flops_per_step": flops, "model_flops_per_chip": flops / slice_.chips,
+      "compile_seconds": round(seconds, 1),
+      **memory,
+  }
+
+
+def analytic_bytes_per_token(model) -> dict:
+  """What one token of one sequence costs the train step, on paper (bytes; see docs/tpu.md).
+
+  - residual: the layer input saved at each of the Y layer boundaries under remat (compute
+    dtype): Y·c·D. Everything else inside a layer is recomputed in the backward pass.
+  - layer: the working set of one layer's recompute + backward, alive for one layer at a time:
+    its activations in the compute dtype (normed inputs, q, k, v, attention output, gate, up,
+    SiLU product and their cotangents) plus the float32 pieces of flash attention's backward
+    (output, its cotangent and dq, dk, dv): c·(4D + 4NH + 4KH + 6F) + 4·(3NH + 2KH).
+  The loss's float32 logits are per chunk, not per token (a constant, loss_chunk·V·4·3).
+  """
+  c = 2 if model.compute_dtype == "bfloat16" else 4
+  d, f = model.hidden_size, model.intermediate_size
+  nh, kh = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
+  residual = model.num_layers * c * d
+  layer = c * (4 * d + 4 * nh + 4 * kh + 6 * f) + 4 * (3 * nh + 2 * kh)
+  return {"residual": residual, "layer": layer, "total": residual + layer,
+          "per_layer": (residual + layer) / model.num_layers}
