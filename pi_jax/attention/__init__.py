@@ -6,22 +6,25 @@ heads of a group share one K/V head, which is never copied per query head) and r
 
 - reference (reference.py): plain softmax over the full L×L score matrix; the oracle.
 - xla_blockwise (blockwise.py): flash attention in plain XLA, linear memory, custom VJP.
-- cudnn, splash (kernels.py): the cuDNN flash kernel on NVIDIA GPUs, Pallas splash on TPU.
-- ring (ring.py): context parallelism over the `sequence` mesh axis.
-- auto: splash on TPU, cudnn on GPU for bf16/fp16, else xla_blockwise.
+- cudnn, splash (kernels.py): the cuDNN flash kernel on NVIDIA GPUs, Pallas splash on TPU
+  (inside shard_map over batch and heads; verified on CPU in Pallas interpret mode).
+- ring (ring.py): context parallelism over the `sequence` mesh axis, load-balanced (zig-zag).
+- auto: ring under a mesh with a `sequence` axis, else splash on TPU, cudnn on GPU for bf16/fp16,
+  else xla_blockwise. "On TPU" means the platform compiled for (kernels.backend): a mesh over
+  TPU topology devices counts.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from pi_jax.attention.blockwise import block_length, blockwise_attention, blockwise_core
 from pi_jax.attention import kernels
 from pi_jax.attention.kernels import cudnn_attention, splash_attention
 from pi_jax.attention.reference import MASK_VALUE, group_queries, reference_attention
-from pi_jax.attention.ring import ring_attention
+from pi_jax.attention.ring import SEQUENCE_AXIS, ring_attention
 from pi_jax.config import ATTENTION_IMPLS
-
 
 def resolve_impl(impl: str, dtype) -> str:
   """The implementation `auto` stands for on this backend and compute dtype."""
@@ -29,6 +32,9 @@ def resolve_impl(impl: str, dtype) -> str:
     raise ValueError(f"unknown attention implementation {impl!r}; expected one of {ATTENTION_IMPLS}")
   if impl != "auto":
     return impl
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.shape.get(SEQUENCE_AXIS, 1) > 1:
+    return "ring"  # the only implementation that splits the sequence
   backend = kernels.backend()
   if backend == "tpu":
     return "splash"
@@ -37,8 +43,12 @@ def resolve_impl(impl: str, dtype) -> str:
   return "xla_blockwise"
 
 
-def attention(q_BLNH, k_BLKH, v_BLKH, *, impl: str = "auto", block_size: int = 512):
-  """Causal self-attention with the implementation named by `impl`."""
+def attention(q_BLNH, k_BLKH, v_BLKH, *, impl: str = "auto", block_size: int = 512,
+              interpret: bool = False):
+  """Causal self-attention with the implementation named by `impl`.
+
+  interpret: run the Pallas kernel (splash) in interpret mode, on any backend (tests).
+  """
   if q_BLNH.shape[2] % k_BLKH.shape[2]:
     raise ValueError(f"query heads {q_BLNH.shape[2]} are not a multiple of kv heads "
                      f"{k_BLKH.shape[2]}")
@@ -50,5 +60,5 @@ def attention(q_BLNH, k_BLKH, v_BLKH, *, impl: str = "auto", block_size: int = 5
   if impl == "cudnn":
     return cudnn_attention(q_BLNH, k_BLKH, v_BLKH)
   if impl == "splash":
-    return splash_attention(q_BLNH, k_BLKH, v_BLKH, block_size=block_size)
+    return splash_attention(q_BLNH, k_BLKH, v_BLKH, block_size=block_size, interpret=interpret)
   return ring_attention(q_BLNH, k_BLKH, v_BLKH, block_size=block_size)

@@ -1,19 +1,33 @@
 """Vendor attention kernels, imported lazily: they exist only on their own backends.
 
 - cudnn: jax.nn.dot_product_attention's cuDNN flash kernel (NVIDIA GPU, bf16/fp16).
-- splash: the Pallas TPU splash-attention kernel with a causal mask.
+- splash: the Pallas TPU splash-attention kernel with a causal mask, inside `shard_map`.
+
+The platform is the one the program is compiled FOR: under `jax.set_mesh`, that of the mesh's
+devices (a mesh over TPU topology devices compiles for TPU from a CPU host), else the default
+backend.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-from pi_jax.attention.reference import group_queries
+from pi_jax import sharding as sharding_lib
+
+# Splash tiles the sequence by this many positions (the TPU lane width).
+SPLASH_TILE = 128
 
 
 def backend() -> str:
-  return jax.default_backend()
+  """The platform the current computation targets (see the module docstring)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else mesh.abstract_device
+  return device.platform if device is not None else jax.default_backend()
 
 
 def cudnn_attention(q_BLNH, k_BLKH, v_BLKH):
@@ -29,30 +43,67 @@ def cudnn_attention(q_BLNH, k_BLKH, v_BLKH):
                                       implementation="cudnn")
 
 
-def splash_attention(q_BLNH, k_BLKH, v_BLKH, *, block_size: int = 512):
-  """Pallas TPU splash attention with a lazy causal mask; GQA as one MQA kernel per K/V head."""
-  if backend() != "tpu":
-    raise ValueError(f"attention impl 'splash' needs a TPU; the JAX backend is {backend()!r}."
-                     " Use 'xla_blockwise' (or 'auto').")
+def splash_block(length: int, block_size: int) -> int:
+  """The splash tile: the largest multiple of 128 that is ≤ block_size and divides `length`
+  (itself a multiple of 128)."""
+  blk = max(SPLASH_TILE, min(block_size, length) // SPLASH_TILE * SPLASH_TILE)
+  while length % blk:
+    blk -= SPLASH_TILE
+  return blk
+
+
+def _splash_local(q_BLNH, k_BLKH, v_BLKH, *, block_size: int, interpret: bool):
+  """Splash on one device's arrays: GQA natively (q head n reads kv head n // G), vmapped over B."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
   b, l, n, h = q_BLNH.shape
-  kh = k_BLKH.shape[2]
-  g = n // kh
-  pad = (-l) % 128  # the kernel tiles by 128; trailing padding is hidden by the causal mask
+  pad = (-l) % SPLASH_TILE  # trailing padding is hidden from every real query by the causal mask
   lp = l + pad
   if pad:
     widths = ((0, 0), (0, pad), (0, 0), (0, 0))
     q_BLNH, k_BLKH, v_BLKH = (jnp.pad(x, widths) for x in (q_BLNH, k_BLKH, v_BLKH))
-  blk = max(128, min(block_size, lp) // 128 * 128)
-  while lp % blk:
-    blk -= 128
+  blk = splash_block(lp, block_size)
+  # The fused backward (dq, dk, dv in one kernel) is what MaxText runs by default.
   sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk,
-                        block_kv_dkv=blk, block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
-  mask = sm.MultiHeadMask([sm.CausalMask((lp, lp)) for _ in range(g)])
-  kernel = sk.make_splash_mqa_single_device(mask=mask, block_sizes=sizes)
-  q_BKGLH = (group_queries(q_BLNH, kh) / jnp.sqrt(jnp.float32(h)).astype(q_BLNH.dtype)
-             ).transpose(0, 2, 3, 1, 4)  # splash does not scale the scores itself
-  k_BKLH, v_BKLH = k_BLKH.transpose(0, 2, 1, 3), v_BLKH.transpose(0, 2, 1, 3)
-  out_BKGLH = jax.vmap(jax.vmap(kernel))(q_BKGLH, k_BKLH, v_BKLH)
-  return out_BKGLH.transpose(0, 3, 1, 2, 4).reshape(b, lp, n, h)[:, :l]
+                        block_kv_dkv=blk, block_kv_dkv_compute=blk, use_fused_bwd_kernel=True)
+  mask = sm.MultiHeadMask([sm.CausalMask((lp, lp)) for _ in range(n)])
+  kernel = sk.make_splash_mha(mask=mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                              interpret=interpret)
+  # Splash does not scale the scores: scale q once, in float32, then back to the compute dtype.
+  q_BLNH = (q_BLNH.astype(jnp.float32) * (1.0 / math.sqrt(h))).astype(q_BLNH.dtype)
+  out_BNLH = jax.vmap(kernel)(q_BLNH.transpose(0, 2, 1, 3), k_BLKH.transpose(0, 2, 1, 3),
+                              v_BLKH.transpose(0, 2, 1, 3))
+  return out_BNLH.transpose(0, 2, 1, 3)[:, :l]
+
+
+def splash_attention(q_BLNH, k_BLKH, v_BLKH, *, block_size: int = 512, interpret: bool = False):
+  """Pallas TPU splash attention with a lazy causal mask (no L×L mask is ever built).
+
+  Under a mesh the kernel runs inside `shard_map` (XLA cannot partition a Mosaic kernel): batch
+  split over data/fsdp and heads over tensor where they divide (heads only when the kv heads
+  divide too, so GQA groups stay whole), the rest replicated. The sequence is not split: a mesh
+  with a `sequence` axis > 1 is refused (use attention_impl='ring'). `interpret=True` runs the
+  same kernel in Pallas interpret mode on any backend (tests on CPU).
+  """
+  if not interpret and backend() != "tpu":
+    raise ValueError(f"attention impl 'splash' needs a TPU; the JAX backend is {backend()!r}."
+                     " Use 'xla_blockwise' (or 'auto').")
+  fn = functools.partial(_splash_local, block_size=block_size, interpret=interpret)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return fn(q_BLNH, k_BLKH, v_BLKH)
+  mesh_shape = dict(mesh.shape)
+  (seq_axis,) = sharding_lib.LOGICAL_AXIS_RULES["length"]
+  if mesh_shape.get(seq_axis, 1) > 1:
+    raise ValueError(
+        f"attention impl 'splash' does not split the sequence, and the mesh's {seq_axis!r} axis "
+        f"has size {mesh_shape[seq_axis]}: use attention_impl='ring' (context parallelism over "
+        f"{seq_axis!r}), or a mesh without a {seq_axis!r} axis")
+  q_spec = sharding_lib.logical_to_spec(("batch", None, "act_heads", None), q_BLNH.shape,
+                                        mesh_shape)
+  kv_spec = sharding_lib.logical_to_spec(("batch", None, "act_kv_heads", None), k_BLKH.shape,
+                                         mesh_shape)
+  if q_spec[2] != kv_spec[2]:  # heads split only when query and kv heads split alike
+    q_spec = kv_spec = P(q_spec[0], None, None, None)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+                       check_vma=False)(q_BLNH, k_BLKH, v_BLKH)
