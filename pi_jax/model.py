@@ -207,6 +207,7 @@ class Llama(nnx.Module):
                     cache: dict | None = None, cache_index: jax.Array | int | None = None):
     """See `hidden_states`."""
     config = self.config
+    check_token_ids(tokens_BL, config.vocab_size)  # outside jit; a no-op on traced ids
     dt = jnp.dtype(config.compute_dtype)
     b, l = tokens_BL.shape
     if positions_BL is None:
@@ -253,10 +254,18 @@ class Llama(nnx.Module):
 
 # --- what the modules declare, derived without allocating -------------------------------------
 
+def _unsharded_eval_shape(fn):
+  """nnx.eval_shape outside any mesh: the Params' logical axes ('norm', 'embed', ...) are not
+  mesh axes, and pi_jax.sharding maps them; under `jax.set_mesh` (a train or eval step being
+  traced) Flax would otherwise try to use them as a PartitionSpec of the active mesh."""
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+    return nnx.eval_shape(fn)
+
+
 @functools.lru_cache(maxsize=64)
 def abstract_model(config: ModelConfig) -> Llama:
   """`Llama(config)` with ShapeDtypeStructs for arrays (nnx.eval_shape: nothing is allocated)."""
-  return nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+  return _unsharded_eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
 
 
 @functools.lru_cache(maxsize=64)
@@ -266,7 +275,7 @@ def _model_graphdef(config: ModelConfig):
 
 @functools.lru_cache(maxsize=64)
 def _layer_graphdef(config: ModelConfig):
-  return nnx.graphdef(nnx.eval_shape(lambda: DecoderLayer(config, rngs=nnx.Rngs(0))))
+  return nnx.graphdef(_unsharded_eval_shape(lambda: DecoderLayer(config, rngs=nnx.Rngs(0))))
 
 
 def _param_tree(config: ModelConfig, leaf) -> Params:
@@ -315,7 +324,6 @@ def hidden_states(config: ModelConfig, params: Params, tokens_BL: jax.Array,
   means a prefill of an empty cache from position 0; an index means decode after that many
   cached tokens.
   """
-  check_token_ids(tokens_BL, config.vocab_size)
   return Llama.from_params(config, params).hidden_states(tokens_BL, positions_BL, cache,
                                                          cache_index)
 

@@ -222,7 +222,7 @@ def test_needs_original_window(kind):
     (dict(num_layers=0), "num_layers must be a positive integer"),
     (dict(vocab_size=-1), "vocab_size must be a positive integer"),
     (dict(head_dim=7, hidden_size=28, num_heads=4), "head_dim must be even"),
-    (dict(rope_theta=0.0), "rope_theta must be positive"),
+    (dict(rope_theta=0.0), "rope_theta must be a finite positive number"),
     (dict(rope_scaling=RopeScaling("longrope", 4.0, 2048, short_factor=[1.0] * 3,
                                    long_factor=[1.0] * 3)), "head_dim/2 = 64 entries"),
 ])

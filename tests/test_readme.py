@@ -67,9 +67,10 @@ def _check_command(command: str) -> None:
     return
   assert args[0] == "python", f"unknown program in README: {command}"
   args = args[1:]
-  if args[:2] == ["-m", "convert.to_pi_jax"] or args[:2] == ["-m", "convert.to_hf"]:
+  if args[:2] in (["-m", "convert.to_pi_jax"], ["-m", "convert.to_hf"], ["-m", "pi_jax.data"]):
     import importlib
-    importlib.import_module(args[1]).build_parser().parse_args(args[2:])
+    module = args[1] + (".__main__" if args[1] == "pi_jax.data" else "")
+    importlib.import_module(module).build_parser().parse_args(args[2:])
   elif args[0] == "eval.py":
     sys.path.insert(0, REPO)
     import eval as eval_cli

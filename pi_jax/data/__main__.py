@@ -7,7 +7,7 @@ import json
 import sys
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m pi_jax.data",
                                    description="Token stores: tokenize a corpus once, train from it.")
   sub = parser.add_subparsers(dest="command", required=True)
@@ -33,7 +33,11 @@ def main(argv=None) -> int:
   p.add_argument("--json", action="store_true", help="print the summary as JSON too")
   i = sub.add_parser("info", help="print what a token store holds")
   i.add_argument("store")
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
 
   from pi_jax.data import prepare as prepare_lib
   from pi_jax.data import store as store_lib
