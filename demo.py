@@ -36,6 +36,7 @@ from miniature import experiment
 from miniature import report as mini_report
 from miniature.runner import REPO, Runner
 from miniature.report import fmt
+from pi_jax import files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,24 +286,23 @@ def write_report(out: str, argv: list[str], mini, real, real_settings, runner: R
             + (f" {len(busy)} step(s) ran beside other work (load > 4): their times are not "
                "benchmarks." if busy else ""), ""]
   path = os.path.join(out, "report.md")
-  with open(path + ".tmp", "w") as f:
-    f.write("\n".join(lines))
-  os.replace(path + ".tmp", path)
-  with open(os.path.join(out, "results.json.tmp"), "w") as f:  # the numbers, machine-readable
-    json.dump({"status": status, "versions": _versions(), "miniature": mini,
-               "real_model": real, "commands": runner.records}, f, indent=1, default=str)
-  os.replace(os.path.join(out, "results.json.tmp"), os.path.join(out, "results.json"))
+  files.write_text(path, "\n".join(lines))
+  files.write_json(os.path.join(out, "results.json"),  # the numbers, machine-readable
+                   {"status": status, "versions": _versions(), "miniature": mini,
+                    "real_model": real, "commands": runner.records}, indent=1, default=str)
   return path
 
 
 def publish(out: str, dest: str) -> None:
-  """Copies the full run's report, numbers, plots and evaluation JSON (no checkpoints)."""
-  os.makedirs(os.path.join(dest, "evals"), exist_ok=True)
-  for name in os.listdir(out):
-    if name.endswith((".md", ".json", ".png")):
-      shutil.copy2(os.path.join(out, name), os.path.join(dest, name))
-  for name in os.listdir(os.path.join(out, "evals")):
-    shutil.copy2(os.path.join(out, "evals", name), os.path.join(dest, "evals", name))
+  """Replaces `dest` with the full run's report, numbers, plots and evaluation JSON."""
+  with files.atomic_directory(dest) as tmp:
+    os.makedirs(os.path.join(tmp, "evals"))
+    for name in os.listdir(out):
+      if name.endswith((".md", ".json", ".png")):
+        shutil.copy2(os.path.join(out, name), os.path.join(tmp, name))
+    for name in os.listdir(os.path.join(out, "evals")):
+      shutil.copy2(os.path.join(out, "evals", name), os.path.join(tmp, "evals", name))
+
 
 def _ints(text: str, low: int = 2) -> tuple[int, ...]:
   try:
@@ -318,6 +318,8 @@ def _ints(text: str, low: int = 2) -> tuple[int, ...]:
 # --- the miniature's base model ----------------------------------------------------------------
 
 PRETRAIN_CONFIG = "configs/mini_pretrain.py"
+BASE_PASSKEY_DEPTHS = 32  # distances inside the window for the base's retrieval check
+BASE_PASSKEY_TRIALS = 10  # keys per distance
 
 
 def pretrain(argv: list[str]) -> int:
@@ -357,7 +359,7 @@ def pretrain(argv: list[str]) -> int:
 
 
 def publish_base(workdir: str, dest: str) -> None:
-  """Copies the pre-trained model to `dest` with its loss curve and a summary of the run."""
+  """Copies the pre-trained model to `dest` with its loss curve, passkey check and summary."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -366,23 +368,37 @@ def publish_base(workdir: str, dest: str) -> None:
   evals = read_metrics(workdir, "eval_loss")
   with open(os.path.join(workdir, "run_config.json")) as f:
     run_config = json.load(f)
-  tmp = dest + ".tmp"
-  shutil.rmtree(tmp, ignore_errors=True)
-  shutil.copytree(os.path.join(workdir, "final"), tmp)
+  L = run_config["seq_len"]
+  final = os.path.join(workdir, "final")
+  pk_json = os.path.join(workdir, "passkey_at_window.json")
+  if not os.path.isfile(pk_json):  # retrieval inside the trained window, every distance
+    cmd = [sys.executable, "eval.py", "passkey", "--ckpt", final, "--template", "mini",
+           "--mode", "score", "--lengths", str(L), "--depths", str(BASE_PASSKEY_DEPTHS),
+           "--trials", str(BASE_PASSKEY_TRIALS), "--seed", "0", "--batch-size", "32",
+           "--no-progress", "--json", pk_json]
+    print("[pretrain] $ " + shlex.join(["python"] + cmd[1:]), flush=True)
+    subprocess.run(cmd, cwd=REPO, check=True)
+  (pk,) = _load(pk_json)["runs"]
+  pk = pk["lengths"][str(L)]
   tail = [r["loss"] for r in steps[-50:]]
   summary = {
       "command": "python demo.py pretrain",
       "steps": len(steps), "global_batch": run_config["global_batch"],
-      "seq_len": run_config["seq_len"], "passkey_fraction": run_config["passkey_fraction"],
-      "tokens": len(steps) * run_config["global_batch"] * run_config["seq_len"],
+      "seq_len": L, "passkey_fraction": run_config["passkey_fraction"],
+      "tokens": len(steps) * run_config["global_batch"] * L,
       "train_seconds": round(sum(r["step_seconds"] for r in steps), 1),
       "peak_learning_rate": run_config["learning_rate"],
       "final_learning_rate": steps[-1]["learning_rate"],
       "mean_train_loss_last_50_steps": round(sum(tail) / len(tail), 4),
-      "eval_loss": {int(r["after_steps"]): round(r["eval_loss"], 4) for r in evals}}
-  with open(os.path.join(tmp, "pretrain_summary.json"), "w") as f:
-    json.dump(summary, f, indent=1)
-  fig, ax = plt.subplots(figsize=(6, 3.6))
+      "eval_loss": {int(r["after_steps"]): round(r["eval_loss"], 4) for r in evals},
+      "passkey_at_window": {
+          "command": f"python eval.py passkey --ckpt {dest} --template mini --mode score "
+                     f"--lengths {L} --depths {BASE_PASSKEY_DEPTHS} --trials "
+                     f"{BASE_PASSKEY_TRIALS} --seed 0",
+          "k": pk["k"], "actual_k": pk["actual_k"], "accuracy": pk["accuracy"],
+          "mean_accuracy": round(pk["mean_accuracy"], 4), "min_accuracy": min(pk["accuracy"]),
+          "k_max": pk["k_max"]}}
+  fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
   ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.5, alpha=0.6,
           label=f"training loss ({run_config['passkey_fraction']:.0%} passkey rows)")
   ax.plot(list(summary["eval_loss"]), list(summary["eval_loss"].values()), marker="o",
@@ -393,17 +409,23 @@ def publish_base(workdir: str, dest: str) -> None:
   ax.grid(True, alpha=0.3)
   ax.legend(fontsize=8)
   ax.set_title(f"{dest}: `python demo.py pretrain`", fontsize=9)
+  ax2.plot(pk["actual_k"], pk["accuracy"], marker="o")
+  ax2.set_xlabel("key-to-question distance k (tokens)")
+  ax2.set_ylabel("passkey accuracy")
+  ax2.set_ylim(-0.05, 1.05)
+  ax2.grid(True, alpha=0.3)
+  ax2.set_title(f"retrieval inside the {L}-token window ({BASE_PASSKEY_TRIALS} keys per k)",
+                fontsize=9)
   fig.tight_layout()
-  fig.savefig(os.path.join(tmp, "loss_curve.png"), dpi=110)
-  plt.close(fig)
   readme = os.path.join(dest, "README.md")
-  if os.path.isfile(readme):  # the hand-written description stays
-    shutil.copy2(readme, os.path.join(tmp, "README.md"))
-  if os.path.isdir(dest):
-    shutil.rmtree(dest)
-  os.replace(tmp, dest)
+  with files.atomic_directory(dest) as tmp:
+    shutil.copytree(final, tmp, dirs_exist_ok=True)
+    files.write_json(os.path.join(tmp, "pretrain_summary.json"), summary, indent=1)
+    fig.savefig(os.path.join(tmp, "loss_curve.png"), dpi=110)
+    if os.path.isfile(readme):  # the hand-written description stays
+      shutil.copy2(readme, os.path.join(tmp, "README.md"))
+  plt.close(fig)
   print(f"[pretrain] published to {dest}: {json.dumps(summary)}", flush=True)
-
 
 
 def main(argv=None) -> int:

@@ -25,6 +25,7 @@ import os
 import shutil
 
 from miniature.runner import REPO, Runner
+from pi_jax import files
 
 HELDOUT = "data/pg19_standin/Psa_14?.txt"  # Psalms 140-149: never in pre-training or fine-tuning
 EXTEND_CONFIG = "configs/mini_extend.py"
@@ -152,10 +153,8 @@ class Experiment:
         for item in extend:
           argv += ["--set", item]
         self.run(f"train_{arm}_{s}", argv + ["--no-progress"], what)
-        tmp = ckpt + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(os.path.join(workdir, "final"), tmp)
-        os.replace(tmp, ckpt)
+        with files.atomic_directory(ckpt) as tmp:
+          shutil.copytree(os.path.join(workdir, "final"), tmp, dirs_exist_ok=True)
       self.evaluate(f"{arm}@{s}", ckpt, None, W if method != "control" else max(self.windows),
                     [W] if method != "control" else [L],
                     method=method, factor=factor if method != "control" else 1, step=s,

@@ -53,10 +53,10 @@ class Template:
   filler: str
   key_line: str
   question: str
-  # The prompt and its answer (" KEY") fill the length exactly, padded after BOS with the end of
-  # a filler group: for small windows, where the few tokens after the prompt would otherwise
-  # sit past the trained positions, and a gap of up to one filler group would move the
-  # question away from where training rows put it.
+  # The prompt and its answer (" KEY") fill the length exactly, as a training row is filled,
+  # and the filler is cut at token level so the key sits at exactly k (PromptBuilder.fill):
+  # for small windows, where the few tokens after the prompt would otherwise sit past the
+  # trained positions and whole filler groups would leave only a handful of distances.
   answer_in_window: bool = False
 
   def prompt(self, key: int | str, n_before: int, n_after: int) -> str:
@@ -145,17 +145,18 @@ class PromptBuilder:
     return self._len_cache[sig]
 
   def trial(self, length: int, k: int, key: int) -> Trial:
-    tok = self.tok
-    room = length
     if self.template.answer_in_window:
-      room -= len(tok.encode(f" {key}", add_bos=False))
+      lead = self.tok.encode("")  # BOS, when the tokenizer adds one
+      ids, key_ids, actual_k = self.fill(length, k, key, lead)
+      return Trial(length, k, key, tuple(ids), tuple(key_ids), actual_k)
+    tok = self.tok
     base = self._len(key, 0, 0)
-    if base >= room:
+    if base >= length:
       raise ValueError(f"passkey length {length} is shorter than the prompt without filler "
                        f"({base} tokens)")
     per = self._len(key, 0, 1) - base  # tokens per filler group
-    total = (room - base) // per
-    while total > 0 and self._len(key, 0, total) > room:  # merges at the seams may add tokens
+    total = (length - base) // per
+    while total > 0 and self._len(key, 0, total) > length:  # merges at the seams may add tokens
       total -= 1
     tpl = self.template
     tail = base - len(tok.encode(tpl.task + tpl.key_head))  # k with no filler after the key
@@ -167,15 +168,50 @@ class PromptBuilder:
     if full[:len(ids)] != ids:
       raise ValueError("the tokenizer merges the key into the prompt's last token; cannot "
                        "score the key's tokens separately")
-    key_ids, actual_k = full[len(ids):], len(ids) - len(head)
-    if tpl.answer_in_window and room > len(ids):
-      # Fill the window exactly, as a training row is filled: the end of a filler group
-      # between BOS and the prompt (the distance k, counted from the end, does not change).
-      pad = room - len(ids)
-      filler = tok.encode(tpl.filler * (pad // per + 2), add_bos=False)[-pad:]
-      lead = 1 if ids[:1] == [tok.bos_id] else 0
-      ids = ids[:lead] + filler + ids[lead:]
-    return Trial(length, k, key, tuple(ids), tuple(key_ids), actual_k)
+    return Trial(length, k, key, tuple(ids), tuple(full[len(ids):]), len(ids) - len(head))
+
+  # -- token-level prompts (templates with answer_in_window) --
+
+  def _pieces(self, key: int) -> dict[str, list[int]]:
+    """The template's parts as token ids; the parts meet at spaces, so they concatenate."""
+    tok, tpl = self.tok, self.template
+    enc = lambda text: tok.encode(text, add_bos=False)
+    parts = {"task": enc(tpl.task) if tpl.task else [], "filler": enc(tpl.filler),
+             "key_head": enc(tpl.key_head), "key_line": enc(tpl.key_line.format(key=key)),
+             "question": enc(tpl.question), "answer": enc(f" {key}")}
+    if parts["key_line"][:len(parts["key_head"])] != parts["key_head"]:
+      raise ValueError("the tokenizer merges the pass key into the text before it; cannot "
+                       "place the key at a token distance")
+    return parts
+
+  def distance_range(self, length: int, key: int, lead: int = 1) -> tuple[int, int]:
+    """The nearest and farthest k a token-level prompt of `length` tokens can hold."""
+    p = self._pieces(key)
+    nearest = len(p["key_line"]) - len(p["key_head"]) + len(p["question"])
+    fixed = (lead + len(p["task"]) + len(p["key_line"]) + len(p["question"])
+             + len(p["answer"]))
+    if fixed > length:
+      raise ValueError(f"passkey length {length} is too short for a passkey prompt ({fixed} "
+                       f"tokens without filler)")
+    return nearest, nearest + length - fixed
+
+  def fill(self, length: int, k: int, key: int, lead: list[int]) -> tuple[list, list, int]:
+    """(prompt ids, answer ids, actual k): lead + prompt + answer is exactly `length` tokens.
+
+    Filler is cut at token level (the last tokens of repeated filler groups), before the key
+    line as padding and after it to set the distance, so k is exact within distance_range
+    rather than rounded to whole filler groups: a model cannot pass by learning a few fixed
+    offsets. Used by both the training episodes and the evaluation of the mini template.
+    """
+    p = self._pieces(key)
+    nearest, farthest = self.distance_range(length, key, len(lead))
+    k = min(max(k, nearest), farthest)
+    gap = k - nearest  # filler tokens between the key line and the question
+    pad = farthest - k  # filler tokens between the task and the key line
+    filler = p["filler"] * ((max(gap, pad) // len(p["filler"])) + 1)
+    tail = lambda n: filler[len(filler) - n:] if n else []
+    prompt = (lead + p["task"] + tail(pad) + p["key_line"] + tail(gap) + p["question"])
+    return prompt, p["answer"], k
 
   def trials(self, lengths, depths: int, num_trials: int, seed: int) -> list[Trial]:
     rng = random.Random(seed)
