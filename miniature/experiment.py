@@ -50,11 +50,16 @@ class Plan:
   passkey_depths: int = 16
   passkey_trials: int = 10
   seed: int = 0
+  # Ablation (not the paper's recipe): this share of fine-tuning rows are passkey episodes at
+  # the new window. 0 = plain text, as in the paper.
+  ft_passkey_fraction: float = 0.0
 
   def __post_init__(self):
     unknown = set(self.methods) - set(LABELS)
     if unknown:
       raise ValueError(f"unknown fine-tuning methods {sorted(unknown)}; known: {sorted(LABELS)}")
+    if not 0.0 <= self.ft_passkey_fraction <= 1.0:
+      raise ValueError(f"ft_passkey_fraction must be in [0, 1], got {self.ft_passkey_fraction}")
     if not self.steps or list(self.steps) != sorted(set(self.steps)) or self.steps[0] < 1:
       raise ValueError(f"steps must be increasing positive integers, got {self.steps}")
 
@@ -152,6 +157,9 @@ class Experiment:
                 "--set", f"seed={p.seed}"]
         for item in extend:
           argv += ["--set", item]
+        if p.ft_passkey_fraction and method != "control":
+          argv += ["--set", f"passkey_fraction={p.ft_passkey_fraction:g}",
+                   "--set", "passkey_template=mini"]
         self.run(f"train_{arm}_{s}", argv + ["--no-progress"], what)
         with files.atomic_directory(ckpt) as tmp:
           shutil.copytree(os.path.join(workdir, "final"), tmp, dirs_exist_ok=True)
