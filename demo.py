@@ -424,6 +424,9 @@ def publish_base(workdir: str, dest: str) -> None:
   readme = os.path.join(dest, "README.md")
   with files.atomic_directory(dest) as tmp:
     shutil.copytree(final, tmp, dirs_exist_ok=True)
+    marker = os.path.join(tmp, "params", "commit_success.txt")  # orbax's; holds a machine path
+    if os.path.isfile(marker):
+      os.remove(marker)
     files.write_json(os.path.join(tmp, "pretrain_summary.json"), summary, indent=1)
     fig.savefig(os.path.join(tmp, "loss_curve.png"), dpi=110)
     if os.path.isfile(readme):  # the hand-written description stays
