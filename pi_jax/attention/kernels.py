@@ -52,6 +52,24 @@ def splash_block(length: int, block_size: int) -> int:
   return blk
 
 
+# The fused backward kernel (dq, dk, dv in one pass) writes one partial dq per key block,
+# [L/T, N, L, H] in the compute dtype, and sums them afterwards: quadratic in L (16 GiB per chip
+# for 7B at 32K with T = 512). Past this many key blocks the separate dq kernel is used instead
+# (linear memory, one more QK^T and dO·V^T per block pair).
+MAX_FUSED_BWD_BLOCKS = 8
+
+
+def splash_block_sizes(length: int, blk: int):
+  """Splash's BlockSizes for a padded `length` and tile `blk`: the fused backward only while its
+  partial-dq buffer stays within MAX_FUSED_BWD_BLOCKS copies of dq."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  fused = length // blk <= MAX_FUSED_BWD_BLOCKS
+  dq = {} if fused else {"block_q_dq": blk, "block_kv_dq": blk}
+  return sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk,
+                       block_kv_dkv=blk, block_kv_dkv_compute=blk, use_fused_bwd_kernel=fused,
+                       **dq)
+
+
 def _splash_local(q_BLNH, k_BLKH, v_BLKH, *, block_size: int, interpret: bool):
   """Splash on one device's arrays: GQA natively (q head n reads kv head n // G), vmapped over B."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
@@ -63,9 +81,7 @@ def _splash_local(q_BLNH, k_BLKH, v_BLKH, *, block_size: int, interpret: bool):
     widths = ((0, 0), (0, pad), (0, 0), (0, 0))
     q_BLNH, k_BLKH, v_BLKH = (jnp.pad(x, widths) for x in (q_BLNH, k_BLKH, v_BLKH))
   blk = splash_block(lp, block_size)
-  # The fused backward (dq, dk, dv in one kernel) is what MaxText runs by default.
-  sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk,
-                        block_kv_dkv=blk, block_kv_dkv_compute=blk, use_fused_bwd_kernel=True)
+  sizes = splash_block_sizes(lp, blk)
   mask = sm.MultiHeadMask([sm.CausalMask((lp, lp)) for _ in range(n)])
   kernel = sk.make_splash_mha(mask=mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
                               interpret=interpret)
