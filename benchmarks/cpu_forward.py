@@ -55,13 +55,13 @@ def _real_weights_available() -> bool:
           and os.path.isfile(os.path.join(fetch.cache_dir(), fetch.GGUF_NAME)))
 
 
-def _jax_side(length: int, weights: str, block_size: int, chunk: int):
+def _jax_side(length: int, weights: str, block_size: int, chunk: int, impl: str):
   import jax
   import jax.numpy as jnp
   from pi_jax import loss as loss_lib
   from pi_jax import model as model_lib
   from pi_jax.config import ModelConfig
-  overrides = dict(attention_impl="xla_blockwise", attention_block_size=block_size)
+  overrides = dict(attention_impl=impl, attention_block_size=block_size)
   if weights == "real":
     from convert import fetch
     from pi_jax.checkpoint import load_checkpoint
@@ -117,10 +117,10 @@ def _torch_side(length: int, weights: str):
 
 
 def worker(side: str, length: int, weights: str, block_size: int, chunk: int,
-           warmup: int) -> None:
+           warmup: int, impl: str = "xla_blockwise") -> None:
   """Line protocol on stdin/stdout: prints a 'ready' record, then one record per 'run'."""
   if side == "jax":
-    run, compile_s, memory = _jax_side(length, weights, block_size, chunk)
+    run, compile_s, memory = _jax_side(length, weights, block_size, chunk, impl)
   else:
     run, compile_s, memory = _torch_side(length, weights)
   start, nll = time.perf_counter(), None
@@ -143,7 +143,7 @@ class Worker:
   def __init__(self, side, args, length):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--lengths", str(length),
            "--weights", args.weights, "--block-size", str(args.block_size),
-           "--chunk", str(args.chunk), "--warmup", str(args.warmup)]
+           "--chunk", str(args.chunk), "--warmup", str(args.warmup), "--impl", args.impl]
     self.side = side
     self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     self.ready = self._read()
@@ -243,7 +243,12 @@ def main(argv=None):
                       "weights of the same shape, or auto: real when cached")
   p.add_argument("--block-size", type=int, default=256,
                  help="pi_jax attention block size (256 was the fastest on this 2-core CPU)")
-  p.add_argument("--chunk", type=int, default=1024, help="pi_jax loss chunk (positions)")
+  p.add_argument("--impl", default="xla_blockwise",
+                 help="pi_jax attention_impl: xla_blockwise, xla_unrolled, xla_static, reference "
+                      "(default: %(default)s; docs/performance.md)")
+  p.add_argument("--chunk", type=int, default=1024,
+                 help="pi_jax loss chunk (positions; 128-256 used less CPU than 1024 here, "
+                      "docs/performance.md)")
   p.add_argument("--json", default=None, help="write the results here as JSON")
   p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -251,7 +256,8 @@ def main(argv=None):
     args.weights = "real" if _real_weights_available() else "random"
   lengths = [int(x) for x in args.lengths.split(",")]
   if args.worker:
-    worker(args.worker, lengths[0], args.weights, args.block_size, args.chunk, args.warmup)
+    worker(args.worker, lengths[0], args.weights, args.block_size, args.chunk, args.warmup,
+           args.impl)
     return 0
   bad = set(args.sides.split(",")) - {"jax", "torch"}
   if bad:
@@ -270,7 +276,8 @@ def main(argv=None):
         "command": "python benchmarks/cpu_forward.py " + " ".join(
             sys.argv[1:] if argv is None else argv),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "weights": args.weights, "block_size": args.block_size, "chunk": args.chunk,
+        "weights": args.weights, "impl": args.impl, "block_size": args.block_size,
+        "chunk": args.chunk,
         "cpu_count": os.cpu_count(), "machine_before": start_state,
         "machine_after": quiet.machine_state(), "rows": rows})
   return 0
