@@ -244,8 +244,8 @@ def main(argv=None):
   p.add_argument("--block-size", type=int, default=256,
                  help="pi_jax attention block size (256 was the fastest on this 2-core CPU)")
   p.add_argument("--impl", default="xla_blockwise",
-                 help="pi_jax attention_impl: xla_blockwise, xla_unrolled, xla_static, reference "
-                      "(default: %(default)s; docs/performance.md)")
+                 help="pi_jax attention_impl, e.g. xla_blockwise or reference (default: "
+                      "%(default)s; docs/performance.md names the variants tried)")
   p.add_argument("--chunk", type=int, default=1024,
                  help="pi_jax loss chunk (positions; 128-256 used less CPU than 1024 here, "
                       "docs/performance.md)")

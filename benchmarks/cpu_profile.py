@@ -1,7 +1,7 @@
 """Where the CPU forward's time goes: the parts of the SmolLM2-135M forward, jitted one by one.
 
   python benchmarks/cpu_profile.py --length 8192 --repeats 3
-  python benchmarks/cpu_profile.py --length 4096 --parts attention --impls xla_blockwise:256,xla_static:128
+  python benchmarks/cpu_profile.py --length 4096 --parts attention --impls xla_blockwise:256,xla_blockwise:512
 
 Each part is compiled on its own and timed on random inputs of the right shape; the parts are
 run interleaved (A B C C B A ...) so load from other processes hits them alike. Per-layer parts
@@ -96,7 +96,7 @@ def main(argv=None):
   p.add_argument("--length", type=int, default=8192)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--parts", default="dense,rope,attention,nll")
-  p.add_argument("--impls", default="xla_blockwise:256,xla_static:128",
+  p.add_argument("--impls", default="xla_blockwise:256,xla_blockwise:512",
                  help="attention impl:block_size entries, comma-separated")
   p.add_argument("--chunk", type=int, default=1024, help="loss chunk (positions)")
   args = p.parse_args(argv)
