@@ -208,7 +208,8 @@ def markdown(rows, weights):
   lines = [f"SmolLM2-135M shape, float32, batch 1, {weights} weights; median of the repeats. "
            "'noisy': other processes used more than "
            f"{quiet.NOISY_CORES} cores during a timed run, or the load average was above "
-           f"{quiet.NOISY_LOAD} before it: not a result.", "",
+           f"{quiet.NOISY_LOAD} when the benchmark started and before the run: not a result "
+           "(the benchmark's own runs keep the load above 1 between runs).", "",
            "| length | pi_jax s | transformers s | speedup | pi_jax compile s | pi_jax peak RSS MB"
            " | transformers peak RSS MB | pi_jax compiled temp MB | NLL pi_jax / transformers"
            " | repeats | machine |",
