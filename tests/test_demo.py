@@ -37,6 +37,20 @@ def test_committed_mini_base_is_small_described_and_in_the_papers_regime():
   assert "python demo.py pretrain" in readme
 
 
+def test_committed_mini_base_retrieves_the_key_at_distances_across_its_window():
+  """The demo's premise: the base retrieves inside L (fresh keys, not the published summary)."""
+  from pi_jax import checkpoint, tokenizer
+  from pi_jax.evals import passkey
+  config, params = checkpoint.load_checkpoint(BASE)
+  tok = tokenizer.load_tokenizer(os.path.join(BASE, "tokenizer"))
+  builder = passkey.PromptBuilder(tok, passkey.get_template("mini"))
+  trials = builder.trials([256], depths=8, num_trials=3, seed=123)
+  assert len({t.actual_k for t in trials}) == 7  # k = 0 and 32 both clip to the nearest (~37)
+  results = passkey.run_trials(config, params, tok, trials, mode="score", batch_size=24)
+  accuracy = sum(r["success"] for r in results) / len(results)
+  assert accuracy >= 0.9, [(r["k"], r["success"]) for r in results]
+
+
 def test_quick_demo_runs_pi_and_direct_fine_tuning_and_reports_the_runs_numbers(tmp_path):
   out = tmp_path / "demo"
   proc = _demo("--quick", "--out", str(out))
