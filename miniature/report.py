@@ -174,9 +174,18 @@ def markdown(res: dict) -> list[str]:
   return lines + [""]
 
 
+def _save(fig, folder: str, name: str) -> str:
+  """Lays out, writes and closes one figure; returns its file name."""
+  import os
+  import matplotlib.pyplot as plt
+  fig.tight_layout()
+  fig.savefig(os.path.join(folder, name), dpi=110)
+  plt.close(fig)
+  return name
+
+
 def plots(res: dict, folder: str) -> list[str]:
   """Writes the PNG plots into `folder`; returns their file names."""
-  import os
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -203,10 +212,7 @@ def plots(res: dict, folder: str) -> list[str]:
   ax.set_title(f"Table 1 in miniature: base trained at {L}", fontsize=9)
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize=6)
-  fig.tight_layout()
-  names.append("table1_perplexity_by_window.png")
-  fig.savefig(os.path.join(folder, names[-1]), dpi=110)
-  plt.close(fig)
+  names.append(_save(fig, folder, "table1_perplexity_by_window.png"))
   # Tables 3 and 4
   factors = plan["factors"]
   fig, axes = plt.subplots(2, len(factors), figsize=(5 * len(factors), 6.5), squeeze=False)
@@ -226,10 +232,7 @@ def plots(res: dict, folder: str) -> list[str]:
       ax.set_xlabel("fine-tuning steps")
       ax.grid(True, alpha=0.3)
       ax.legend(fontsize=7)
-  fig.tight_layout()
-  names.append("tables3_4_by_step.png")
-  fig.savefig(os.path.join(folder, names[-1]), dpi=110)
-  plt.close(fig)
+  names.append(_save(fig, folder, "tables3_4_by_step.png"))
   # Passkey accuracy by distance, final checkpoints
   fig, axes = plt.subplots(1, len(factors), figsize=(5 * len(factors), 3.6), squeeze=False)
   for col, f in enumerate(factors):
@@ -248,8 +251,5 @@ def plots(res: dict, folder: str) -> list[str]:
     ax.set_title(f"passkey at {W} ({f}x)", fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  names.append("passkey_by_distance.png")
-  fig.savefig(os.path.join(folder, names[-1]), dpi=110)
-  plt.close(fig)
+  names.append(_save(fig, folder, "passkey_by_distance.png"))
   return names
