@@ -137,6 +137,7 @@ class PromptBuilder:
     self.tok = tok
     self.template = template
     self._len_cache: dict[tuple, int] = {}
+    self._fixed_pieces: dict[str, list[int]] | None = None
 
   def _len(self, key, n_before, n_after) -> int:
     sig = (len(str(key)), n_before, n_after)
@@ -174,11 +175,13 @@ class PromptBuilder:
 
   def _pieces(self, key: int) -> dict[str, list[int]]:
     """The template's parts as token ids; the parts meet at spaces, so they concatenate."""
-    tok, tpl = self.tok, self.template
-    enc = lambda text: tok.encode(text, add_bos=False)
-    parts = {"task": enc(tpl.task) if tpl.task else [], "filler": enc(tpl.filler),
-             "key_head": enc(tpl.key_head), "key_line": enc(tpl.key_line.format(key=key)),
-             "question": enc(tpl.question), "answer": enc(f" {key}")}
+    tpl = self.template
+    enc = lambda text: self.tok.encode(text, add_bos=False)
+    if self._fixed_pieces is None:  # the parts that do not depend on the key, encoded once
+      self._fixed_pieces = {"task": enc(tpl.task) if tpl.task else [], "filler": enc(tpl.filler),
+                            "key_head": enc(tpl.key_head), "question": enc(tpl.question)}
+    parts = dict(self._fixed_pieces, key_line=enc(tpl.key_line.format(key=key)),
+                 answer=enc(f" {key}"))
     if parts["key_line"][:len(parts["key_head"])] != parts["key_head"]:
       raise ValueError("the tokenizer merges the pass key into the text before it; cannot "
                        "place the key at a token distance")
@@ -186,7 +189,10 @@ class PromptBuilder:
 
   def distance_range(self, length: int, key: int, lead: int = 1) -> tuple[int, int]:
     """The nearest and farthest k a token-level prompt of `length` tokens can hold."""
-    p = self._pieces(key)
+    return self._range(self._pieces(key), length, lead)
+
+  @staticmethod
+  def _range(p: dict[str, list[int]], length: int, lead: int) -> tuple[int, int]:
     nearest = len(p["key_line"]) - len(p["key_head"]) + len(p["question"])
     fixed = (lead + len(p["task"]) + len(p["key_line"]) + len(p["question"])
              + len(p["answer"]))
@@ -204,7 +210,7 @@ class PromptBuilder:
     offsets. Used by both the training episodes and the evaluation of the mini template.
     """
     p = self._pieces(key)
-    nearest, farthest = self.distance_range(length, key, len(lead))
+    nearest, farthest = self._range(p, length, len(lead))
     k = min(max(k, nearest), farthest)
     gap = k - nearest  # filler tokens between the key line and the question
     pad = farthest - k  # filler tokens between the task and the key line
