@@ -5,7 +5,8 @@ downloads) goes through `atomic_directory` or `atomic_file`: the new content is 
 hidden sibling name `.NAME.tmp-PID-HEX8` (8 random hex digits) and renamed into place only when
 complete, so a crash, a full disk or Ctrl-C never leaves a half-written NAME and never damages
 an old one. Temporaries left by a process that was killed (SIGKILL, power loss) are removed by
-the next write of the same NAME; the PID in the name tells a dead writer's leftovers from a live one's.
+the next write of the same NAME; the PID in the name tells a dead writer's leftovers from a
+live one's.
 """
 
 from __future__ import annotations
