@@ -16,14 +16,14 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 import pi_jax
 from pi_jax import checkpoint
-from tests.train_utils import REPO, losses, run_train, subprocess_env, train_cmd
+from tests.train_utils import (REPO, interrupt_after_steps, losses, run_train, subprocess_env,
+                               train_cmd)
 
 TINY_BASE = os.path.join(REPO, "assets", "tiny_base")
 
@@ -344,19 +344,13 @@ def test_ctrl_c_saves_says_how_to_resume_and_resume_logs_each_step_once(tmp_path
   """SIGINT like SIGTERM; the run resumes from the saved step; metrics.jsonl has every step
   once (the records past the checkpoint from the first attempt are trimmed)."""
   work = tmp_path / "run"
-  proc = subprocess.Popen(train_cmd(work, ["steps=400", "checkpoint_every=1000"]),
-                          env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-  metrics = work / "metrics.jsonl"
-  deadline = time.time() + 240
-  while time.time() < deadline and not (metrics.exists() and
-                                        len(metrics.read_text().splitlines()) >= 3):
-    time.sleep(0.5)
-  proc.send_signal(signal.SIGINT)
-  out, err = proc.communicate(timeout=120)
+  proc = interrupt_after_steps(train_cmd(work, ["steps=400", "checkpoint_every=1000"]), work,
+                               signal.SIGINT, tmp_path)
+  out, err = proc.stdout, proc.stderr
   assert proc.returncode == 0, err
   assert "Traceback" not in err, err
   assert "SIGINT: saved checkpoint at step" in out and "rerun the same command" in out, out
+  metrics = work / "metrics.jsonl"
   saved = int(out.split("saved checkpoint at step ")[1].split()[0])
   # Simulate a run that went on past its checkpoint before dying: extra records after it.
   with open(metrics, "a") as f:

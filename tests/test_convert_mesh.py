@@ -1,19 +1,13 @@
 """A converted checkpoint restores onto a data x fsdp x tensor mesh of 8 fake CPU devices."""
 
-import os
-import subprocess
-import sys
-
 from conftest import make_hf_model
 from convert.to_pi_jax import convert
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.train_utils import run_on_devices
 
 # Written out by hand from the logical table (embed->fsdp, heads/kv_heads/mlp/vocab->tensor),
 # not computed by pi_jax.sharding, so a change in either shows up here.
 _CHILD = r"""
 import sys
-import jax, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 import pi_jax
 from pi_jax import sharding
@@ -48,9 +42,5 @@ print("OK", len(want))
 def test_load_checkpoint_onto_mesh_matches_plain_load(tmp_path):
   make_hf_model(tmp_path / "hf")  # 6 heads, 2 kv heads, mlp 96, vocab 128: all even
   convert(str(tmp_path / "hf"), str(tmp_path / "ckpt"))
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  r = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "ckpt")], capture_output=True,
-                     text=True, env=env, cwd=ROOT)
-  assert r.returncode == 0, r.stderr[-3000:]
-  assert r.stdout.strip().endswith("OK 12")
+  out = run_on_devices(_CHILD, tmp_path / "ckpt", marker="OK")
+  assert out.strip().endswith("OK 12")

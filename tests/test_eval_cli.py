@@ -13,6 +13,7 @@ import pi_jax
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import eval as eval_cli  # noqa: E402  (the top-level script)
+from tests.train_utils import subprocess_env  # noqa: E402
 
 TINY = pi_jax.ModelConfig(vocab_size=258, hidden_size=32, intermediate_size=64, num_layers=2,
                           num_heads=4, num_kv_heads=2, max_position_embeddings=64,
@@ -130,12 +131,11 @@ def test_mesh_run_equals_single_device(ckpt, tmp_path):
   """8 fake CPU devices, data:2,fsdp:2,tensor:2: sharded params and batches, same numbers."""
   assert eval_cli.main(_ppl_args(ckpt, tmp_path, "--batch-size", "4")) == 0
   single = json.load(open(tmp_path / "ppl.json"))["runs"][0]["results"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
   args = _ppl_args(ckpt, tmp_path, "--mesh", "data:2,fsdp:2,tensor:2", "--batch-size", "4",
                    "--json", str(tmp_path / "mesh.json"))
-  proc = subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), *args], env=env,
-                        capture_output=True, text=True, timeout=600, cwd=REPO)
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), *args],
+                        env=subprocess_env(8), capture_output=True, text=True, timeout=600,
+                        cwd=REPO)
   assert proc.returncode == 0, proc.stderr[-3000:]
   mesh = json.load(open(tmp_path / "mesh.json"))
   assert mesh["device"]["count"] == 8 and mesh["settings"]["mesh"] == "data:2,fsdp:2,tensor:2"

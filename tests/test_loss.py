@@ -32,10 +32,12 @@ def test_chunked_nll_equals_full_logits(tied):
 
   def plain(p, h):
     return jnp.sum(w * _plain_nll(config, p, h, targets))
-  got = loss_lib.chunked_nll(config, params, h, targets, chunk=16)  # 45 = 2 chunks + a padded one
+  # Jitted: eager dispatch of every small op costs more than compiling the whole function.
+  got = jax.jit(lambda p, h: loss_lib.chunked_nll(config, p, h, targets, chunk=16))(params, h)
+  # 45 = 2 chunks + a padded one
   np.testing.assert_allclose(got, _plain_nll(config, params, h, targets), rtol=1e-5, atol=1e-5)
-  g_got = jax.grad(chunked, argnums=(0, 1))(params, h)
-  g_want = jax.grad(plain, argnums=(0, 1))(params, h)
+  g_got = jax.jit(jax.grad(chunked, argnums=(0, 1)))(params, h)
+  g_want = jax.jit(jax.grad(plain, argnums=(0, 1)))(params, h)
   for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
@@ -53,10 +55,12 @@ def test_mean_loss_matches_plain_masked_mean():
 
   def chunked(p):
     return loss_lib.mean_loss(CFG, p, tokens, targets, mask, chunk=16)[0]
-  value, count = loss_lib.mean_loss(CFG, params, tokens, targets, mask, chunk=16)
+  value, count = jax.jit(lambda p: loss_lib.mean_loss(CFG, p, tokens, targets, mask, chunk=16))(
+      params)
   assert int(count) == 2 * 40 - 2 - 7
-  np.testing.assert_allclose(value, plain(params), rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(jax.grad(chunked)(params)), jax.tree.leaves(jax.grad(plain)(params))):
+  np.testing.assert_allclose(value, jax.jit(plain)(params), rtol=1e-5)
+  grads = jax.jit(lambda p: (jax.grad(chunked)(p), jax.grad(plain)(p)))(params)
+  for a, b in zip(*map(jax.tree.leaves, grads)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 

@@ -1,13 +1,9 @@
 """Ring attention: equal to one device (outputs, gradients, the whole PI model) on 8 fake CPU
 devices, load-balanced (work per shard counted at run time), and compiled for a TPU slice."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -15,6 +11,7 @@ from pi_jax import attention as attn_lib
 from pi_jax.attention import ring
 from pi_jax.config import ModelConfig
 from pi_jax.train.config import TrainConfig
+from tests.train_utils import run_on_devices
 
 
 def test_ring_without_mesh_is_blockwise():
@@ -42,18 +39,10 @@ def test_schedule_work_per_shard():
 
 
 _RING_SCRIPT = textwrap.dedent("""
-    import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    os.environ["JAX_PLATFORMS"] = "cpu"
     import sys
-    import jax, jax.numpy as jnp, numpy as np
     from pi_jax import attention as attn_lib, model, sharding
     from pi_jax.attention import blockwise, ring
     from pi_jax.config import ModelConfig
-
-    def rel(a, b):
-      a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-      return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
     def inputs(l, b=2):
       ks = jax.random.split(jax.random.key(1), 4)
@@ -141,12 +130,7 @@ _RING_SCRIPT = textwrap.dedent("""
 
 
 def _run_ring_script(*args):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, "-c", _RING_SCRIPT, *args], env=env, capture_output=True,
-                        text=True, timeout=1800)
-  assert proc.returncode == 0 and "RING_OK" in proc.stdout, proc.stderr[-4000:]
-  return proc.stdout
+  return run_on_devices(_RING_SCRIPT, *args, marker="RING_OK", timeout=1800)
 
 
 def test_ring_attention_on_eight_devices_equals_single_device():

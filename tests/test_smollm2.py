@@ -21,6 +21,9 @@ from conftest import rel_err
 from test_tokenizer import real_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One xdist worker runs the module, so the converted model and transformers' GGUF load (about
+# 40 s each) are set up once, not once per worker.
+pytestmark = pytest.mark.xdist_group("smollm2")
 
 
 @pytest.fixture(scope="module")

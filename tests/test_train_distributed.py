@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -108,19 +107,9 @@ def test_sigkill_then_resume_gives_uninterrupted_losses(tmp_path, reference_loss
 
 def test_sigterm_saves_and_exits_zero(tmp_path):
   cmd = tu.train_cmd(tmp_path, ["steps=100000", "checkpoint_every=100000"])
-  proc = subprocess.Popen(cmd, env=tu.subprocess_env(1), cwd=tu.REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-  metrics = tmp_path / "metrics.jsonl"
-  deadline = time.time() + 120
-  while time.time() < deadline:
-    if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-      break
-    assert proc.poll() is None, proc.communicate()
-    time.sleep(0.2)
-  proc.send_signal(signal.SIGTERM)
-  out, err = proc.communicate(timeout=120)
-  assert proc.returncode == 0, err
-  assert "SIGTERM: saved checkpoint" in out
+  proc = tu.interrupt_after_steps(cmd, tmp_path, signal.SIGTERM, tmp_path)
+  assert proc.returncode == 0, proc.stderr
+  assert "SIGTERM: saved checkpoint" in proc.stdout
   steps = [int(s) for s in os.listdir(tmp_path / "checkpoints")]
   assert len(steps) == 1 and 3 <= steps[0] < 100000
   assert steps[0] == len(tu.losses(tmp_path))  # the checkpoint holds every step that ran

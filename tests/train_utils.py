@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 from pi_jax.train.metrics import read_metrics
 
@@ -28,6 +29,28 @@ def subprocess_env(devices: int = 1) -> dict:
   return env
 
 
+# What every N-device child script starts with (the environment from subprocess_env sets the
+# device count before jax is imported): jax, numpy and a relative-error helper.
+DEVICE_PRELUDE = """
+import jax, jax.numpy as jnp, numpy as np
+
+def rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+"""
+
+
+def run_on_devices(script: str, *args, marker: str, devices: int = 8,
+                   timeout: float = 1200) -> str:
+  """Runs DEVICE_PRELUDE + `script` in a fresh process with `devices` fake CPU devices; returns
+  its stdout, failing with its stderr unless it exits 0 and prints `marker`."""
+  proc = subprocess.run([sys.executable, "-c", DEVICE_PRELUDE + script, *map(str, args)],
+                        env=subprocess_env(devices), cwd=REPO, capture_output=True, text=True,
+                        timeout=timeout)
+  assert proc.returncode == 0 and marker in proc.stdout, proc.stderr[-4000:]
+  return proc.stdout
+
+
 def train_cmd(workdir, sets=(), config: str = TINY) -> list[str]:
   cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config", config, "--no-progress",
          "--set", f"workdir={workdir}"]
@@ -43,6 +66,37 @@ def run_train(workdir, sets=(), devices: int = 1, timeout: float = 300, check: b
   if check and proc.returncode != 0:
     raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
   return proc
+
+
+def interrupt_after_steps(cmd, workdir, sig, logs, steps: int = 3, devices: int = 1,
+                          timeout: float = 240) -> subprocess.CompletedProcess:
+  """Starts train.py `cmd`, sends `sig` once WORKDIR/metrics.jsonl has `steps` records, and
+  returns the finished process. Its output goes to files under `logs` (a pipe nobody reads
+  could fill and stall the run); fails if the run ends or stalls before that step."""
+  out_path, err_path = os.path.join(logs, "train.stdout"), os.path.join(logs, "train.stderr")
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  with open(out_path, "w") as out, open(err_path, "w") as err:
+    proc = subprocess.Popen(cmd, env=subprocess_env(devices), cwd=REPO, stdout=out, stderr=err,
+                            text=True)
+    deadline = time.time() + timeout
+    try:
+      while True:
+        if os.path.exists(metrics):
+          with open(metrics) as f:
+            if sum(1 for _ in f) >= steps:
+              break
+        if proc.poll() is not None or time.time() > deadline:
+          with open(err_path) as f:
+            raise AssertionError(f"train.py {'ended' if proc.poll() is not None else 'stalled'} "
+                                 f"before step {steps}:\n{f.read()[-3000:]}")
+        time.sleep(0.2)
+      proc.send_signal(sig)
+      proc.wait(timeout=120)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+  with open(out_path) as f_out, open(err_path) as f_err:
+    return subprocess.CompletedProcess(cmd, proc.returncode, f_out.read(), f_err.read())
 
 
 def losses(workdir) -> dict[int, float]:
