@@ -92,6 +92,20 @@ def test_overrides_parse_by_field_type():
     apply_overrides(base, ["grad_accum=3"])
   with pytest.raises(ValueError, match="unknown config key 'num_layer'.*num_layers"):
     apply_overrides(base, ["model.num_layer=2"])
+  # micro_batch=-1: one sequence per batch shard, resolved against the mesh.
+  per_shard = apply_overrides(base, ["micro_batch=-1", "global_batch=8"])
+  with pytest.raises(ValueError, match="depends on the mesh"):
+    per_shard.accum_steps
+  assert per_shard.for_batch_shards(4).micro_batch == 4
+  assert per_shard.for_batch_shards(4).accum_steps == 2
+  assert per_shard.for_batch_shards(1).accum_steps == 8
+  with pytest.raises(ValueError, match="global_batch 8 is not a multiple of the mesh's 16 batch"):
+    per_shard.for_batch_shards(16)
+  assert base.for_batch_shards(16) is base
+  # A preset's architecture is edited too (e.g. a 2-layer 7B for a quick compile-only run).
+  seven = load_config_file(os.path.join(CONFIGS, "llama_7b_8k.py"))
+  c = apply_overrides(seven, ["model.num_layers=2"])
+  assert (c.model.num_layers, c.model.hidden_size) == (2, 4096)
 
 
 # --- data ---------------------------------------------------------------------------------------

@@ -47,7 +47,10 @@ class TrainConfig:
   passkey_template: str = "mini"
   # Batch: global_batch sequences per step, as grad_accum micro-batches of micro_batch.
   global_batch: int = 64
-  micro_batch: int | None = None  # None: global_batch // grad_accum
+  # None: global_batch // grad_accum. -1: one sequence per batch shard of the mesh (data × fsdp
+  # chips), the rest of global_batch by accumulation: the step's memory then depends on the
+  # model and window only, whatever the slice (resolved by for_batch_shards).
+  micro_batch: int | None = None
   grad_accum: int = 1
   # Optimizer and schedule (AdamW, linear warm-up from a fraction of the peak, then constant,
   # or decayed to final_lr_fraction × peak at `steps` when lr_decay is cosine or linear).
@@ -87,7 +90,7 @@ class TrainConfig:
     for name in ("warmup_steps", "eval_every", "eval_sequences"):
       if getattr(self, name) < 0:
         raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-    if self.micro_batch is not None:
+    if self.micro_batch is not None and self.micro_batch != -1:
       if self.micro_batch < 1 or self.global_batch % self.micro_batch:
         raise ValueError(f"micro_batch {self.micro_batch} must divide global_batch "
                          f"{self.global_batch}")
@@ -111,9 +114,23 @@ class TrainConfig:
   @property
   def accum_steps(self) -> int:
     """Number of micro-batches per optimizer step."""
+    if self.micro_batch == -1:
+      raise ValueError("micro_batch=-1 depends on the mesh: resolve it with for_batch_shards")
     if self.micro_batch is not None:
       return self.global_batch // self.micro_batch
     return self.grad_accum
+
+  def for_batch_shards(self, shards: int) -> TrainConfig:
+    """This config on a mesh with `shards` batch shards: micro_batch=-1 becomes one sequence
+    per shard (an error when global_batch is not a multiple of it); other values unchanged."""
+    if self.micro_batch != -1:
+      return self
+    if self.global_batch % shards:
+      raise ValueError(f"micro_batch=-1 (one sequence per batch shard): global_batch "
+                       f"{self.global_batch} is not a multiple of the mesh's {shards} batch shards "
+                       "(data × fsdp); use a tensor or sequence axis for some of the chips, or "
+                       "set micro_batch / global_batch")
+    return self.replace(micro_batch=shards)
 
   def replace(self, **changes) -> TrainConfig:
     return dataclasses.replace(self, **changes)
@@ -207,7 +224,8 @@ def _split_items(items: list[str]) -> list[str]:
 
 
 def apply_overrides(config: TrainConfig, items: list[str]) -> TrainConfig:
-  """Applies `key=value` strings; `model.FIELD=value` edits a literal ModelConfig."""
+  """Applies `key=value` strings; `model.FIELD=value` edits the model (a preset name is
+  resolved to its ModelConfig first)."""
   hints = typing.get_type_hints(TrainConfig)
   changes: dict[str, Any] = {}
   model_changes: dict[str, Any] = {}
@@ -230,8 +248,12 @@ def apply_overrides(config: TrainConfig, items: list[str]) -> TrainConfig:
     changes[key] = _parse_value(text, hints[key], key)
   config = config.replace(**changes)
   if model_changes:
-    if not isinstance(config.model, ModelConfig):
-      raise ValueError("--set model.FIELD=...: the run config's model is not a literal "
-                       f"ModelConfig (it is {config.model!r})")
-    config = config.replace(model=config.model.replace(**model_changes))
+    model = config.model
+    if isinstance(model, str):  # a preset name: edit the preset's architecture
+      from pi_jax import presets
+      model = presets.preset(model)
+    if not isinstance(model, ModelConfig):
+      raise ValueError("--set model.FIELD=...: the run config has no model to edit (set "
+                       "model=PRESET_NAME first)")
+    config = config.replace(model=model.replace(**model_changes))
   return config
