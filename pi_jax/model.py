@@ -143,16 +143,23 @@ def _remat_policy(policy: str):
   offload: the same, with the saved layer inputs in pinned host memory instead of HBM.
   save_qkv_out: also keep the q/k/v and attention-output projections (cheap matmul outputs,
     (2N + 2K)·H per token), so the backward pass does not redo those four matmuls.
+  save_attention: also keep the attention kernel's output and log-sum-exp (splash, xla_blockwise
+    and ring: N·H per token in the kernel's output dtype plus 4·N), so the backward pass does
+    not run the attention forward again: the long-context lever against remat's recompute.
+  offload_save_attention: both: layer inputs in host memory, attention residuals kept.
   """
   cp = jax.checkpoint_policies
   if policy == "full":
     return cp.nothing_saveable
-  if policy == "offload":
+  if policy in ("offload", "offload_save_attention"):
+    kept = [attn_lib.RESIDUALS_NAME] if policy == "offload_save_attention" else []
     return cp.save_and_offload_only_these_names(
-        names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_input"],
+        names_which_can_be_saved=kept, names_which_can_be_offloaded=["layer_input"],
         offload_src="device", offload_dst="pinned_host")
   if policy == "save_qkv_out":
     return cp.save_only_these_names("q_proj", "k_proj", "v_proj", "out_proj")
+  if policy == "save_attention":
+    return cp.save_only_these_names(attn_lib.RESIDUALS_NAME)
   return getattr(cp, policy)
 
 

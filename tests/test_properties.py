@@ -120,6 +120,20 @@ def test_remat_equals_no_remat(remat):
   assert float(np.abs(want_grads["layers"]["wq"]).max()) > 0
 
 
+def test_save_attention_does_not_run_the_attention_forward_again():
+  """remat="save_attention" keeps the blockwise kernel's output and log-sum-exp, so the
+  backward pass has one attention loop per layer body (its own) where "full" has two (the
+  recomputed forward and the backward): counted in the gradient's jaxpr."""
+  config = TINY.replace(attention_impl="xla_blockwise", attention_block_size=8)
+
+  def loops(remat):
+    jaxpr = jax.make_jaxpr(jax.grad(_nll, argnums=1), static_argnums=0)(
+        config.replace(remat=remat), PARAMS, tokens(length=L + 1))
+    return str(jaxpr).count("while[")
+
+  assert (loops("none"), loops("full"), loops("save_attention")) == (2, 3, 2)
+
+
 @pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
 def test_bfloat16_compute_is_close_to_float32(param_dtype):
   config = TINY.replace(compute_dtype="bfloat16", param_dtype=param_dtype)

@@ -19,7 +19,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pi_jax.attention.blockwise import block_length, blockwise_attention, blockwise_core
+from pi_jax.attention.blockwise import (RESIDUALS_NAME, block_length, blockwise_attention,
+                                        blockwise_core)
 from pi_jax.attention import kernels
 from pi_jax.attention.kernels import cudnn_attention, splash_attention
 from pi_jax.attention.reference import MASK_VALUE, group_queries, reference_attention

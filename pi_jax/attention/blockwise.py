@@ -15,8 +15,13 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from pi_jax.attention.reference import MASK_VALUE
+
+# The checkpoint name of the attention kernels' own residuals (output and log-sum-exp): what
+# the remat policy "save_attention" keeps (pi_jax.model).
+RESIDUALS_NAME = "attention_residuals"
 
 # Internal layout: the block axis leads (a dynamic index on it reads one contiguous block) and
 # the G query heads of a K/V head are folded into the rows next to the T positions of a block:
@@ -164,6 +169,8 @@ def blockwise_core(q, k, v, causal, kv_valid=None):
 
 def _core_fwd(q, k, v, causal, kv_valid):
   out, lse = _blockwise_fwd_core(q, k, v, causal, kv_valid)
+  # Named so that remat="save_attention" keeps them and the backward pass skips this forward.
+  out, lse = (checkpoint_name(x, RESIDUALS_NAME) for x in (out, lse))
   return (out, lse), (q, k, v, out, lse)
 
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from pi_jax import sharding as sharding_lib
+from pi_jax.attention.blockwise import RESIDUALS_NAME
 
 # Splash tiles the sequence by this many positions (the TPU lane width).
 SPLASH_TILE = 128
@@ -52,22 +53,28 @@ def splash_block(length: int, block_size: int) -> int:
   return blk
 
 
-# The fused backward kernel (dq, dk, dv in one pass) writes one partial dq per key block,
-# [L/T, N, L, H] in the compute dtype, and sums them afterwards: quadratic in L (16 GiB per chip
-# for 7B at 32K with T = 512). Past this many key blocks the separate dq kernel is used instead
-# (linear memory, one more QK^T and dO·V^T per block pair).
-MAX_FUSED_BWD_BLOCKS = 8
+# Splash's fused backward kernel (dq, dk and dv in one pass) writes one partial dq per key block
+# of `block_kv_dkv` rows, [L/T, N, L, H] in the compute dtype, and sums them afterwards: with
+# T = the 512 tile that is quadratic in L (16 GiB per chip for 7B at 32K). The key block is
+# therefore widened to L/MAX_DQ_COPIES rows (the kernel still computes in tile-wide steps), so
+# the partial dq is at most MAX_DQ_COPIES copies of dq: linear in L. A wider key block computes
+# the masked tiles of the diagonal block too (+~11% of the backward's attention work at 8
+# copies). Past MAX_DKV_BLOCK rows (its k, v and float32 dk, dv accumulators live in VMEM) the
+# separate dq kernel is used instead: no partial dq, but Q·Kᵀ and dO·Vᵀ computed twice.
+MAX_DQ_COPIES = 8
+MAX_DKV_BLOCK = 4096
 
 
 def splash_block_sizes(length: int, blk: int):
-  """Splash's BlockSizes for a padded `length` and tile `blk`: the fused backward only while its
-  partial-dq buffer stays within MAX_FUSED_BWD_BLOCKS copies of dq."""
+  """Splash's BlockSizes for a padded `length` and tile `blk` (see MAX_DQ_COPIES)."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-  fused = length // blk <= MAX_FUSED_BWD_BLOCKS
+  n = length // blk
+  per_block = next(d for d in range(-(-n // MAX_DQ_COPIES), n + 1) if n % d == 0)
+  fused = per_block * blk <= MAX_DKV_BLOCK
   dq = {} if fused else {"block_q_dq": blk, "block_kv_dq": blk}
   return sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk,
-                       block_kv_dkv=blk, block_kv_dkv_compute=blk, use_fused_bwd_kernel=fused,
-                       **dq)
+                       block_kv_dkv=per_block * blk if fused else blk, block_kv_dkv_compute=blk,
+                       use_fused_bwd_kernel=fused, **dq)
 
 
 def _splash_local(q_BLNH, k_BLKH, v_BLKH, *, block_size: int, interpret: bool):
@@ -84,7 +91,7 @@ def _splash_local(q_BLNH, k_BLKH, v_BLKH, *, block_size: int, interpret: bool):
   sizes = splash_block_sizes(lp, blk)
   mask = sm.MultiHeadMask([sm.CausalMask((lp, lp)) for _ in range(n)])
   kernel = sk.make_splash_mha(mask=mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                              interpret=interpret)
+                              residual_checkpoint_name=RESIDUALS_NAME, interpret=interpret)
   # Splash does not scale the scores: scale q once, in float32, then back to the compute dtype.
   q_BLNH = (q_BLNH.astype(jnp.float32) * (1.0 / math.sqrt(h))).astype(q_BLNH.dtype)
   out_BNLH = jax.vmap(kernel)(q_BLNH.transpose(0, 2, 1, 3), k_BLKH.transpose(0, 2, 1, 3),
