@@ -22,7 +22,7 @@ MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 LOGICAL_AXIS_RULES: dict[str, tuple[str, ...] | None] = {
     # parameters
     "layers": None,  # the scanned layer axis
-    "embed": ("fsdp",),
+    "embed": ("fsdp", "sequence"),  # the sequence axis shards parameters too (FSDP over both)
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
     "head_dim": None,
@@ -98,7 +98,14 @@ def make_mesh(spec: str | dict | None = None, devices: Sequence[jax.Device] | No
   if devices[0].platform == "cpu":  # fake CPU devices: no physical topology to follow
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=types)
   # Accelerators (real or compile-only TPU devices): jax orders them along the physical torus.
-  return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
+  try:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
+  except (ValueError, NotImplementedError):
+    # An axis that is no product of whole torus axes (sequence:8 on a 4x4x4 v5p-128): split a
+    # physical axis rather than refuse; its collectives then use part of a ring.
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES, axis_types=types)
 
 
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = None,

@@ -133,6 +133,11 @@ def test_mesh_axis_of_minus_one_takes_the_remaining_chips():
   assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 4, "sequence": 1}
   with pytest.raises(ValueError, match="not divisible"):
     sharding.make_mesh("fsdp:-1,tensor:3", devices)
+  # sequence:8 is no product of a v5p-128's 4x4x4 torus axes: a physical axis is split.
+  devices = tpu.compile_only_devices(tpu.parse_slice("v5p-128"))
+  mesh = sharding.make_mesh("fsdp:-1,sequence:8", devices)
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1, "sequence": 8}
+  assert len({d.id for d in mesh.devices.flat}) == 64
 
 
 def test_perplexity_window_compiles_for_a_slice(tmp_path):

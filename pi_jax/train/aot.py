@@ -18,6 +18,7 @@ import jax
 from pi_jax import attention as attn_lib
 from pi_jax import sharding as sharding_lib
 from pi_jax import tpu
+from pi_jax.evals import runtime
 from pi_jax.train import metrics as metrics_lib
 from pi_jax.train import trainer as trainer_lib
 from pi_jax.train.config import TrainConfig
@@ -105,9 +106,7 @@ def _mesh_for_spec(spec: str | None, slice_: tpu.TpuSlice):
 
 
 def _check_batch(config: TrainConfig, mesh) -> None:
-  shards = 1
-  for axis in sharding_lib.LOGICAL_AXIS_RULES["batch"] or ():
-    shards *= mesh.shape[axis]
+  shards = runtime.batch_shards(mesh)
   micro = config.global_batch // config.accum_steps
   if micro % shards:
     raise ValueError(f"micro-batch {micro} (global_batch {config.global_batch} / "
@@ -121,6 +120,7 @@ def compile_train_step(config: TrainConfig, topology: str) -> dict:
   slice_ = tpu.parse_slice(topology)
   model, source = trainer_lib.abstract_model_config(config)
   mesh = _mesh_for_spec(config.mesh, slice_)
+  config = config.for_batch_shards(runtime.batch_shards(mesh))
   _check_batch(config, mesh)
   specs = trainer_lib.step_specs(config, model, mesh)
   rows = jax.ShapeDtypeStruct((config.global_batch, config.seq_len + 1), jax.numpy.int32,
@@ -216,7 +216,6 @@ def compile_perplexity_step(model, topology: str, window: int, batch: int | None
   axes. `batch` defaults to one window per data shard."""
   from pi_jax import model as model_lib
   from pi_jax.evals import perplexity as ppl
-  from pi_jax.evals import runtime
   from pi_jax.train import state as state_lib
   slice_ = tpu.parse_slice(topology)
   mesh = _mesh_for_spec(mesh_spec, slice_)

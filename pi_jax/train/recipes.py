@@ -46,6 +46,7 @@ def extend(preset: str, size: str, target_window: int, method: str = "pi",
       data="pg19_standin",
       seq_len=target_window,
       global_batch=paper_batch(size, target_window),
+      micro_batch=-1,  # one sequence per chip (per batch shard), the rest by accumulation
       steps=steps,
       learning_rate=PAPER_LR[size],
       warmup_steps=20,

@@ -366,6 +366,7 @@ class Trainer:
     self.mesh = sharding_lib.make_mesh(config.mesh)
     from pi_jax.evals import runtime
     shards = runtime.batch_shards(self.mesh)
+    config = self.config = config.for_batch_shards(shards)
     micro = config.global_batch // config.accum_steps
     if micro % shards:
       raise ValueError(
