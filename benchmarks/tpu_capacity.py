@@ -5,8 +5,10 @@
 Every number comes from the TPU compiler (compile-only, on this host: no TPU needed): the real
 train step of configs/NAME.py (pi_jax.train.aot.compile_train_step) compiled for a slice, its
 memory per chip from memory_analysis(). The search tries few candidates: slices in order of
-total HBM, one sequence per chip (micro-batch = chips, the rest by gradient accumulation), the
-config's own remat and mesh; the first slice whose step fits is the row. Rows already in the
+total HBM, with the config exactly as `train.py` runs it (the recipes: FSDP over every chip,
+remat full, micro_batch=-1 = one sequence per chip and the rest of the global batch by gradient
+accumulation); the first slice whose step fits is the row. Slices whose HBM is below a floor
+(state, gradients and saved layer inputs; floor_bytes) are not compiled. Rows already in the
 --json file are kept (--redo NAME recompiles one), so an interrupted run resumes.
 """
 
@@ -49,24 +51,67 @@ def _slice_hbm(name: str) -> int:
   return s.chips * s.hbm_bytes_per_chip
 
 
-def _row_config(config_file: str, chips: int):
-  """The config with one sequence per chip (micro-batch = chips) when the batch allows."""
+def _row_config(config_file: str):
+  """The row's config as the file gives it (the recipes' micro_batch=-1: one sequence per chip,
+  the rest of the global batch by accumulation)."""
   from pi_jax.train import config as config_lib
-  config = config_lib.load_config_file(os.path.join(REPO, "configs", config_file))
-  micro = min(chips, config.global_batch)
-  if config.global_batch % micro:
-    return None
-  return config.replace(micro_batch=micro, grad_accum=1)
+  return config_lib.load_config_file(os.path.join(REPO, "configs", config_file))
 
 
-def search(name: str, config_file: str, slices, log) -> dict:
+def floor_bytes(config, chips: int) -> int:
+  """A floor under the step's bytes per chip, whatever the compiler does: the parameters, AdamW's
+  two float32 moments and the float32 gradients spread evenly over every chip, plus (unless remat
+  offloads them) the layer inputs remat keeps for the backward pass, one sequence per chip. A
+  slice whose HBM is below it is not compiled."""
+  import numpy as np
+  from pi_jax import model as model_lib
+  from pi_jax.train import trainer as trainer_lib
+  model, _ = trainer_lib.abstract_model_config(config)
+  state = model_lib.count_params(model) * (np.dtype(model.param_dtype).itemsize + 12) // chips
+  residuals = 0
+  if model.remat not in ("offload", "none"):
+    residuals = (model.num_layers * model.hidden_size * config.seq_len
+                 * np.dtype(model.compute_dtype).itemsize)
+  return state + residuals
+
+
+# The model fields that shape the step's buffers (the rest are constants: RoPE, norm epsilon).
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                "num_kv_heads", "head_dim", "tie_word_embeddings", "param_dtype",
+                "compute_dtype", "remat", "attention_impl", "attention_block_size")
+
+
+def shape_key(config_file: str) -> str:
+  """What decides a step's buffers: the architecture's shapes and dtypes, and the batch,
+  window, mesh, remat and loss chunk. Two recipes with one key (Llama-2 7B at 32K and 7B at 32K;
+  PI and direct fine-tuning at 8K) compile to programs with the same buffers."""
+  from pi_jax.train import trainer as trainer_lib
+  config = _row_config(config_file)
+  model, _ = trainer_lib.abstract_model_config(config)
+  arch = {k: getattr(model, k) for k in SHAPE_FIELDS}
+  return json.dumps([arch, config.seq_len, config.global_batch, config.micro_batch, config.mesh,
+                     config.loss_chunk], sort_keys=True)
+
+
+def search(name: str, config_file: str, slices, log, twin: dict | None = None) -> dict:
+  """The first slice (by total HBM) whose compiled step fits. `twin`: a finished row with the
+  same shape_key; the slices it tried and did not fit are not compiled again."""
   from pi_jax import tpu
   from pi_jax.train import aot
   tried = []
+  too_small = {t["topology"] for t in (twin or {}).get("tried", []) if not t["fits"]}
   for slice_name in sorted(slices, key=_slice_hbm):
-    chips = tpu.parse_slice(slice_name).chips
-    config = _row_config(config_file, chips)
-    if config is None:
+    slice_ = tpu.parse_slice(slice_name)
+    config = _row_config(config_file)
+    if config.global_batch % slice_.chips and config.micro_batch == -1:
+      continue  # more chips than sequences, or an uneven split: not with this mesh
+    if slice_name in too_small:
+      log(f"{name}: {slice_name}: skipped (did not fit for {twin['row']}, the same shapes)")
+      continue
+    floor = floor_bytes(config, slice_.chips)
+    if floor > slice_.hbm_bytes_per_chip:
+      log(f"{name}: {slice_name}: skipped (state, gradients and saved layer inputs alone are "
+          f"{floor / GiB:.1f} GiB per chip, over {slice_.hbm_bytes_per_chip // GiB} GiB)")
       continue
     t0 = time.time()
     try:
@@ -102,7 +147,15 @@ def markdown(rows: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def table(rows: list[dict]) -> str:
+  """The markdown table of `rows`, then a line for each recipe not compiled yet."""
+  missing = [name for name, config_file in ROWS if all(r["config"] != config_file for r in rows)]
+  return markdown(rows) + "".join(f"| {name} | not compiled yet | | | | | | | |\n"
+                                  for name in missing)
+
+
 def main(argv=None) -> int:
+  from pi_jax import files
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--json", dest="json_out", required=True, help="results file (resumed if present)")
   p.add_argument("--markdown", default=None, help="write the table here")
@@ -124,17 +177,19 @@ def main(argv=None) -> int:
     if config_file in done and config_file not in args.redo:
       rows.append(done[config_file])
       continue
-    rows.append(search(name, config_file, slices, lambda m: print(m, flush=True)))
+    key = shape_key(config_file)
+    twin = next((r for r in rows if shape_key(r["config"]) == key), None)
+    rows.append(search(name, config_file, slices, lambda m: print(m, flush=True), twin))
     os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-    with open(args.json_out, "w") as f:
-      json.dump({"command": "python benchmarks/tpu_capacity.py " + " ".join(argv or sys.argv[1:]),
-                 "rows": rows}, f, indent=2)
-  table = markdown(rows)
-  print(table)
+    files.write_json(args.json_out, {
+        "command": "python benchmarks/tpu_capacity.py " + " ".join(argv or sys.argv[1:]),
+        "rows": rows})
+  text = table(rows)
+  print(text)
   if args.markdown:
-    with open(args.markdown, "w") as f:
+    with files.atomic_file(args.markdown) as f:
       f.write("<!-- written by: python benchmarks/tpu_capacity.py; do not edit by hand -->\n")
-      f.write(table)
+      f.write(text)
   return 0
 
 

@@ -11,6 +11,7 @@ from pi_jax.train.recipes import extend
 
 
 def get_config():
-  return extend("smollm2-135m", "7b", 32768, "pi", global_batch=64, remat="none",
-                compute_dtype="float32",
+  # The recipe's bf16 compute and remat "full": with remat "none" and float32 one 32K sequence
+  # needs ~56 GiB per chip and fits no TPU slice (docs/tpu_capacity.md).
+  return extend("smollm2-135m", "7b", 32768, "pi", global_batch=64,
                 init_checkpoint=os.path.join(fetch.cache_dir(), fetch.CKPT_NAME))

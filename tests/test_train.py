@@ -59,6 +59,8 @@ def test_paper_configs():
     assert (c.b1, c.b2, c.weight_decay, c.warmup_steps, c.warmup_start_fraction) == (
         0.9, 0.95, 0.0, 20, 0.1), name
     assert c.steps == 1000 and c.rope_scaling.startswith("linear:"), name
+    # The capacity table's settings (docs/tpu_capacity.md): one sequence per chip, remat full.
+    assert (c.micro_batch, c.remat, c.compute_dtype) == (-1, "full", "bfloat16"), name
   assert cfgs["llama_7b_8k"].global_batch == 64 and cfgs["llama_7b_8k"].rope_scaling == "linear:4"
   assert cfgs["llama_7b_16k"].global_batch == 128 and cfgs["llama_7b_32k"].rope_scaling == "linear:16"
   assert cfgs["llama_33b_8k"].learning_rate == 1e-5 and cfgs["llama_33b_8k"].global_batch == 64
@@ -102,6 +104,10 @@ def test_overrides_parse_by_field_type():
   with pytest.raises(ValueError, match="global_batch 8 is not a multiple of the mesh's 16 batch"):
     per_shard.for_batch_shards(16)
   assert base.for_batch_shards(16) is base
+  # --set grad_accum replaces a config's micro_batch; both at once is an error.
+  assert apply_overrides(per_shard, ["grad_accum=2"]).accum_steps == 2
+  with pytest.raises(ValueError, match="micro_batch 4 and grad_accum 2 are both set"):
+    apply_overrides(base, ["micro_batch=4", "grad_accum=2"])
   # A preset's architecture is edited too (e.g. a 2-layer 7B for a quick compile-only run).
   seven = load_config_file(os.path.join(CONFIGS, "llama_7b_8k.py"))
   c = apply_overrides(seven, ["model.num_layers=2"])

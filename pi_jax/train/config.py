@@ -90,6 +90,9 @@ class TrainConfig:
     for name in ("warmup_steps", "eval_every", "eval_sequences"):
       if getattr(self, name) < 0:
         raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+    if self.micro_batch is not None and self.grad_accum != 1:
+      raise ValueError(f"micro_batch {self.micro_batch} and grad_accum {self.grad_accum} are both "
+                       "set: give one (micro_batch=null to use grad_accum)")
     if self.micro_batch is not None and self.micro_batch != -1:
       if self.micro_batch < 1 or self.global_batch % self.micro_batch:
         raise ValueError(f"micro_batch {self.micro_batch} must divide global_batch "
@@ -246,6 +249,8 @@ def apply_overrides(config: TrainConfig, items: list[str]) -> TrainConfig:
     if key not in hints:
       raise _unknown_key(key, hints)
     changes[key] = _parse_value(text, hints[key], key)
+  if "grad_accum" in changes and "micro_batch" not in changes:
+    changes["micro_batch"] = None  # --set grad_accum=N replaces the config's micro_batch
   config = config.replace(**changes)
   if model_changes:
     model = config.model
