@@ -32,8 +32,9 @@ def _positive_number(name: str, value) -> None:
     raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
   if not math.isfinite(value) or value <= 0:
     raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+# The remat policies (pi_jax.model._remat_policy says what each keeps).
 REMAT_POLICIES = ("none", "full", "offload", "save_attention", "offload_save_attention",
-                  "save_qkv_out", "dots_saveable", "dots_with_no_batch_dims_saveable")  # see pi_jax.model._remat_policy
+                  "save_qkv_out", "dots_saveable", "dots_with_no_batch_dims_saveable")
 # The attention implementations (pi_jax.attention dispatches on these names; it reads this tuple).
 ATTENTION_IMPLS = ("auto", "reference", "xla_blockwise", "cudnn", "splash", "ring")
 

@@ -165,7 +165,8 @@ def test_splash_wide_key_blocks_equal_reference(monkeypatch):
   from pi_jax.attention import kernels
   monkeypatch.setattr(kernels, "MAX_DQ_COPIES", 2)
   sizes = kernels.splash_block_sizes(512, 128)
-  assert sizes.use_fused_bwd_kernel and (sizes.block_kv_dkv, sizes.block_kv_dkv_compute) == (256, 128)
+  assert sizes.use_fused_bwd_kernel
+  assert (sizes.block_kv_dkv, sizes.block_kv_dkv_compute) == (256, 128)
   test_splash_interpret_equals_reference(6, 2, 500, jnp.float32, 1e-5)
 
 
