@@ -33,15 +33,20 @@ def causal_tiles(n_q: int, per_block: int) -> int:
   return sum((i // per_block + 1) * per_block for i in range(n_q))
 
 
-def step_over_model(model, length: int, remat: str) -> float:
+def splash_sizes(model, length: int):
+  """(tile, BlockSizes) pi_jax gives splash for `length` tokens."""
   from pi_jax.attention import kernels
+  blk = kernels.splash_block(length, model.attention_block_size)
+  return blk, kernels.splash_block_sizes(length, blk)
+
+
+def step_over_model(model, length: int, remat: str) -> float:
   from pi_jax.train import metrics
   model_flops = metrics.flops_per_token(model, length)
   attention_model = 6 * model.num_layers * length * model.num_heads * model.head_dim
   n_matmul = (model_flops - attention_model) / 6  # N
   unit = attention_model / 6  # one causal L×L matmul per layer, per token
-  blk = kernels.splash_block(length, model.attention_block_size)
-  sizes = kernels.splash_block_sizes(length, blk)
+  blk, sizes = splash_sizes(model, length)
   n = length // blk
   exact = n * n / 2
   forward = 2 * causal_tiles(n, 1) / exact
@@ -68,10 +73,8 @@ def main(argv=None) -> int:
         f"(`python benchmarks/step_flops.py {' '.join(argv or sys.argv[1:])}`)\n")
   print("| window | splash backward | " + " | ".join(f"remat `{r}`" for r in policies) + " |")
   print("|---|---|" + "---|" * len(policies))
-  from pi_jax.attention import kernels
   for length in (int(x) for x in args.lengths.split(",")):
-    blk = kernels.splash_block(length, model.attention_block_size)
-    sizes = kernels.splash_block_sizes(length, blk)
+    _, sizes = splash_sizes(model, length)
     kind = (f"fused, key blocks of {sizes.block_kv_dkv}" if sizes.use_fused_bwd_kernel
             else "separate dq kernel")
     ratios = [step_over_model(model, length, r) for r in policies]

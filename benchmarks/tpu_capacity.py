@@ -100,9 +100,9 @@ def search(name: str, config_file: str, slices, log, twin: dict | None = None) -
   from pi_jax.train import aot
   tried = []
   too_small = {t["topology"] for t in (twin or {}).get("tried", []) if not t["fits"]}
+  config = _row_config(config_file)
   for slice_name in sorted(slices, key=_slice_hbm):
     slice_ = tpu.parse_slice(slice_name)
-    config = _row_config(config_file)
     if config.global_batch % slice_.chips and config.micro_batch == -1:
       continue  # more chips than sequences, or an uneven split: not with this mesh
     if slice_name in too_small:

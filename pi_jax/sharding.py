@@ -14,6 +14,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
@@ -90,22 +91,17 @@ def make_mesh(spec: str | dict | None = None, devices: Sequence[jax.Device] | No
     if sizes["data"] % slices:
       raise ValueError(f"mesh spec {spec!r}: the devices span {slices} slices; the data axis "
                        f"({sizes['data']}) must be a multiple of {slices} (e.g. data:{slices})")
-    from jax.experimental import mesh_utils
     ici = tuple(sizes[a] // (slices if a == "data" else 1) for a in MESH_AXES)
     dcn = tuple(slices if a == "data" else 1 for a in MESH_AXES)
     grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
     return Mesh(grid, MESH_AXES, axis_types=types)
   if devices[0].platform == "cpu":  # fake CPU devices: no physical topology to follow
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=types)
-  # Accelerators (real or compile-only TPU devices): jax orders them along the physical torus.
-  try:
-    return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
-  except (ValueError, NotImplementedError):
-    # An axis that is no product of whole torus axes (sequence:8 on a 4x4x4 v5p-128): split a
-    # physical axis rather than refuse; its collectives then use part of a ring.
-    from jax.experimental import mesh_utils
-    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-    return Mesh(grid, MESH_AXES, axis_types=types)
+  # Accelerators (real or compile-only TPU devices): jax orders them along the physical torus,
+  # giving each mesh axis whole torus axes where it can; an axis that is no product of them
+  # (sequence:8 on a 4x4x4 v5p-128) splits a physical axis instead of failing.
+  grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  return Mesh(grid, MESH_AXES, axis_types=types)
 
 
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = None,

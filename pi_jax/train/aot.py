@@ -105,23 +105,12 @@ def _mesh_for_spec(spec: str | None, slice_: tpu.TpuSlice):
     raise ValueError(f"{slice_.name} ({len(devices)} chips): {e}") from None
 
 
-def _check_batch(config: TrainConfig, mesh) -> None:
-  shards = runtime.batch_shards(mesh)
-  micro = config.global_batch // config.accum_steps
-  if micro % shards:
-    raise ValueError(f"micro-batch {micro} (global_batch {config.global_batch} / "
-                     f"{config.accum_steps} accumulation steps) does not split over the "
-                     f"{shards} data shards of mesh {dict(mesh.shape)}: use a multiple of "
-                     f"{shards}, or a tensor / sequence axis for the rest of the chips")
-
-
 def compile_train_step(config: TrainConfig, topology: str) -> dict:
   """Compiles the run's train step for the TPU slice `topology`; returns the record."""
   slice_ = tpu.parse_slice(topology)
   model, source = trainer_lib.abstract_model_config(config)
   mesh = _mesh_for_spec(config.mesh, slice_)
-  config = config.for_batch_shards(runtime.batch_shards(mesh))
-  _check_batch(config, mesh)
+  config = trainer_lib.batch_config_for_mesh(config, mesh)
   specs = trainer_lib.step_specs(config, model, mesh)
   rows = jax.ShapeDtypeStruct((config.global_batch, config.seq_len + 1), jax.numpy.int32,
                               sharding=specs.batch_sharding)

@@ -253,6 +253,22 @@ class StepSpecs:
     return state_lib.with_shardings(self.abstract, self.shardings)
 
 
+def batch_config_for_mesh(config: TrainConfig, mesh) -> TrainConfig:
+  """`config` on `mesh`: micro_batch=-1 resolved to one sequence per batch shard, and an error
+  when a micro-batch does not split over the batch shards (data × fsdp)."""
+  from pi_jax.evals import runtime
+  shards = runtime.batch_shards(mesh)
+  config = config.for_batch_shards(shards)
+  micro = config.global_batch // config.accum_steps
+  if micro % shards:
+    raise ValueError(
+        f"global_batch {config.global_batch} in {config.accum_steps} micro-batch(es) of {micro} "
+        f"cannot be split over the {shards} data shards of mesh {dict(mesh.shape)}: each "
+        f"micro-batch must be a multiple of {shards} (otherwise every device would get the "
+        "whole batch: no data parallelism), or use a tensor / sequence axis for some chips")
+  return config
+
+
 def step_specs(config: TrainConfig, model: ModelConfig, mesh) -> StepSpecs:
   """Optimizer, abstract state and shardings of a run on `mesh` (real or compile-only devices)."""
   optimizer = optim.make_optimizer(config)
@@ -364,16 +380,7 @@ class Trainer:
 
   def _build(self, config: TrainConfig, data) -> None:
     self.mesh = sharding_lib.make_mesh(config.mesh)
-    from pi_jax.evals import runtime
-    shards = runtime.batch_shards(self.mesh)
-    config = self.config = config.for_batch_shards(shards)
-    micro = config.global_batch // config.accum_steps
-    if micro % shards:
-      raise ValueError(
-          f"global_batch {config.global_batch} in {config.accum_steps} micro-batch(es) of {micro} "
-          f"cannot be split over the {shards} data shards of mesh {dict(self.mesh.shape)}: each "
-          f"micro-batch must be a multiple of {shards} (otherwise every device would get the "
-          "whole batch: no data parallelism)")
+    config = self.config = batch_config_for_mesh(config, self.mesh)
     self.checkpoints = state_lib.RunCheckpoints(config.workdir, config.keep_checkpoints,
                                                 config.async_checkpoints)
     has_checkpoints = bool(self.checkpoints.all_steps())
@@ -391,6 +398,7 @@ class Trainer:
     self.tokenizer, self.tokenizer_files = _tokenizer(config, self.model)
     self.data = data or _train_data(config, self.tokenizer, self.model.vocab_size)
     self.batch_sharding, self.eval_sharding = specs.batch_sharding, specs.eval_sharding
+    micro = config.global_batch // config.accum_steps
     if config.eval_every and self.data.num_eval < micro:
       raise ValueError(f"eval_sequences {config.eval_sequences} is less than one micro-batch "
                        f"({micro} sequences)")
