@@ -2,6 +2,7 @@
 
   python benchmarks/cpu_forward.py --lengths 2048,8192,16384 --repeats 3 --json runs/cpu_forward.json
   python benchmarks/cpu_forward.py --lengths 32768 --sides jax          # the 32K memory check
+  python benchmarks/cpu_forward.py --lengths 8192 --task logits          # plain forward, full logits
 
 Each side runs in its own subprocess (so their peak RSS do not mix) and is warmed first (pi_jax:
 compiled; the compile time is reported separately). Then the parent asks them for one timed run
@@ -11,9 +12,11 @@ tokens with the same weights (the real SmolLM2-135M-Instruct when `convert.fetch
 random weights of the exact shape: timing does not depend on the weights), and the mean NLLs are
 printed side by side as a check that they computed the same thing.
 
-transformers runs `model(ids, labels=ids)` with attn_implementation="sdpa" (the full float32
-logits exist there: 6.4 GB at 32K); pi_jax runs `loss.mean_loss` (blockwise attention, chunked
-logits).
+--task nll (default): transformers runs `model(ids, labels=ids)` with attn_implementation="sdpa"
+(the full float32 logits exist there: 6.4 GB at 32K); pi_jax runs `loss.mean_loss` (blockwise
+attention, chunked logits). --task logits: both return the full [1, L, V] float32 logits
+(transformers `model(ids).logits`, pi_jax `model.forward`), and the check is the mean of the
+logits' log-sum-exp instead of the NLL.
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ def _real_weights_available() -> bool:
           and os.path.isfile(os.path.join(fetch.cache_dir(), fetch.GGUF_NAME)))
 
 
-def _jax_side(length: int, weights: str, block_size: int, chunk: int, impl: str):
+def _jax_side(length: int, weights: str, block_size: int | None, chunk: int, impl: str,
+              task: str):
   import jax
   import jax.numpy as jnp
   from pi_jax import loss as loss_lib
@@ -74,6 +78,9 @@ def _jax_side(length: int, weights: str, block_size: int, chunk: int, impl: str)
   mask = jnp.ones_like(tokens).at[:, -1].set(0)  # the last position has no target
 
   def fwd(params, tokens, targets, mask):
+    if task == "logits":
+      logits = model_lib.forward(config, params, tokens)
+      return logits, jnp.mean(jax.nn.logsumexp(logits, axis=-1))
     return loss_lib.mean_loss(config, params, tokens, targets, mask, chunk=chunk)[0]
 
   start = time.perf_counter()
@@ -82,11 +89,17 @@ def _jax_side(length: int, weights: str, block_size: int, chunk: int, impl: str)
   mem = compiled.memory_analysis()
   memory = {"compiled_temp_mb": mem.temp_size_in_bytes / 2**20,
             "compiled_argument_mb": mem.argument_size_in_bytes / 2**20}
-  run = lambda: float(compiled(params, tokens, targets, mask))
+  if task == "logits":
+    def run():
+      logits, check = compiled(params, tokens, targets, mask)
+      logits.block_until_ready()
+      return float(check)
+  else:
+    run = lambda: float(compiled(params, tokens, targets, mask))
   return run, compile_s, memory
 
 
-def _torch_side(length: int, weights: str):
+def _torch_side(length: int, weights: str, task: str):
   import torch
   import transformers
   if weights == "real":
@@ -112,17 +125,19 @@ def _torch_side(length: int, weights: str):
 
   def run():
     with torch.inference_mode():
+      if task == "logits":
+        return float(torch.logsumexp(model(input_ids=ids).logits, dim=-1).mean())
       return float(model(input_ids=ids, labels=ids).loss)
   return run, 0.0, {}
 
 
-def worker(side: str, length: int, weights: str, block_size: int, chunk: int,
-           warmup: int, impl: str = "xla_blockwise") -> None:
+def worker(side: str, length: int, weights: str, block_size: int | None, chunk: int,
+           warmup: int, impl: str = "xla_blockwise", task: str = "nll") -> None:
   """Line protocol on stdin/stdout: prints a 'ready' record, then one record per 'run'."""
   if side == "jax":
-    run, compile_s, memory = _jax_side(length, weights, block_size, chunk, impl)
+    run, compile_s, memory = _jax_side(length, weights, block_size, chunk, impl, task)
   else:
-    run, compile_s, memory = _torch_side(length, weights)
+    run, compile_s, memory = _torch_side(length, weights, task)
   start, nll = time.perf_counter(), None
   for _ in range(warmup):  # pi_jax is already compiled; torch allocates and picks kernels
     nll = run()
@@ -142,10 +157,16 @@ class Worker:
 
   def __init__(self, side, args, length):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--lengths", str(length),
-           "--weights", args.weights, "--block-size", str(args.block_size),
-           "--chunk", str(args.chunk), "--warmup", str(args.warmup), "--impl", args.impl]
+           "--weights", args.weights, "--chunk", str(args.chunk), "--warmup", str(args.warmup),
+           "--impl", args.impl, "--task", args.task]
+    if args.block_size is not None:
+      cmd += ["--block-size", str(args.block_size)]
     self.side = side
-    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    # A CPU benchmark: JAX should not start a TPU runtime that happens to be installed
+    # (jax[tpu] is in requirements-dev.txt for the compile-only tests).
+    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                 env=env)
     self.ready = self._read()
 
   def _read(self):
@@ -204,14 +225,17 @@ def _fmt(row, side, key, fmt):
   return "–" if value is None else format(value, fmt)
 
 
-def markdown(rows, weights):
-  lines = [f"SmolLM2-135M shape, float32, batch 1, {weights} weights; median of the repeats. "
+def markdown(rows, weights, task="nll"):
+  what = ("forward + next-token NLL" if task == "nll" else "plain forward, full logits")
+  check = "NLL" if task == "nll" else "mean log-sum-exp of the logits"
+  lines = [f"SmolLM2-135M shape, {what}, float32, batch 1, {weights} weights; median of the "
+           "repeats. "
            "'noisy': other processes used more than "
            f"{quiet.NOISY_CORES} cores during a timed run, or the load average was above "
            f"{quiet.NOISY_LOAD} when the benchmark started and before the run: not a result "
            "(the benchmark's own runs keep the load above 1 between runs).", "",
            "| length | pi_jax s | transformers s | speedup | pi_jax compile s | pi_jax peak RSS MB"
-           " | transformers peak RSS MB | pi_jax compiled temp MB | NLL pi_jax / transformers"
+           f" | transformers peak RSS MB | pi_jax compiled temp MB | {check} pi_jax / transformers"
            " | repeats | machine |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
   for row in rows:
@@ -242,14 +266,18 @@ def main(argv=None):
   p.add_argument("--weights", choices=("auto", "real", "random"), default="auto",
                  help="real SmolLM2 weights (needs `python -m convert.fetch smollm2`), random "
                       "weights of the same shape, or auto: real when cached")
-  p.add_argument("--block-size", type=int, default=256,
-                 help="pi_jax attention block size (256 was the fastest on this 2-core CPU)")
+  p.add_argument("--block-size", type=int, default=None,
+                 help="pi_jax attention block size (default: the implementation's own, "
+                      "pi_jax.attention.block_size_for: 256 for xla_blockwise on the CPU)")
   p.add_argument("--impl", default="xla_blockwise",
                  help="pi_jax attention_impl, e.g. xla_blockwise or reference (default: "
                       "%(default)s; docs/performance.md names the variants tried)")
-  p.add_argument("--chunk", type=int, default=1024,
-                 help="pi_jax loss chunk (positions; 128-256 used less CPU than 1024 here, "
-                      "docs/performance.md)")
+  p.add_argument("--chunk", type=int, default=256,
+                 help="pi_jax loss chunk (positions; default pi_jax.loss.DEFAULT_CHUNK; 128-256 "
+                      "used less CPU than 1024 here, docs/performance.md)")
+  p.add_argument("--task", choices=("nll", "logits"), default="nll",
+                 help="what one run computes: forward + next-token NLL (chunked logits on the "
+                      "pi_jax side), or a plain forward returning the full logits")
   p.add_argument("--json", default=None, help="write the results here as JSON")
   p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -258,7 +286,7 @@ def main(argv=None):
   lengths = [int(x) for x in args.lengths.split(",")]
   if args.worker:
     worker(args.worker, lengths[0], args.weights, args.block_size, args.chunk, args.warmup,
-           args.impl)
+           args.impl, args.task)
     return 0
   bad = set(args.sides.split(",")) - {"jax", "torch"}
   if bad:
@@ -268,16 +296,17 @@ def main(argv=None):
   rows = []
   for length in lengths:
     rows.append(bench_length(args, length))
-    print(markdown(rows[-1:], args.weights), flush=True)
+    print(markdown(rows[-1:], args.weights, args.task), flush=True)
   print()
-  print(markdown(rows, args.weights))
+  print(markdown(rows, args.weights, args.task))
   if args.json:
     from pi_jax import files
     files.write_json(args.json, {
         "command": "python benchmarks/cpu_forward.py " + " ".join(
             sys.argv[1:] if argv is None else argv),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "weights": args.weights, "impl": args.impl, "block_size": args.block_size,
+        "weights": args.weights, "task": args.task, "impl": args.impl,
+        "block_size": args.block_size,
         "chunk": args.chunk,
         "cpu_count": os.cpu_count(), "machine_before": start_state,
         "machine_after": quiet.machine_state(), "rows": rows})

@@ -76,7 +76,7 @@ def _parts(args):
   if "attention" in wanted:
     for spec in args.impls.split(","):
       impl, _, bs = spec.partition(":")
-      fn = jax.jit(lambda q, k, v, impl=impl, bs=int(bs or 512):
+      fn = jax.jit(lambda q, k, v, impl=impl, bs=int(bs) if bs else None:
                    attn_lib.attention(q, k, v, impl=impl, block_size=bs))
       parts[f"attention {spec}"] = (fn, (q, k, v))
       per_layer[f"attention {spec}"] = True
@@ -85,7 +85,7 @@ def _parts(args):
     parts["nll"] = (fn, (params, x_BLD, targets))
   if "total" in wanted:
     impl, _, bs = args.impls.split(",")[0].partition(":")
-    cfg = config.replace(attention_impl=impl, attention_block_size=int(bs or 512))
+    cfg = config.replace(attention_impl=impl, attention_block_size=int(bs) if bs else None)
     fn = jax.jit(lambda p, t, y, m: loss_lib.mean_loss(cfg, p, t, y, m, chunk=args.chunk)[0])
     parts["total"] = (fn, (params, tokens, targets, mask))
   return parts, per_layer, config.num_layers
@@ -98,7 +98,7 @@ def main(argv=None):
   p.add_argument("--parts", default="dense,rope,attention,nll")
   p.add_argument("--impls", default="xla_blockwise:256,xla_blockwise:512",
                  help="attention impl:block_size entries, comma-separated")
-  p.add_argument("--chunk", type=int, default=1024, help="loss chunk (positions)")
+  p.add_argument("--chunk", type=int, default=256, help="loss chunk (positions)")
   args = p.parse_args(argv)
   parts, per_layer, layers = _parts(args)
   print(f"load before: {open('/proc/loadavg').read().strip()}", flush=True)

@@ -36,7 +36,8 @@ def causal_tiles(n_q: int, per_block: int) -> int:
 def splash_sizes(model, length: int):
   """(tile, BlockSizes) pi_jax gives splash for `length` tokens."""
   from pi_jax.attention import kernels
-  blk = kernels.splash_block(length, model.attention_block_size)
+  from pi_jax import attention
+  blk = kernels.splash_block(length, attention.block_size_for("splash", model.attention_block_size))
   return blk, kernels.splash_block_sizes(length, blk)
 
 

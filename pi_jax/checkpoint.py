@@ -70,25 +70,23 @@ def _array_checksum(x: jax.Array) -> jax.Array:
                     jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)])
 
 
-def _sums_of_tree(tree):
-  return jax.tree.map(_array_checksum, tree)
-
 
 def checksums(tree) -> dict[str, str]:
   """{array path: checksum} of a pytree of arrays (computed where the arrays live).
 
   On a mesh the sums come back replicated, so every process of a multi-host run can read them.
+  One array at a time: summing the whole tree in one program kept every array's uint32 bits at
+  once (SmolLM2-135M: +850 MB on top of its 513 MB of parameters while loading).
   """
   meshes = {leaf.sharding.mesh for leaf in jax.tree.leaves(tree)
             if isinstance(getattr(leaf, "sharding", None), jax.sharding.NamedSharding)}
   if len(meshes) == 1:
     replicated = jax.sharding.NamedSharding(meshes.pop(), jax.sharding.PartitionSpec())
-    fn = jax.jit(_sums_of_tree, out_shardings=replicated)
+    fn = jax.jit(_array_checksum, out_shardings=replicated)
   else:
-    fn = jax.jit(_sums_of_tree)
-  sums = jax.device_get(fn(tree))
-  return {jax.tree_util.keystr(p): f"{int(v[0]):08x}{int(v[1]):08x}"
-          for p, v in jax.tree_util.tree_flatten_with_path(sums)[0]}
+    fn = jax.jit(_array_checksum)
+  return {jax.tree_util.keystr(p): "{:08x}{:08x}".format(*(int(s) for s in jax.device_get(fn(x))))
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def verify_checksums(tree, expected: dict[str, str], where: str, recorded_in: str) -> None:

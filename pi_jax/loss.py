@@ -14,7 +14,10 @@ import jax.numpy as jnp
 from pi_jax import model as model_lib
 from pi_jax.config import ModelConfig
 
-DEFAULT_CHUNK = 1024
+# Positions per chunk. On the 2-core CPU, 256 (with attention tiles of 256) made the 8K
+# SmolLM2 forward + NLL ~10% faster than 1024 (docs/performance.md): a chunk's logits
+# ([256, 49152] float32, 50 MB) stay closer to the cache for the max and exp-sum passes.
+DEFAULT_CHUNK = 256
 
 
 def chunked_nll(config: ModelConfig, params, h_BLD: jax.Array, targets_BL: jax.Array,

@@ -7,6 +7,7 @@ import pytest
 
 from pi_jax import attention as attn_lib
 from pi_jax.attention import blockwise, kernels
+from pi_jax.config import ModelConfig
 
 
 def _inputs(b, l, n, kh, h, dtype=jnp.float32, seed=0):
@@ -39,10 +40,13 @@ def _max_rel(got, want):
 CASES = [(4, 4, 64, 16), (6, 2, 37, 8), (8, 1, 50, 16)]
 
 
+@pytest.mark.parametrize("in_turn", [False, True], ids=["all_heads", "kv_heads_in_turn"])
 @pytest.mark.parametrize("n,kh,l,block", CASES)
-def test_blockwise_equals_reference_float32(n, kh, l, block):
+def test_blockwise_equals_reference_float32(n, kh, l, block, in_turn):
+  """Both schedules (every kv head in one loop, or one kv head at a time, the CPU's)."""
   q, k, v, w = _inputs(2, l, n, kh, 16)
-  fn = jax.jit(lambda q, k, v: attn_lib.attention(q, k, v, impl="xla_blockwise", block_size=block))
+  fn = jax.jit(lambda q, k, v: attn_lib.blockwise_attention(q, k, v, block_size=block,
+                                                            kv_heads_in_turn=in_turn))
   out, grads = _value_and_grads(fn, q, k, v, w)
   want, want_grads = _value_and_grads(_reference_f32, q, k, v, w)
   assert out.shape == q.shape and out.dtype == q.dtype
@@ -120,6 +124,31 @@ def test_auto_picks_vendor_kernels(monkeypatch):
   assert attn_lib.resolve_impl("auto", jnp.bfloat16) == "cudnn"
   assert attn_lib.resolve_impl("auto", jnp.float16) == "cudnn"
   assert attn_lib.resolve_impl("auto", jnp.float32) == "xla_blockwise"
+
+
+def test_default_tile_is_chosen_per_implementation_and_backend(monkeypatch):
+  """block_size None: 256 for the XLA paths on the CPU (measured faster), 512 elsewhere; an
+  explicit block size always wins; the model config's default is None."""
+  assert ModelConfig().attention_block_size is None
+  assert attn_lib.block_size_for("xla_blockwise", None) == 256
+  assert attn_lib.block_size_for("ring", None) == 256
+  assert attn_lib.block_size_for("xla_blockwise", 64) == 64
+  assert attn_lib.block_size_for("splash", None) == 512
+  monkeypatch.setattr(kernels, "backend", lambda: "gpu")
+  assert attn_lib.block_size_for("xla_blockwise", None) == 512
+  with pytest.raises(ValueError, match="attention_block_size must be a positive integer"):
+    ModelConfig(attention_block_size=0)
+
+
+def test_the_default_tile_changes_nothing_but_speed():
+  """At 600 tokens the CPU default (256: three blocks, the last one padded) equals an explicit
+  single block and the reference."""
+  q, k, v, _ = _inputs(1, 600, 4, 2, 16)
+  got = attn_lib.attention(q, k, v, impl="xla_blockwise")
+  one_block = attn_lib.attention(q, k, v, impl="xla_blockwise", block_size=600)
+  ref = attn_lib.reference_attention(q, k, v)
+  np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-5)
+  np.testing.assert_allclose(got, one_block, atol=2e-5, rtol=1e-5)
 
 
 def test_vendor_kernels_refuse_the_wrong_backend():

@@ -154,7 +154,7 @@ def _model_summary(model) -> dict:
           "hidden_size": model.hidden_size, "rope_scaling": model.rope_scaling.describe(),
           "param_dtype": model.param_dtype, "compute_dtype": model.compute_dtype,
           "remat": model.remat, "attention_impl": model.attention_impl,
-          "attention_block_size": model.attention_block_size}
+          "attention_block_size": attn_lib.block_size_for("splash", model.attention_block_size)}
 
 
 def _gib(n: int) -> str:
