@@ -42,7 +42,13 @@ def is_checkpoint(path: str) -> bool:
 def load_config(path: str) -> ModelConfig:
   file = os.path.join(path, CONFIG_FILE)
   if not os.path.isfile(file):
-    raise FileNotFoundError(f"{path} is not a pi_jax checkpoint: {file} does not exist")
+    hint = ""
+    step, workdir = os.path.basename(os.path.normpath(path)), os.path.dirname(
+        os.path.dirname(os.path.normpath(path)))
+    if step.isdigit() and os.path.isdir(os.path.join(path, "state")):
+      hint = (f" (it is step {step} of the training run {workdir}: `python -m "
+              f"pi_jax.train.export {workdir} {step} OUT` writes it as a checkpoint)")
+    raise FileNotFoundError(f"{path} is not a pi_jax checkpoint: {file} does not exist{hint}")
   try:
     with open(file) as f:
       return ModelConfig.from_dict(json.load(f))

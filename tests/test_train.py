@@ -216,3 +216,25 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert again.step == bad
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(again.state["params"]))
   assert not os.path.exists(tmp_path / "final")
+
+
+def test_export_writes_a_saved_step_as_a_checkpoint(tmp_path):
+  """python -m pi_jax.train.export: the last saved step equals WORKDIR/final; a step that was
+  not saved, or an occupied output folder, is a clear error."""
+  from pi_jax.train import export
+  work = tmp_path / "run"
+  Trainer(_micro(work, steps=4, checkpoint_every=2, keep_checkpoints=5)).run()
+  final_config, final_params = load_checkpoint(str(work / "final"))
+  assert export.main([str(work), "4", str(tmp_path / "step4")]) == 0
+  config, params = load_checkpoint(str(tmp_path / "step4"))
+  assert config == final_config
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(final_params)):
+    np.testing.assert_array_equal(a, b)
+  assert os.path.isfile(tmp_path / "step4" / "tokenizer" / "bytes.json")
+  with pytest.raises(ValueError, match=r"no checkpoint of step 3; saved steps: \[2, 4\]"):
+    export.export_step(str(work), 3, str(tmp_path / "step3"))
+  with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+    export.export_step(str(work), 2, str(tmp_path / "step4"))
+  # Pointing eval.py at the training checkpoint itself names the way out.
+  with pytest.raises(FileNotFoundError, match=r"step 2 of the training run .*pi_jax.train.export"):
+    load_checkpoint(str(work / "checkpoints" / "2"))

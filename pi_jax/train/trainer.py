@@ -145,7 +145,7 @@ def _load_model(config: TrainConfig, mesh, fresh: bool) -> tuple[ModelConfig, di
   return model, params
 
 
-def _tokenizer(config: TrainConfig, model: ModelConfig):
+def tokenizer_and_files(config: TrainConfig, model: ModelConfig):
   """(tokenizer, {file name: source path} to copy into the final checkpoint's tokenizer/)."""
   source = config.tokenizer or config.init_checkpoint
   if source:
@@ -395,7 +395,7 @@ class Trainer:
     init_params = None
     if not has_checkpoints and config.init_checkpoint:
       _, init_params = _load_model(config, self.mesh, fresh=True)
-    self.tokenizer, self.tokenizer_files = _tokenizer(config, self.model)
+    self.tokenizer, self.tokenizer_files = tokenizer_and_files(config, self.model)
     self.data = data or _train_data(config, self.tokenizer, self.model.vocab_size)
     self.batch_sharding, self.eval_sharding = specs.batch_sharding, specs.eval_sharding
     micro = config.global_batch // config.accum_steps
