@@ -34,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import quiet  # noqa: E402  (benchmarks/quiet.py)
+from pi_jax.loss import DEFAULT_CHUNK  # noqa: E402
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
                     num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
@@ -272,9 +273,9 @@ def main(argv=None):
   p.add_argument("--impl", default="xla_blockwise",
                  help="pi_jax attention_impl, e.g. xla_blockwise or reference (default: "
                       "%(default)s; docs/performance.md names the variants tried)")
-  p.add_argument("--chunk", type=int, default=256,
-                 help="pi_jax loss chunk (positions; default pi_jax.loss.DEFAULT_CHUNK; 128-256 "
-                      "used less CPU than 1024 here, docs/performance.md)")
+  p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK,
+                 help="pi_jax loss chunk (positions; default pi_jax.loss.DEFAULT_CHUNK, "
+                      "%(default)s; 128-256 used less CPU than 1024 here, docs/performance.md)")
   p.add_argument("--task", choices=("nll", "logits"), default="nll",
                  help="what one run computes: forward + next-token NLL (chunked logits on the "
                       "pi_jax side), or a plain forward returning the full logits")

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cpu_forward import SMOLLM2_135M, _tokens  # noqa: E402
+from pi_jax.loss import DEFAULT_CHUNK  # noqa: E402
 
 
 def _parts(args):
@@ -98,7 +99,8 @@ def main(argv=None):
   p.add_argument("--parts", default="dense,rope,attention,nll")
   p.add_argument("--impls", default="xla_blockwise:256,xla_blockwise:512",
                  help="attention impl:block_size entries, comma-separated")
-  p.add_argument("--chunk", type=int, default=256, help="loss chunk (positions)")
+  p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK,
+                 help="loss chunk (positions; default %(default)s, pi_jax.loss.DEFAULT_CHUNK)")
   args = p.parse_args(argv)
   parts, per_layer, layers = _parts(args)
   print(f"load before: {open('/proc/loadavg').read().strip()}", flush=True)

@@ -76,7 +76,6 @@ def _array_checksum(x: jax.Array) -> jax.Array:
                     jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)])
 
 
-
 def checksums(tree) -> dict[str, str]:
   """{array path: checksum} of a pytree of arrays (computed where the arrays live).
 

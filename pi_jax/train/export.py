@@ -32,12 +32,10 @@ def run_config(workdir: str) -> TrainConfig:
     raise FileNotFoundError(f"{workdir} is not a train.py run folder: {path} does not exist")
   with open(path) as f:
     recorded = json.load(f)
-  known = {f for f in TrainConfig.__dataclass_fields__}
-  config = TrainConfig(**{k: v for k, v in recorded.items() if k in known})
+  config = TrainConfig(**{k: v for k, v in recorded.items()
+                          if k in TrainConfig.__dataclass_fields__})
   if isinstance(config.model, dict):
     config = config.replace(model=ModelConfig.from_dict(config.model))
-  if isinstance(config.mesh, list):
-    config = config.replace(mesh=tuple(config.mesh))
   return config
 
 
@@ -53,7 +51,7 @@ def export_step(workdir: str, step: int, out: str) -> str:
   config = run_config(workdir)
   model, _ = trainer.abstract_model_config(config)
   _, tokenizer_files = trainer.tokenizer_and_files(config, model)
-  state_dir = os.path.abspath(os.path.join(workdir, "checkpoints", str(step), "state"))
+  state_dir = os.path.abspath(os.path.join(folder, str(step), "state"))
   with ocp.StandardCheckpointer() as ckptr:
     params = ckptr.restore(state_dir)["params"]
   return state_lib.save_final(out, model, params, tokenizer_files)
