@@ -71,7 +71,7 @@ def real_model(s: RealSettings, run: Runner, out: str) -> dict:
       f"({', '.join(s.real_scalings)}), passkey at {', '.join(map(str, s.passkey_lengths))} "
       f"({', '.join(s.passkey_scalings)})")
   result = _load(path)
-  result["ckpt"] = ckpt
+  result["ckpt"] = files.portable(ckpt)
   result["ppl"] = {k: {int(w): v for w, v in by_w.items()} for k, by_w in result["ppl"].items()}
   result["passkey"] = {k: {int(L): v for L, v in by_L.items()}
                        for k, by_L in result["passkey"].items()}

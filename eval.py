@@ -226,6 +226,7 @@ def _check_scalings(config, specs, ckpt):
 
 def run_perplexity(args) -> dict:
   from pi_jax import data as data_lib
+  from pi_jax import files
   from pi_jax.evals import perplexity as ppl
   from pi_jax.evals import report
   windows = _int_list(args.windows, "--windows")
@@ -279,7 +280,7 @@ def run_perplexity(args) -> dict:
                      if tok.add_bos else "no BOS (the model's tokenizer adds none)"),
       "short_documents_policy": ("skipped (shorter than the largest window + 1)" if args.skip_short
                                  else "scored whole as one window"),
-      "settings": {"ckpt": args.ckpt, "data": args.data, "data_dir": args.data_dir,
+      "settings": {"ckpt": files.portable(args.ckpt), "data": args.data, "data_dir": args.data_dir,
                    "windows": windows, "stride": args.stride, "max_tokens": args.max_tokens,
                    "max_docs": args.max_docs, "batch_size": batch, "mesh": args.mesh,
                    "compute_dtype": config.compute_dtype,
@@ -292,6 +293,7 @@ def run_perplexity(args) -> dict:
 
 
 def run_passkey(args) -> dict:
+  from pi_jax import files
   from pi_jax.evals import passkey
   from pi_jax.evals import report
   from pi_jax.evals import runtime
@@ -331,7 +333,7 @@ def run_passkey(args) -> dict:
                   "k_max = largest k with every k' <= k at >= 20% accuracy (null when k = 0 "
                   "fails); far_run_from = smallest k with every k' >= k at >= 20%; "
                   "largest_passing_k = largest k at >= 20%",
-      "settings": {"ckpt": args.ckpt, "lengths": lengths, "trials": args.trials,
+      "settings": {"ckpt": files.portable(args.ckpt), "lengths": lengths, "trials": args.trials,
                    "depths": args.depths, "mode": args.mode, "template": args.template,
                    "seed": args.seed,
                    "batch_size": batch, "mesh": args.mesh, "compute_dtype": config.compute_dtype,

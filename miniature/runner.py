@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+from pi_jax import files
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -24,7 +26,7 @@ class Runner:
   def __call__(self, name: str, argv: list[str], what: str) -> str:
     """Runs `python argv...`; returns its stdout; raises RuntimeError (with the log's tail)."""
     cmd = [sys.executable] + argv
-    shown = shlex.join(["python"] + argv)
+    shown = shlex.join(["python"] + [files.portable(a) for a in argv])
     n = len(self.records) + 1
     print(f"[demo] ({n}) {what}\n       $ {shown}", flush=True)
     log = os.path.join(self.logs, f"{name}.log")

@@ -130,6 +130,20 @@ def copy_file(src: str, dst: str) -> None:
     shutil.copyfileobj(s, f, 1 << 20)
 
 
+def portable(arg: str) -> str:
+  """`arg` as results may record it: an absolute path under the working directory becomes
+  relative, one under the home directory starts with `~`; anything else is returned as is.
+  Committed results must not carry one machine's paths (e.g. a user's model cache)."""
+  if not os.path.isabs(arg):
+    return arg
+  cwd, home = os.getcwd(), os.path.expanduser("~")
+  if _inside(arg, cwd):
+    return os.path.relpath(arg, cwd)
+  if home not in ("", os.sep) and _inside(arg, home):
+    return os.path.join("~", os.path.relpath(arg, home))
+  return arg
+
+
 # --- checks before a long job ----------------------------------------------------------------
 
 def _real(path: str) -> str:

@@ -3,6 +3,7 @@ findings' verdicts, and real-eval's prefix trick."""
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -116,6 +117,40 @@ def test_findings_verdicts_follow_the_numbers():
   verdicts = [x["reproduced"] for x in mini_report.findings(res)]
   assert verdicts == [True, True, False, False]
   assert "\n".join(mini_report.markdown(res)).count("**not reproduced**") == 2
+
+
+def test_full_plan_renders_every_arm_factor_and_the_control(tmp_path):
+  """`demo.py --full`'s report (hours of runs) renders every table and plot for its plan."""
+  from miniature import experiment
+  plan = experiment.FULL
+  L, windows = 256, [256, 512, 1024, 2048]
+  ppl = lambda w_max, x: {w: x for w in windows if w <= w_max}
+  res = {"trained_window": L, "windows": windows, "plan": dataclasses.asdict(plan), "models": {
+      "base": _model("base", "none", 1, 0, ppl(2048, 20.0), 240)}}
+  for f in plan.factors:
+    res["models"]["base"]["passkey"][L * f] = {"k_max": None, "k": [0], "accuracy": [0.0],
+                                               "mean_accuracy": 0.0}
+    for kind in plan.zero_shot:
+      res["models"][f"base+{kind}:{f}"] = _model(f"base+{kind}:{f}", f"{kind} zero-shot", f, 0,
+                                                 ppl(L * f, 40.0), None)
+    for method in plan.methods:
+      extra = plan.direct_steps if method == "direct" else ()
+      for s in (*plan.steps, *extra):
+        res["models"][f"{method}{f}@{s}"] = _model(f"{method}{f}@{s}", method, f, s,
+                                                   ppl(L * f, 20.0 + 1 / s), 64)
+  for s in plan.steps:
+    res["models"][f"control@{s}"] = {**_model(f"control@{s}", "control", 1, s, ppl(2048, 19.0),
+                                              240), "factor": 1}
+  text = "\n".join(mini_report.markdown(res))
+  for f in plan.factors:
+    assert f"### Table 3 ({f}x)" in text and f"### Table 4 ({f}x)" in text
+    for label in ("PI fine-tuning", "direct fine-tuning", "NTK fine-tuning", "YaRN fine-tuning"):
+      assert f"| {label} |" in text
+  assert "| direct fine-tuning to 1024 | 800 |" in text  # the further direct checkpoint
+  assert f"| keep training at L ({L}) | {max(plan.steps)} |" in text
+  assert text.count("(c) ") == len(plan.factors)
+  names = mini_report.plots(res, str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == sorted(names) and len(names) == 3
 
 
 def test_missing_base_checkpoint_is_a_clear_error(tmp_path):

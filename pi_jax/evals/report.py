@@ -26,7 +26,8 @@ def run_info(argv=None, prog: str = "eval.py") -> dict:
     pass
   devices = jax.devices()
   return {
-      "command": shlex.join([prog] + list(sys.argv[1:] if argv is None else argv)),
+      "command": shlex.join([prog] + [files.portable(a) for a in (
+          sys.argv[1:] if argv is None else argv)]),
       "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "versions": {"pi_jax": pi_jax.__version__, "jax": jax.__version__,
                    "numpy": numpy.__version__, "python": platform.python_version()},

@@ -16,6 +16,7 @@ import time
 import jax
 
 from pi_jax import attention as attn_lib
+from pi_jax import files
 from pi_jax import sharding as sharding_lib
 from pi_jax import tpu
 from pi_jax.evals import runtime
@@ -131,7 +132,7 @@ def compile_train_step(config: TrainConfig, topology: str) -> dict:
       "generation": slice_.generation,
       "chips": slice_.chips,
       "mesh": {k: int(v) for k, v in mesh.shape.items()},
-      "model_source": source,
+      "model_source": files.portable(source),
       "model": _model_summary(model),
       "attention_compiled": attention,
       "seq_len": config.seq_len,
@@ -223,7 +224,7 @@ def compile_perplexity_step(model, topology: str, window: int, batch: int | None
   return {
       "what": "perplexity_window", "topology": slice_.name, "slice": slice_.describe(),
       "generation": slice_.generation, "chips": slice_.chips,
-      "mesh": {k: int(v) for k, v in mesh.shape.items()}, "model_source": model_source,
+      "mesh": {k: int(v) for k, v in mesh.shape.items()}, "model_source": files.portable(model_source),
       "model": _model_summary(model), "attention_compiled": attention,
       "window": window, "batch": batch, "loss_chunk": chunk,
       "model_flops_per_step": flops, "model_flops_per_chip": flops / slice_.chips,

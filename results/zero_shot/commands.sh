@@ -10,7 +10,7 @@
 # Passkey: L = 4096, 2 depths (k = 0, 2048), 1 trial, greedy generation, seed 0.
 # Run from the repository root.
 set -euo pipefail
-CKPT=$(python -m pi_jax.fetch smollm2)
+CKPT=$(python -m convert.fetch smollm2)
 DOC=data/pg19_standin/Psa_018.txt
 OUT=results/zero_shot
 run() {  # run WINDOW SCALING
