@@ -265,12 +265,16 @@ def _mini_section(res: dict, out: str) -> list[str]:
 
 def write_report(out: str, argv: list[str], mini, real, real_settings, runner: Runner,
                  started: float, status: str) -> str:
+  earlier = [r for r in runner.records if r.get("earlier_run")]
   lines = [
       "# pi_jax demo: Position Interpolation in miniature, on a CPU", "",
       f"Written by `{shlex.join(['python', 'demo.py'] + list(argv))}` at "
       f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; "
       f"status: **{status}**; wall time {time.perf_counter() - started:.0f} s on "
-      f"{os.cpu_count()} CPU core(s) ({platform.machine()}, {platform.system()}).", "",
+      f"{os.cpu_count()} CPU core(s) ({platform.machine()}, {platform.system()})"
+      + (f"; {len(earlier)} of its {len(runner.records)} commands ran in an earlier invocation "
+         f"into the same folder ({sum(r['wall_s'] for r in earlier):.0f} s of wall time, listed "
+         f"at the end with their own times)" if earlier else "") + ".", "",
       "Every number below was produced by the commands listed at the end (or, where a step "
       "says 'done before', by an earlier run of the same command into the same folder).", ""]
   if mini:
@@ -282,7 +286,8 @@ def write_report(out: str, argv: list[str], mini, real, real_settings, runner: R
             "Versions: " + ", ".join(f"{k} {v}" for k, v in _versions().items()) + ".", "",
             "| # | step | command | wall s | CPU s | load after |", "|---|---|---|---|---|---|"]
   for r in runner.records:
-    lines.append(f"| {r['step']} | {r['what']} | `{r['command']}` | {r['wall_s']} | "
+    what = r["what"] + (" (an earlier run)" if r.get("earlier_run") else "")
+    lines.append(f"| {r['step']} | {what} | `{r['command']}` | {r['wall_s']} | "
                  f"{r['cpu_s']} | {r.get('load_after', '')} |")
   total_cpu = sum(r["cpu_s"] for r in runner.records)
   lines += ["", f"Total: {sum(r['wall_s'] for r in runner.records):.0f} s wall, {total_cpu:.0f} s "

@@ -42,7 +42,7 @@ class Plan:
   steps: tuple[int, ...] = (100, 200)  # checkpoints evaluated (the base is step 0)
   direct_steps: tuple[int, ...] = ()  # further checkpoints of direct fine-tuning only
   control: bool = False  # also keep training at L for max(steps)
-  zero_shot: tuple[str, ...] = ("linear",)  # scalings of the base evaluated with no fine-tuning
+  zero_shot: tuple[str, ...] = ("linear", "yarn")  # scalings of the base, no fine-tuning
   tokens_per_step: int = 4096
   learning_rate: float = 3e-4
   heldout_docs: int = 8
@@ -67,8 +67,8 @@ class Plan:
 DEMO = Plan()
 FULL = Plan(factors=(4, 8), methods=("pi", "direct", "ntk", "yarn"), steps=(50, 100, 200, 400),
             direct_steps=(800,), control=True, zero_shot=("linear", "ntk", "yarn"))
-QUICK = Plan(steps=(2,), tokens_per_step=2048, heldout_docs=1, heldout_tokens=1100,
-             passkey_depths=4, passkey_trials=2)
+QUICK = Plan(steps=(2,), zero_shot=("linear",), tokens_per_step=2048, heldout_docs=1,
+             heldout_tokens=1100, passkey_depths=4, passkey_trials=2)
 
 
 def _load(path: str) -> dict:

@@ -156,6 +156,21 @@ def markdown(res: dict) -> list[str]:
               f"Passkey accuracy at {W}, mean over the distances k >= {L} (past the original "
               "window; not in the paper, shown because k_max stops at the first miss):", "",
               *_table(["method"] + [str(s) for s in steps], rows4b), ""]
+  # Zero shot at L': every scaling of the base with no fine-tuning, side by side
+  rows = []
+  for f in plan["factors"]:
+    W = L * f
+    for name in ["base"] + [f"base+{kind}:{f}" for kind in plan["zero_shot"]]:
+      m = models.get(name)
+      s = m and m["passkey"].get(W)
+      if s:
+        label = "none (extrapolation)" if name == "base" else name.split("+", 1)[1]
+        rows.append([str(W), label, fmt(m["ppl"].get(W)), f"{s['mean_accuracy']:.2f}",
+                     fmt(s["k_max"])])
+  if rows:
+    lines += ["### Zero shot at the extended window (the base, no fine-tuning)", "",
+              *_table(["window", "scaling", "perplexity", "passkey mean accuracy", "k_max"], rows),
+              ""]
   # In-window quality and the base's retrieval inside L
   rows = [[m["name"], fmt(m["ppl"].get(L)), f"{m['ppl'][L] / base['ppl'][L] - 1:+.1%}"]
           for m in models.values() if L in m["ppl"]]
@@ -192,17 +207,18 @@ def plots(res: dict, folder: str) -> list[str]:
   L, windows, models, plan = res["trained_window"], res["windows"], res["models"], res["plan"]
   names = []
   # Table 1
-  fig, ax = plt.subplots(figsize=(7, 4.4))
-  for m in models.values():
-    if m["step"] and m["step"] != max(s["step"] for s in models.values()
-                                      if s.get("method") == m.get("method")
-                                      and s.get("factor") == m.get("factor")):
-      continue
+  fig, ax = plt.subplots(figsize=(9, 4.4))
+  shown = [m for m in models.values()
+           if not m["step"] or m["step"] == max(s["step"] for s in models.values()
+                                                if s.get("method") == m.get("method")
+                                                and s.get("factor") == m.get("factor"))]
+  colors = plt.get_cmap("tab20" if len(shown) > 10 else "tab10").colors
+  for i, m in enumerate(shown):
     ws = sorted(m["ppl"])
     label = (f"{m['name']}" if m["step"] == 0 else
              f"{LABELS.get(m['method'], m['method'])} {m['factor']}x, {m['step']} steps")
     ax.plot(ws, [m["ppl"][w] for w in ws], "--" if m["step"] == 0 else "-", marker="o",
-            label=label)
+            label=label, color=colors[i % len(colors)])
   ax.axvline(L, color="gray", lw=0.8, ls=":")
   ax.set_xscale("log", base=2)
   ax.set_yscale("log")
@@ -211,7 +227,7 @@ def plots(res: dict, folder: str) -> list[str]:
   ax.set_ylabel("perplexity (held-out books)")
   ax.set_title(f"Table 1 in miniature: base trained at {L}", fontsize=9)
   ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=6)
+  ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
   names.append(_save(fig, folder, "table1_perplexity_by_window.png"))
   # Tables 3 and 4
   factors = plan["factors"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shlex
@@ -22,6 +23,7 @@ class Runner:
     self.logs = os.path.join(out, "logs")
     os.makedirs(self.logs, exist_ok=True)
     self.records: list[dict] = []
+    self.earlier = _earlier_records(os.path.join(out, "results.json"))
 
   def __call__(self, name: str, argv: list[str], what: str) -> str:
     """Runs `python argv...`; returns its stdout; raises RuntimeError (with the log's tail)."""
@@ -48,11 +50,27 @@ class Runner:
     return proc.stdout
 
   def skipped(self, name: str, what: str, output: str) -> None:
-    """Records a step whose output already exists (a resumed run)."""
+    """Records a step whose output already exists (a resumed run): with the command and times
+    of the earlier run that made it, where the folder's results.json has them."""
     n = len(self.records) + 1
     print(f"[demo] ({n}) {what}: done before ({os.path.relpath(output, self.out)})", flush=True)
-    self.records.append({"step": n, "name": name, "what": what, "command": "(done before)",
-                         "wall_s": 0.0, "cpu_s": 0.0, "exit": 0, "log": None})
+    earlier = self.earlier.get(name)
+    if earlier:
+      self.records.append({**earlier, "step": n, "what": what, "earlier_run": True})
+    else:
+      self.records.append({"step": n, "name": name, "what": what, "command": "(done before)",
+                           "wall_s": 0.0, "cpu_s": 0.0, "exit": 0, "log": None})
+
+
+def _earlier_records(path: str) -> dict[str, dict]:
+  """{step name: record} of the commands an earlier run into the same folder ran and finished."""
+  try:
+    with open(path) as f:
+      records = json.load(f).get("commands") or []
+  except (OSError, ValueError):
+    return {}
+  return {r["name"]: r for r in records
+          if isinstance(r, dict) and r.get("exit") == 0 and r.get("wall_s") and "name" in r}
 
 
 def _children_cpu() -> float:

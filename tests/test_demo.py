@@ -92,6 +92,10 @@ def test_quick_demo_runs_pi_and_direct_fine_tuning_and_reports_the_runs_numbers(
   assert len(list((out / "logs").glob("*.log"))) == 10
   again = _demo("--quick", "--out", str(out))
   assert again.returncode == 0 and again.stdout.count("done before") == 10
+  # ... and its report still lists every command, with the earlier run's times.
+  resumed = (out / "report.md").read_text()
+  assert re.findall(r"^\| \d+ \| .* \| `python (?:train|eval)\.py .*` \|", resumed, re.M) == [
+      re.sub(r"^(\| \d+ \| [^|]*?) \|", r"\1 (an earlier run) |", c, count=1) for c in commands]
 
 
 def _model(name, method, factor, step, ppl, kmax, L=256):
@@ -149,6 +153,9 @@ def test_full_plan_renders_every_arm_factor_and_the_control(tmp_path):
   assert "| direct fine-tuning to 1024 | 800 |" in text  # the further direct checkpoint
   assert f"| keep training at L ({L}) | {max(plan.steps)} |" in text
   assert text.count("(c) ") == len(plan.factors)
+  zero_shot = text.split("### Zero shot at the extended window")[1].split("###")[0]
+  assert zero_shot.count("| 2048 |") == 1 + len(plan.zero_shot)  # the base and each scaling
+  assert "| 2048 | yarn:8 | 40.000 | 1.00 | – |" in zero_shot
   names = mini_report.plots(res, str(tmp_path))
   assert sorted(os.listdir(tmp_path)) == sorted(names) and len(names) == 3
 
