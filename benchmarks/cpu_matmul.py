@@ -36,7 +36,8 @@ def _best(fn, repeats):
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--xla-flags", default=None, help="XLA_FLAGS for this run")
   args = p.parse_args(argv)
@@ -47,7 +48,8 @@ def main(argv=None) -> int:
   import jax.numpy as jnp
   print(f"machine before: {quiet.machine_state()}", flush=True)
   print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-  print("| m × k × n | XLA GFLOP/s | XLA GFLOP/CPU-s | numpy GFLOP/s | numpy GFLOP/CPU-s | XLA / numpy |")
+  print("| m × k × n | XLA GFLOP/s | XLA GFLOP/CPU-s | numpy GFLOP/s | numpy GFLOP/CPU-s "
+        "| XLA / numpy |")
   print("|---|---|---|---|---|---|")
   matmul = jax.jit(lambda a, b: a @ b)
   rng = np.random.default_rng(0)

@@ -160,11 +160,12 @@ def markdown(res: dict) -> list[str]:
   rows = []
   for f in plan["factors"]:
     W = L * f
-    for name in ["base"] + [f"base+{kind}:{f}" for kind in plan["zero_shot"]]:
+    scalings = [("none (extrapolation)", "base")] + [
+        (f"{kind}:{f}", f"base+{kind}:{f}") for kind in plan["zero_shot"]]
+    for label, name in scalings:
       m = models.get(name)
       s = m and m["passkey"].get(W)
       if s:
-        label = "none (extrapolation)" if name == "base" else name.split("+", 1)[1]
         rows.append([str(W), label, fmt(m["ppl"].get(W)), f"{s['mean_accuracy']:.2f}",
                      fmt(s["k_max"])])
   if rows:

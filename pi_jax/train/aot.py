@@ -224,7 +224,8 @@ def compile_perplexity_step(model, topology: str, window: int, batch: int | None
   return {
       "what": "perplexity_window", "topology": slice_.name, "slice": slice_.describe(),
       "generation": slice_.generation, "chips": slice_.chips,
-      "mesh": {k: int(v) for k, v in mesh.shape.items()}, "model_source": files.portable(model_source),
+      "mesh": {k: int(v) for k, v in mesh.shape.items()},
+      "model_source": files.portable(model_source),
       "model": _model_summary(model), "attention_compiled": attention,
       "window": window, "batch": batch, "loss_chunk": chunk,
       "model_flops_per_step": flops, "model_flops_per_chip": flops / slice_.chips,

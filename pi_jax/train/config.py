@@ -144,6 +144,16 @@ class TrainConfig:
       d["model"] = self.model.to_dict()
     return d
 
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+    """The inverse of to_dict, as a run recorded it (WORKDIR/run_config.json); keys this version
+    does not know are ignored."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    config = cls(**{k: v for k, v in d.items() if k in fields})
+    if isinstance(config.model, dict):
+      config = config.replace(model=ModelConfig.from_dict(config.model))
+    return config
+
 
 def load_config_file(path: str) -> TrainConfig:
   """Runs `get_config()` from the Python file at `path`."""

@@ -19,7 +19,6 @@ import sys
 import orbax.checkpoint as ocp
 
 from pi_jax import checkpoint as ckpt_lib
-from pi_jax.config import ModelConfig
 from pi_jax.train import state as state_lib
 from pi_jax.train import trainer
 from pi_jax.train.config import TrainConfig
@@ -31,12 +30,7 @@ def run_config(workdir: str) -> TrainConfig:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{workdir} is not a train.py run folder: {path} does not exist")
   with open(path) as f:
-    recorded = json.load(f)
-  config = TrainConfig(**{k: v for k, v in recorded.items()
-                          if k in TrainConfig.__dataclass_fields__})
-  if isinstance(config.model, dict):
-    config = config.replace(model=ModelConfig.from_dict(config.model))
-  return config
+    return TrainConfig.from_dict(json.load(f))
 
 
 def export_step(workdir: str, step: int, out: str) -> str:
