@@ -133,7 +133,7 @@ def _torch_side(length: int, weights: str, task: str):
 
 
 def worker(side: str, length: int, weights: str, block_size: int | None, chunk: int,
-           warmup: int, impl: str = "xla_blockwise", task: str = "nll") -> None:
+           warmup: int, impl: str = "auto", task: str = "nll") -> None:
   """Line protocol on stdin/stdout: prints a 'ready' record, then one record per 'run'."""
   if side == "jax":
     run, compile_s, memory = _jax_side(length, weights, block_size, chunk, impl, task)
@@ -269,9 +269,11 @@ def main(argv=None):
                       "weights of the same shape, or auto: real when cached")
   p.add_argument("--block-size", type=int, default=None,
                  help="pi_jax attention block size (default: the implementation's own, "
-                      "pi_jax.attention.block_size_for: 256 for xla_blockwise on the CPU)")
-  p.add_argument("--impl", default="xla_blockwise",
-                 help="pi_jax attention_impl, e.g. xla_blockwise or reference (default: "
+                      "pi_jax.attention.block_size_for: 512 for cpu_flash, 256 for xla_blockwise on "
+                      "the CPU)")
+  p.add_argument("--impl", default="auto",
+                 help="pi_jax attention_impl: auto (what a user gets: cpu_flash where the native "
+                      "kernels build), cpu_flash, xla_blockwise or reference (default: "
                       "%(default)s; docs/performance.md names the variants tried)")
   p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK,
                  help="pi_jax loss chunk (positions; default pi_jax.loss.DEFAULT_CHUNK, "

@@ -8,6 +8,7 @@ run interleaved (A B C C B A ...) so load from other processes hits them alike. 
 are reported as they are and times the number of layers. Wall and process CPU seconds are both
 reported: on a shared machine the CPU seconds are the steadier of the two. Parts:
   dense      one decoder layer without its attention core (norms, q/k/v/o projections, RoPE, MLP)
+  dense_xla  the same with XLA's dot for every projection instead of pi_jax.linear's native sgemm
   rope       RoPE of q and k alone (inside `dense` too)
   attention  the causal attention core, once per --impls entry (impl:block_size)
   nll        the final norm's output projected to the vocabulary and scored (loss.chunked_nll)
@@ -32,6 +33,7 @@ from pi_jax.loss import DEFAULT_CHUNK  # noqa: E402
 
 def _parts(args):
   from pi_jax import attention as attn_lib
+  from pi_jax import linear
   from pi_jax import loss as loss_lib
   from pi_jax import model as model_lib
   from pi_jax import rope
@@ -51,16 +53,23 @@ def _parts(args):
   mask = jnp.ones_like(tokens).at[:, -1].set(0)
   per_layer = {}
 
-  def dense(layer, x_BLD):
+  def dense(layer, x_BLD, native=True):
+    # native=False: XLA's dot for every projection (PI_JAX's default on the CPU is the native
+    # sgemm of pi_jax.linear where it builds).
     cos, sin = rope.rope_tables(config, positions)
     mod = model_lib.nnx.merge(model_lib._layer_graphdef(config), layer)
+    proj = linear.project if native else (
+        lambda x, w, contract=1: jax.lax.dot_general(
+            x, w, ((tuple(range(x.ndim - contract, x.ndim)), tuple(range(contract))), ((), ()))))
     h = model_lib.rms_norm(x_BLD, mod.attn_norm[...], config.rms_norm_eps)
-    q_ = rope.apply_rope(jnp.einsum("BLD,DNH->BLNH", h, mod.wq[...]), cos, sin)
-    k_ = rope.apply_rope(jnp.einsum("BLD,DKH->BLKH", h, mod.wk[...]), cos, sin)
-    v_ = jnp.einsum("BLD,DKH->BLKH", h, mod.wv[...])
+    q_ = rope.apply_rope(proj(h, mod.wq[...]), cos, sin)
+    k_ = rope.apply_rope(proj(h, mod.wk[...]), cos, sin)
+    v_ = proj(h, mod.wv[...])
     o = q_ + jnp.tile(k_ + v_, (1, 1, config.num_heads // config.num_kv_heads, 1))
-    x_BLD = x_BLD + jnp.einsum("BLNH,NHD->BLD", o, mod.wo[...])
-    return x_BLD + mod.mlp(x_BLD)
+    x_BLD = x_BLD + proj(o, mod.wo[...], contract=2)
+    h = model_lib.rms_norm(x_BLD, mod.mlp_norm[...], config.rms_norm_eps)
+    act = jax.nn.silu(proj(h, mod.w_gate[...])) * proj(h, mod.w_up[...])
+    return x_BLD + proj(act, mod.w_down[...])
 
   def rope_only(q, k):
     cos, sin = rope.rope_tables(config, positions)
@@ -71,6 +80,9 @@ def _parts(args):
   if "dense" in wanted:
     parts["dense"] = (jax.jit(dense), (layer, x_BLD))
     per_layer["dense"] = True
+  if "dense_xla" in wanted:
+    parts["dense_xla"] = (jax.jit(lambda layer, x: dense(layer, x, native=False)), (layer, x_BLD))
+    per_layer["dense_xla"] = True
   if "rope" in wanted:
     parts["rope"] = (jax.jit(rope_only), (q, k))
     per_layer["rope"] = True
@@ -96,8 +108,8 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--length", type=int, default=8192)
   p.add_argument("--repeats", type=int, default=3)
-  p.add_argument("--parts", default="dense,rope,attention,nll")
-  p.add_argument("--impls", default="xla_blockwise:256,xla_blockwise:512",
+  p.add_argument("--parts", default="dense,dense_xla,rope,attention,nll")
+  p.add_argument("--impls", default="cpu_flash:512,xla_blockwise:256",
                  help="attention impl:block_size entries, comma-separated")
   p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK,
                  help="loss chunk (positions; default %(default)s, pi_jax.loss.DEFAULT_CHUNK)")

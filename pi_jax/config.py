@@ -36,7 +36,7 @@ def _positive_number(name: str, value) -> None:
 REMAT_POLICIES = ("none", "full", "offload", "save_attention", "offload_save_attention",
                   "save_qkv_out", "dots_saveable", "dots_with_no_batch_dims_saveable")
 # The attention implementations (pi_jax.attention dispatches on these names; it reads this tuple).
-ATTENTION_IMPLS = ("auto", "reference", "xla_blockwise", "cudnn", "splash", "ring")
+ATTENTION_IMPLS = ("auto", "reference", "xla_blockwise", "cpu_flash", "cudnn", "splash", "ring")
 
 
 @dataclasses.dataclass(frozen=True)

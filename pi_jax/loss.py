@@ -11,13 +11,50 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pi_jax import linear, native
 from pi_jax import model as model_lib
 from pi_jax.config import ModelConfig
 
-# Positions per chunk. On the 2-core CPU, 256 (with attention tiles of 256) made the 8K
-# SmolLM2 forward + NLL ~10% faster than 1024 (docs/performance.md): a chunk's logits
-# ([256, 49152] float32, 50 MB) stay closer to the cache for the max and exp-sum passes.
-DEFAULT_CHUNK = 256
+# Positions per chunk (the training default, TrainConfig.loss_chunk, is the same). On the 2-core
+# CPU, with the native kernels, the 8K SmolLM2 NLL part took 1.81 s at 1024, 1.82 at 2048, 1.88
+# at 512, 2.05 at 256 and 2.47 at 128 (docs/performance.md): fewer chunks pack the vocabulary
+# matrix fewer times, and a chunk's logits ([1024, 49152] float32, 200 MB) are read once by the
+# native log-sum-exp.
+DEFAULT_CHUNK = 1024
+
+
+@jax.custom_vjp
+def _native_terms(logits_MV, targets_M):
+  return native.logsumexp_pick(logits_MV, targets_M)
+
+
+def _native_terms_fwd(logits_MV, targets_M):
+  logz_M, picked_M = native.logsumexp_pick(logits_MV, targets_M)
+  return (logz_M, picked_M), (logits_MV, logz_M, targets_M)
+
+
+def _native_terms_bwd(res, cotangents):
+  logits_MV, logz_M, targets_M = res
+  g_logz, g_picked = cotangents
+  probs_MV = jnp.exp(logits_MV - logz_M[:, None])
+  onehot_MV = jax.nn.one_hot(targets_M, logits_MV.shape[1], dtype=logits_MV.dtype)
+  return g_logz[:, None] * probs_MV + g_picked[:, None] * onehot_MV, None
+
+
+_native_terms.defvjp(_native_terms_fwd, _native_terms_bwd)
+
+
+def logsumexp_and_target(logits_BTV: jax.Array, targets_BT: jax.Array):
+  """(logsumexp over the vocabulary, the target's logit), each [B, T]: NLL = the first minus
+  the second. On the CPU (float32, one device) one pass of the native kernel over the logits
+  (pi_jax.native.logsumexp_pick); elsewhere XLA's logsumexp and gather."""
+  if not linear.native_applies(logits_BTV):
+    logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    picked_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    return logz_BT, picked_BT
+  b, t, v = logits_BTV.shape
+  logz_M, picked_M = _native_terms(logits_BTV.reshape(b * t, v), targets_BT.reshape(b * t))
+  return logz_M.reshape(b, t), picked_M.reshape(b, t)
 
 
 def chunked_nll(config: ModelConfig, params, h_BLD: jax.Array, targets_BL: jax.Array,
@@ -40,8 +77,7 @@ def chunked_nll(config: ModelConfig, params, h_BLD: jax.Array, targets_BL: jax.A
   @jax.checkpoint
   def one_chunk(h_BTD, t_BT):
     logits_BTV = model_lib.logits_from_hidden(config, params, h_BTD)
-    logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    picked_BT = jnp.take_along_axis(logits_BTV, t_BT[..., None], axis=-1)[..., 0]
+    logz_BT, picked_BT = logsumexp_and_target(logits_BTV, t_BT)
     return logz_BT - picked_BT
 
   nll_CBT = jax.lax.map(lambda xs: one_chunk(*xs), (h_CBTD, t_CBT))

@@ -42,6 +42,7 @@ from pi_jax import attention as attn_lib
 from pi_jax import rope
 from pi_jax.config import ModelConfig
 from pi_jax.inputs import check_token_ids
+from pi_jax.linear import project
 from pi_jax.sharding import shard
 
 Params = dict
@@ -94,9 +95,9 @@ class DecoderLayer(nnx.Module):
     config = self.config
     dt = jnp.dtype(config.compute_dtype)
     h_BLD = rms_norm(x_BLD, self.attn_norm[...], config.rms_norm_eps)
-    q_BLNH = checkpoint_name(jnp.einsum("BLD,DNH->BLNH", h_BLD, self.wq[...].astype(dt)), "q_proj")
-    k_BLKH = checkpoint_name(jnp.einsum("BLD,DKH->BLKH", h_BLD, self.wk[...].astype(dt)), "k_proj")
-    v_BLKH = checkpoint_name(jnp.einsum("BLD,DKH->BLKH", h_BLD, self.wv[...].astype(dt)), "v_proj")
+    q_BLNH = checkpoint_name(project(h_BLD, self.wq[...].astype(dt)), "q_proj")
+    k_BLKH = checkpoint_name(project(h_BLD, self.wk[...].astype(dt)), "k_proj")
+    v_BLKH = checkpoint_name(project(h_BLD, self.wv[...].astype(dt)), "v_proj")
     q_BLNH = shard(rope.apply_rope(q_BLNH, cos, sin), ("batch", "length", "act_heads", None))
     k_BLKH = shard(rope.apply_rope(k_BLKH, cos, sin), ("batch", "length", "act_kv_heads", None))
     v_BLKH = shard(v_BLKH, ("batch", "length", "act_kv_heads", None))
@@ -115,7 +116,7 @@ class DecoderLayer(nnx.Module):
       o_BLNH = attn_lib.reference_attention(q_BLNH, new_cache[0].astype(dt),
                                             new_cache[1].astype(dt), q_offset=cache_index,
                                             kv_length=cache_index + q_BLNH.shape[1])
-    out_BLD = checkpoint_name(jnp.einsum("BLNH,NHD->BLD", o_BLNH, self.wo[...].astype(dt)),
+    out_BLD = checkpoint_name(project(o_BLNH, self.wo[...].astype(dt), contract=2),
                               "out_proj")
     return out_BLD, new_cache
 
@@ -123,10 +124,10 @@ class DecoderLayer(nnx.Module):
     config = self.config
     dt = jnp.dtype(config.compute_dtype)
     h_BLD = rms_norm(x_BLD, self.mlp_norm[...], config.rms_norm_eps)
-    gate_BLF = jnp.einsum("BLD,DF->BLF", h_BLD, self.w_gate[...].astype(dt))
-    up_BLF = jnp.einsum("BLD,DF->BLF", h_BLD, self.w_up[...].astype(dt))
+    gate_BLF = project(h_BLD, self.w_gate[...].astype(dt))
+    up_BLF = project(h_BLD, self.w_up[...].astype(dt))
     act_BLF = shard(jax.nn.silu(gate_BLF) * up_BLF, ("batch", "length", "act_mlp"))
-    return jnp.einsum("BLF,FD->BLD", act_BLF, self.w_down[...].astype(dt))
+    return project(act_BLF, self.w_down[...].astype(dt))
 
   def __call__(self, x_BLD, cos, sin, cache_kv=None, cache_index=None):
     """(x + attention + MLP [B, L, D], updated (k, v) cache or None)."""
@@ -250,8 +251,12 @@ class Llama(nnx.Module):
     return self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
 
   def logits_from_hidden(self, h_BLD: jax.Array) -> jax.Array:
-    w_DV = self.unembed_matrix().astype(h_BLD.dtype)
-    logits_BLV = jnp.einsum("BLD,DV->BLV", h_BLD, w_DV, preferred_element_type=jnp.float32)
+    if self.config.tie_word_embeddings:  # h @ embed.T, without materialising the transpose
+      logits_BLV = project(h_BLD, self.embed[...].astype(h_BLD.dtype), transpose_w=True,
+                           preferred_element_type=jnp.float32)
+    else:
+      logits_BLV = project(h_BLD, self.lm_head[...].astype(h_BLD.dtype),
+                           preferred_element_type=jnp.float32)
     return shard(logits_BLV, ("batch", "length", "act_vocab"))
 
   def __call__(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None) -> jax.Array:

@@ -111,10 +111,12 @@ def test_blockwise_memory_is_linear_in_length():
   assert ratio < 12, ratio
 
 
-def test_auto_resolves_to_blockwise_on_cpu():
+def test_auto_on_cpu_is_the_native_kernel_for_float32_else_blockwise(monkeypatch):
   assert jax.default_backend() == "cpu"
-  assert attn_lib.resolve_impl("auto", jnp.float32) == "xla_blockwise"
+  assert attn_lib.resolve_impl("auto", jnp.float32) == "cpu_flash"
   assert attn_lib.resolve_impl("auto", jnp.bfloat16) == "xla_blockwise"
+  monkeypatch.setattr(attn_lib.native, "available", lambda: False)  # no g++ or OpenBLAS
+  assert attn_lib.resolve_impl("auto", jnp.float32) == "xla_blockwise"
 
 
 def test_auto_picks_vendor_kernels(monkeypatch):

@@ -112,10 +112,12 @@ def test_checkpoint_from_before_flax_loads_with_identical_logits():
     assert '"scan_layers"' in f.read()  # written before the field was retired
   want = np.load(GOLDEN)
   got = jax.jit(pi_jax.forward, static_argnums=0)(config, params, TOKENS)
-  np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5)
+  # The golden logits (|x| up to ~15) came from XLA's dot; the CPU's native sgemm
+  # (pi_jax.linear) sums in another order: float32 rounding, ~1e-6 relative.
+  np.testing.assert_allclose(np.asarray(got), want, rtol=5e-6, atol=1e-5)
   # ...and through the module holding the restored arrays
   module = pi_jax.Llama.from_params(config, params)
-  np.testing.assert_allclose(np.asarray(module(TOKENS)), want, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(module(TOKENS)), want, rtol=5e-6, atol=1e-5)
 
 
 def test_module_call_equals_forward_of_its_state():

@@ -6,11 +6,13 @@ heads of a group share one K/V head, which is never copied per query head) and r
 
 - reference (reference.py): plain softmax over the full L×L score matrix; the oracle.
 - xla_blockwise (blockwise.py): flash attention in plain XLA, linear memory, custom VJP.
+- cpu_flash (cpu.py): the native C++ flash kernel over OpenBLAS (pi_jax.native) on the CPU;
+  the backward is xla_blockwise's.
 - cudnn, splash (kernels.py): the cuDNN flash kernel on NVIDIA GPUs, Pallas splash on TPU
   (inside shard_map over batch and heads; verified on CPU in Pallas interpret mode).
 - ring (ring.py): context parallelism over the `sequence` mesh axis, load-balanced (zig-zag).
 - auto: ring under a mesh with a `sequence` axis, else splash on TPU, cudnn on GPU for bf16/fp16,
-  else xla_blockwise. "On TPU" means the platform compiled for (kernels.backend): a mesh over
+  cpu_flash on the CPU for float32 when the native kernels build, else xla_blockwise. "On TPU" means the platform compiled for (kernels.backend): a mesh over
   TPU topology devices counts.
 """
 
@@ -21,7 +23,9 @@ import jax.numpy as jnp
 
 from pi_jax.attention.blockwise import (RESIDUALS_NAME, block_length, blockwise_attention,
                                         blockwise_core)
+from pi_jax import native
 from pi_jax.attention import kernels
+from pi_jax.attention.cpu import FORWARD_BLOCK as CPU_FLASH_BLOCK, cpu_flash_attention
 from pi_jax.attention.kernels import cudnn_attention, splash_attention
 from pi_jax.attention.reference import MASK_VALUE, group_queries, reference_attention
 from pi_jax.attention.ring import SEQUENCE_AXIS, ring_attention
@@ -39,6 +43,8 @@ def block_size_for(impl: str, block_size: int | None) -> int:
   """The tile `impl` (resolved, not "auto") uses: block_size, or its default when None."""
   if block_size is not None:
     return block_size
+  if impl == "cpu_flash":
+    return CPU_FLASH_BLOCK
   if impl in ("xla_blockwise", "ring") and kernels.backend() == "cpu":
     return CPU_BLOCK
   return DEFAULT_BLOCK
@@ -58,6 +64,8 @@ def resolve_impl(impl: str, dtype) -> str:
     return "splash"
   if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
     return "cudnn"
+  if backend == "cpu" and jnp.dtype(dtype) == jnp.float32 and native.available():
+    return "cpu_flash"
   return "xla_blockwise"
 
 
@@ -78,6 +86,8 @@ def attention(q_BLNH, k_BLKH, v_BLKH, *, impl: str = "auto", block_size: int | N
   if impl == "xla_blockwise":
     return blockwise_attention(q_BLNH, k_BLKH, v_BLKH, block_size=block_size,
                                kv_heads_in_turn=kernels.backend() == "cpu")
+  if impl == "cpu_flash":
+    return cpu_flash_attention(q_BLNH, k_BLKH, v_BLKH, block_size=block_size)
   if impl == "cudnn":
     return cudnn_attention(q_BLNH, k_BLKH, v_BLKH)
   if impl == "splash":

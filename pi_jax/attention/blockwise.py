@@ -48,6 +48,11 @@ def to_blocks_kv(x_BLKH, t):
   return x_BLKH.reshape(b, l // t, t, k, h).transpose(1, 0, 3, 2, 4)
 
 
+def from_blocks_kv(x_nBKTH):
+  nb, b, k, t, h = x_nBKTH.shape
+  return x_nBKTH.transpose(1, 0, 3, 2, 4).reshape(b, nb * t, k, h)
+
+
 def _diag_mask(t, g):
   """[R, T] True where row r (position r // G of the block) may see key s of the same block."""
   return jnp.asarray(np.arange(t)[None, :] <= (np.arange(t * g) // g)[:, None])
@@ -189,6 +194,29 @@ def block_length(length: int, block_size: int) -> int:
   if block_size <= 0:
     raise ValueError(f"attention block_size must be positive, got {block_size}")
   return min(block_size, -(-length // 8) * 8)
+
+
+def blockwise_attention_grads(q_BLNH, k_BLKH, v_BLKH, out_BLNH, lse_BNL, dout_BLNH, *,
+                              block_size: int):
+  """(dq, dk, dv) of causal attention from its output and float32 log-sum-exp lse [B, N, L]:
+  the blockwise backward, for a forward kernel that saves (out, lse) (pi_jax.attention.cpu)."""
+  b, l, n, h = q_BLNH.shape
+  kh = k_BLKH.shape[2]
+  t = block_length(l, block_size)
+  pad = (-l) % t
+  lse_BLN1 = lse_BNL.transpose(0, 2, 1)[..., None]
+  # Padded rows: q = out = dout = 0 and lse 0, so their probabilities are finite and their
+  # score gradients zero; padded keys sit after every real query.
+  x = [q_BLNH, k_BLKH, v_BLKH, out_BLNH.astype(jnp.float32), lse_BLN1,
+       dout_BLNH.astype(jnp.float32)]
+  if pad:
+    x = [jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in x]
+  q, k, v, out, lse, dout = x
+  lse = to_blocks_q(lse, kh, t)[..., 0]
+  dq, dk, dv = _blockwise_bwd_core(to_blocks_q(q, kh, t), to_blocks_kv(k, t), to_blocks_kv(v, t),
+                                   to_blocks_q(out, kh, t), lse, to_blocks_q(dout, kh, t),
+                                   jnp.zeros_like(lse), True, None)
+  return from_blocks_q(dq, t)[:, :l], from_blocks_kv(dk)[:, :l], from_blocks_kv(dv)[:, :l]
 
 
 def _one_kv_head_at_a_time(core, q, k, v):

@@ -102,16 +102,25 @@ def _splash_local(q_BLNH, k_BLKH, v_BLKH, *, block_size: int, interpret: bool):
 def splash_attention(q_BLNH, k_BLKH, v_BLKH, *, block_size: int = 512, interpret: bool = False):
   """Pallas TPU splash attention with a lazy causal mask (no L×L mask is ever built).
 
-  Under a mesh the kernel runs inside `shard_map` (XLA cannot partition a Mosaic kernel): batch
-  split over data/fsdp and heads over tensor where they divide (heads only when the kv heads
-  divide too, so GQA groups stay whole), the rest replicated. The sequence is not split: a mesh
-  with a `sequence` axis > 1 is refused (use attention_impl='ring'). `interpret=True` runs the
-  same kernel in Pallas interpret mode on any backend (tests on CPU).
+  Under a mesh the kernel runs inside `shard_map` (XLA cannot partition a Mosaic kernel; see
+  `over_batch_and_heads`). `interpret=True` runs the same kernel in Pallas interpret mode on any
+  backend (tests on CPU).
   """
   if not interpret and backend() != "tpu":
     raise ValueError(f"attention impl 'splash' needs a TPU; the JAX backend is {backend()!r}."
                      " Use 'xla_blockwise' (or 'auto').")
   fn = functools.partial(_splash_local, block_size=block_size, interpret=interpret)
+  return over_batch_and_heads(fn, "splash", q_BLNH, k_BLKH, v_BLKH)
+
+
+def over_batch_and_heads(fn, name: str, q_BLNH, k_BLKH, v_BLKH):
+  """fn(q, k, v) -> out on each device's part of a mesh, for a kernel XLA cannot partition.
+
+  Inside `shard_map`: batch split over data/fsdp and heads over tensor where they divide (heads
+  only when the kv heads divide too, so GQA groups stay whole), the rest replicated. The
+  sequence is not split: a mesh with a `sequence` axis > 1 is refused (use ring). Without a
+  mesh (or on one device), fn runs as it is.
+  """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return fn(q_BLNH, k_BLKH, v_BLKH)
@@ -119,7 +128,7 @@ def splash_attention(q_BLNH, k_BLKH, v_BLKH, *, block_size: int = 512, interpret
   (seq_axis,) = sharding_lib.LOGICAL_AXIS_RULES["length"]
   if mesh_shape.get(seq_axis, 1) > 1:
     raise ValueError(
-        f"attention impl 'splash' does not split the sequence, and the mesh's {seq_axis!r} axis "
+        f"attention impl {name!r} does not split the sequence, and the mesh's {seq_axis!r} axis "
         f"has size {mesh_shape[seq_axis]}: use attention_impl='ring' (context parallelism over "
         f"{seq_axis!r}), or a mesh without a {seq_axis!r} axis")
   q_spec = sharding_lib.logical_to_spec(("batch", None, "act_heads", None), q_BLNH.shape,

@@ -7,7 +7,11 @@ out_shardings, so no full copy of a large model ever exists on one device or hos
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -130,7 +134,8 @@ class RunCheckpoints:
     skipped = []
     for step in reversed(self.all_steps()):
       try:
-        state, meta = self.restore(step, target)
+        with _quiet_abandoned_reads():
+          state, meta = self.restore(step, target)
       except Exception as e:  # orbax/tensorstore raise many types for a damaged file
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
         moved = self._move_aside(step)
@@ -195,3 +200,26 @@ def save_final(path: str, config: ModelConfig, params, tokenizer_files: dict[str
                      {"format": ckpt_lib.CHECKSUM_FORMAT, "arrays": sums})
     files.write_text(os.path.join(path, ckpt_lib.CONFIG_FILE), config.to_json())
   return path
+
+
+@contextlib.contextmanager
+def _quiet_abandoned_reads():
+  """Drops the errors of orbax's abandoned array reads while a checkpoint restores.
+
+  orbax reads a checkpoint's arrays in concurrent coroutines; when one fails on a damaged file,
+  the others' failures surface later, when their coroutines are collected, as 'Exception
+  ignored in: <coroutine ...>' tracebacks on stderr, after the one-line message that already
+  names the damage. Only coroutine objects' errors are dropped; anything else reaches the
+  previous hook."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not isinstance(unraisable.object, types.CoroutineType):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+  try:
+    yield
+  finally:
+    gc.collect()  # collect the abandoned coroutines while the hook is in place
+    sys.unraisablehook = previous

@@ -1,0 +1,203 @@
+"""The native CPU kernels (pi_jax.native): built here, equal to brute force in values and
+gradients, chosen by `auto` where they apply, and a clear error where they cannot build."""
+
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pi_jax import attention as attn_lib
+from pi_jax import linear, native
+from pi_jax.config import ModelConfig
+from pi_jax import model as model_lib
+from tests.conftest import rel_err
+from tests.train_utils import run_on_devices
+
+
+def test_the_kernels_build_here():
+  """CI's machine has g++ and scipy-openblas32 (requirements.txt): a missing install step fails
+  here instead of silently running the slower XLA paths."""
+  assert native.available(), native.unavailable_reason()
+
+
+def _qkv(b, l, n, kh, h, seed=0, dtype=jnp.float32):
+  ks = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(ks[0], (b, l, n, h), dtype)
+  k, v = (jax.random.normal(x, (b, l, kh, h), dtype) for x in ks[1:3])
+  w = jax.random.normal(ks[3], (b, l, n, h), jnp.float32)  # output cotangent
+  return q, k, v, w
+
+
+# (batch, length, query heads, kv heads, tile): GQA groups 1, 3 and 4; lengths a multiple of
+# the tile, not a multiple (a short last block), shorter than one tile, and one position.
+CASES = [(2, 96, 4, 4, 32), (1, 300, 6, 2, 64), (2, 40, 4, 1, 256), (1, 1, 3, 1, 16)]
+
+
+@pytest.mark.parametrize("b,l,n,kh,tile", CASES, ids=["gqa1", "gqa3-ragged", "short", "one"])
+def test_cpu_flash_equals_reference_with_gradients(b, l, n, kh, tile):
+  q, k, v, w = _qkv(b, l, n, kh, 16)
+
+  def run(fn):
+    out, vjp = jax.vjp(fn, q, k, v)
+    return out, vjp(w.astype(out.dtype))
+
+  got, got_grads = jax.jit(lambda: run(lambda q, k, v: attn_lib.attention(
+      q, k, v, impl="cpu_flash", block_size=tile)))()
+  want, want_grads = run(attn_lib.reference_attention)
+  assert rel_err(got, want) < 1e-5
+  for g, gw in zip(got_grads, want_grads):  # at one position dq and dk are exactly 0
+    np.testing.assert_allclose(g, gw, atol=1e-4 * max(1.0, float(jnp.max(jnp.abs(gw)))))
+
+
+def test_log_sum_exp_is_the_scores_own():
+  """The kernel's second output, which the backward reads, against the dense scores."""
+  q, k, v, _ = _qkv(2, 200, 6, 2, 16, seed=1)
+  _, lse_BNL = native.causal_attention(q, k, v, block_size=64)
+  s = jnp.einsum("BLNH,BSNH->BNLS", q, jnp.repeat(k, 3, axis=2)) / 4.0
+  s = jnp.where(jnp.tril(jnp.ones((200, 200), bool)), s, -jnp.inf)
+  assert float(jnp.max(jnp.abs(lse_BNL - jax.nn.logsumexp(s, axis=-1)))) < 1e-5
+
+
+def test_bfloat16_inputs_compute_in_float32_and_return_bfloat16():
+  q, k, v, _ = _qkv(1, 64, 4, 2, 16, dtype=jnp.bfloat16)
+  out = attn_lib.attention(q, k, v, impl="cpu_flash", block_size=32)
+  assert out.dtype == jnp.bfloat16
+  want = attn_lib.reference_attention(*(x.astype(jnp.float32) for x in (q, k, v)))
+  assert rel_err(out, want) < 1e-2
+
+
+def test_auto_takes_the_native_kernel_for_float32_on_the_cpu():
+  assert attn_lib.resolve_impl("auto", jnp.float32) == "cpu_flash"
+  assert attn_lib.resolve_impl("auto", jnp.bfloat16) == "xla_blockwise"
+  q, k, v, _ = _qkv(1, 64, 4, 2, 16)
+  text = jax.jit(lambda q, k, v: attn_lib.attention(q, k, v)).lower(q, k, v).as_text()
+  assert "pi_causal_attention" in text
+
+
+@pytest.mark.parametrize("m,k,n,transpose_w", [
+    (8192 // 64, 576, 1536, False),   # rows split over the workers
+    (64, 48, 4096, True),            # columns split (a loss chunk against the vocabulary)
+    (64, 48, 4096, False),
+    (5, 7, 3, False),                # fewer rows and columns than one worker's 16
+    (33, 20, 17, True),              # 33 rows over two workers: 32 + 1
+    (3, 8, 33, False),               # 33 columns over two workers
+])
+def test_matmul_equals_numpy(m, k, n, transpose_w):
+  rng = np.random.default_rng(m + n)
+  x = rng.standard_normal((m, k), np.float32)
+  w = rng.standard_normal((n, k) if transpose_w else (k, n), np.float32)
+  got = jax.jit(lambda x, w: native.matmul(x, w, transpose_w=transpose_w))(x, w)
+  want = x.astype(np.float64) @ (w.T if transpose_w else w).astype(np.float64)
+  assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("spec,x_shape,w_shape,kw", [
+    ("BLD,DNH->BLNH", (2, 9, 12), (12, 3, 4), {}),
+    ("BLNH,NHD->BLD", (2, 9, 3, 4), (3, 4, 12), {"contract": 2}),
+    ("BLD,VD->BLV", (2, 9, 12), (50, 12), {"transpose_w": True}),
+])
+def test_project_equals_einsum_with_gradients(spec, x_shape, w_shape, kw):
+  kx, kw_ = jax.random.split(jax.random.key(2))
+  x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw_, w_shape)
+  assert linear.native_applies(x, w)
+  loss = lambda f: jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), (0, 1)))
+  got, got_grads = loss(lambda x, w: linear.project(x, w, **kw))(x, w)
+  want, want_grads = loss(lambda x, w: jnp.einsum(spec, x, w))(x, w)
+  assert abs(float(got - want)) < 1e-4 * abs(float(want)) + 1e-4
+  for g, gw in zip(got_grads, want_grads):
+    assert rel_err(g, gw) < 1e-5
+  text = jax.jit(lambda x, w: linear.project(x, w, **kw)).lower(x, w).as_text()
+  assert "pi_matmul" in text
+  assert "pi_matmul" not in jax.jit(lambda x, w: linear.project(
+      x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), **kw)).lower(x, w).as_text()
+
+
+def test_project_rejects_mismatched_shapes():
+  with pytest.raises(ValueError, match=r"do not contract over 1 dims"):
+    linear.project(jnp.ones((2, 5)), jnp.ones((4, 3)))
+
+
+def test_model_logits_with_native_kernels_equal_the_xla_paths(monkeypatch):
+  """The whole forward (native projections and cpu_flash) against XLA's dot and the dense
+  reference attention (bfloat16 weights would take XLA's path; float32 here)."""
+  config = ModelConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_layers=2,
+                       num_heads=6, num_kv_heads=2, head_dim=8, max_position_embeddings=128)
+  params = model_lib.init_params(config, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 100), 0, 97)
+  got = jax.jit(lambda p, t: model_lib.forward(config, p, t))(params, tokens)
+  text = jax.jit(lambda p, t: model_lib.forward(config, p, t)).lower(params, tokens).as_text()
+  assert "pi_matmul" in text and "pi_causal_attention" in text
+  monkeypatch.setattr(linear, "native_applies", lambda *arrays: False)  # XLA's dot_general
+  ref = config.replace(attention_impl="reference")
+  want = jax.jit(lambda p, t: model_lib.forward(ref, p, t))(params, tokens)
+  assert "pi_" not in jax.jit(lambda p, t: model_lib.forward(ref, p, t)).lower(
+      params, tokens).as_text()
+  assert rel_err(got, want) < 1e-5
+
+
+def test_unavailable_kernels_fall_back_and_explicit_use_says_why(monkeypatch):
+  monkeypatch.setattr(native, "_load", lambda: (False, "no C++ compiler (g++, or $CXX) on PATH"))
+  assert attn_lib.resolve_impl("auto", jnp.float32) == "xla_blockwise"
+  q, k, v, _ = _qkv(1, 16, 2, 1, 8)
+  with pytest.raises(ValueError, match=r"'cpu_flash' is unavailable: no C\+\+ compiler"):
+    attn_lib.attention(q, k, v, impl="cpu_flash")
+  assert not linear.native_applies(q, q)
+
+
+def test_a_failed_build_names_the_compiler_problem(monkeypatch, tmp_path):
+  monkeypatch.setenv("PI_JAX_NATIVE_CACHE", str(tmp_path))
+  monkeypatch.setenv("CXX", "no-such-compiler-for-pi-jax")
+  with pytest.raises(RuntimeError, match=r"no C\+\+ compiler"):
+    native._build()
+  assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
+
+
+_SHARDED_SCRIPT = textwrap.dedent("""
+    from pi_jax import attention as attn_lib, linear, sharding
+
+    # Batch over data x fsdp, heads over tensor; then kv heads 1 (heads stay whole).
+    for spec, n, kh in [("data:2,fsdp:2,tensor:2", 4, 2), ("data:2,fsdp:2,tensor:2", 6, 1)]:
+      ks = jax.random.split(jax.random.key(kh), 4)
+      q = jax.random.normal(ks[0], (4, 200, n, 16)); w = jax.random.normal(ks[3], (4, 200, n, 16))
+      k, v = (jax.random.normal(x, (4, 200, kh, 16)) for x in ks[1:3])
+      def run(fn):
+        def f(q, k, v):
+          out, vjp = jax.vjp(fn, q, k, v)
+          return out, vjp(w)
+        return f
+      flash = lambda q, k, v: attn_lib.attention(q, k, v, impl="cpu_flash", block_size=64)
+      with jax.set_mesh(sharding.make_mesh(spec)):
+        f = jax.jit(run(flash))
+        out, grads = f(q, k, v)
+        text = f.lower(q, k, v).as_text()
+        assert not linear.native_applies(q, q)  # XLA cannot partition the FFI matmul
+      assert "manual_computation" in text or "shard_map" in text, "cpu_flash is not in a shard_map"
+      want, want_grads = run(attn_lib.reference_attention)(q, k, v)
+      assert rel(out, want) < 1e-5, (spec, kh, rel(out, want))
+      for g, gw in zip(grads, want_grads):
+        assert rel(g, gw) < 1e-4, (spec, kh, rel(g, gw))
+    print("CPU_FLASH_SHARDED_OK")
+""")
+
+
+def test_cpu_flash_sharded_on_eight_devices():
+  run_on_devices(_SHARDED_SCRIPT, marker="CPU_FLASH_SHARDED_OK")
+
+
+def test_nll_terms_equal_xla_with_gradients(monkeypatch):
+  from pi_jax import loss as loss_lib
+  logits = jax.random.normal(jax.random.key(3), (2, 7, 300)) * 4
+  targets = jax.random.randint(jax.random.key(4), (2, 7), 0, 300)
+  def terms(l):  # a new function each time: jit traces it again
+    logz, picked = loss_lib.logsumexp_and_target(l, targets)
+    return jnp.sum(jnp.sin(logz) + jnp.cos(picked))
+
+  got, got_grad = jax.jit(jax.value_and_grad(terms))(logits)
+  assert "pi_logsumexp_pick" in jax.jit(lambda l: terms(l)).lower(logits).as_text()
+  monkeypatch.setattr(linear, "native_applies", lambda *arrays: False)
+  want, want_grad = jax.jit(jax.value_and_grad(lambda l: terms(l)))(logits)
+  assert "pi_logsumexp_pick" not in jax.jit(lambda l: terms(l)).lower(logits).as_text()
+  assert abs(float(got - want)) < 1e-4
+  assert rel_err(got_grad, want_grad) < 1e-5
