@@ -109,7 +109,7 @@ def main(argv=None):
   p.add_argument("--length", type=int, default=8192)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--parts", default="dense,dense_xla,rope,attention,nll")
-  p.add_argument("--impls", default="cpu_flash:512,xla_blockwise:256",
+  p.add_argument("--impls", default="cpu_flash:256,xla_blockwise:256",
                  help="attention impl:block_size entries, comma-separated")
   p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK,
                  help="loss chunk (positions; default %(default)s, pi_jax.loss.DEFAULT_CHUNK)")

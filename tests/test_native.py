@@ -1,8 +1,6 @@
 """The native CPU kernels (pi_jax.native): built here, equal to brute force in values and
 gradients, chosen by `auto` where they apply, and a clear error where they cannot build."""
 
-import textwrap
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +11,7 @@ from pi_jax import linear, native
 from pi_jax.config import ModelConfig
 from pi_jax import model as model_lib
 from tests.conftest import rel_err
-from tests.train_utils import run_on_devices
+from tests.train_utils import check_sharded_attention
 
 
 def test_the_kernels_build_here():
@@ -154,36 +152,11 @@ def test_a_failed_build_names_the_compiler_problem(monkeypatch, tmp_path):
   assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
 
 
-_SHARDED_SCRIPT = textwrap.dedent("""
-    from pi_jax import attention as attn_lib, linear, sharding
-
-    # Batch over data x fsdp, heads over tensor; then kv heads 1 (heads stay whole).
-    for spec, n, kh in [("data:2,fsdp:2,tensor:2", 4, 2), ("data:2,fsdp:2,tensor:2", 6, 1)]:
-      ks = jax.random.split(jax.random.key(kh), 4)
-      q = jax.random.normal(ks[0], (4, 200, n, 16)); w = jax.random.normal(ks[3], (4, 200, n, 16))
-      k, v = (jax.random.normal(x, (4, 200, kh, 16)) for x in ks[1:3])
-      def run(fn):
-        def f(q, k, v):
-          out, vjp = jax.vjp(fn, q, k, v)
-          return out, vjp(w)
-        return f
-      flash = lambda q, k, v: attn_lib.attention(q, k, v, impl="cpu_flash", block_size=64)
-      with jax.set_mesh(sharding.make_mesh(spec)):
-        f = jax.jit(run(flash))
-        out, grads = f(q, k, v)
-        text = f.lower(q, k, v).as_text()
-        assert not linear.native_applies(q, q)  # XLA cannot partition the FFI matmul
-      assert "manual_computation" in text or "shard_map" in text, "cpu_flash is not in a shard_map"
-      want, want_grads = run(attn_lib.reference_attention)(q, k, v)
-      assert rel(out, want) < 1e-5, (spec, kh, rel(out, want))
-      for g, gw in zip(grads, want_grads):
-        assert rel(g, gw) < 1e-4, (spec, kh, rel(g, gw))
-    print("CPU_FLASH_SHARDED_OK")
-""")
-
-
 def test_cpu_flash_sharded_on_eight_devices():
-  run_on_devices(_SHARDED_SCRIPT, marker="CPU_FLASH_SHARDED_OK")
+  check_sharded_attention("lambda q, k, v: attn_lib.attention(q, k, v, impl='cpu_flash', "
+                          "block_size=64)", length=200, head_dim=16, grad_tol=1e-4,
+                          # XLA cannot partition the FFI matmul: projections take XLA's dot
+                          inside_mesh="assert not linear.native_applies(q, q)")
 
 
 def test_nll_terms_equal_xla_with_gradients(monkeypatch):

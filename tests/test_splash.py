@@ -5,7 +5,6 @@ The TPU compile needs libtpu (dev requirement `jax[tpu]`); without it these test
 """
 
 import functools
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +17,7 @@ from pi_jax.config import ModelConfig
 from pi_jax.train.config import TrainConfig
 
 from tests import tpu_aot
-from tests.train_utils import run_on_devices
+from tests.train_utils import check_sharded_attention
 
 
 def _pi_config(head_dim):
@@ -80,38 +79,10 @@ def test_splash_block_size():
   assert splash_block(128, 64) == 128  # never below the 128 tile
 
 
-_SHARDED_SCRIPT = textwrap.dedent("""
-    from pi_jax import attention as attn_lib, sharding
-
-    # Batch over data×fsdp, heads over tensor (kv heads 2 split too); then kv heads 1, which
-    # tensor=2 cannot split: heads stay whole on every shard.
-    for spec, n, kh in [("data:2,fsdp:2,tensor:2", 4, 2), ("data:2,fsdp:2,tensor:2", 4, 1)]:
-      ks = jax.random.split(jax.random.key(kh), 4)
-      q = jax.random.normal(ks[0], (4, 256, n, 32)); w = jax.random.normal(ks[3], (4, 256, n, 32))
-      k, v = (jax.random.normal(x, (4, 256, kh, 32)) for x in ks[1:3])
-      def run(fn):
-        def f(q, k, v):
-          out, vjp = jax.vjp(fn, q, k, v)
-          return out, vjp(w)
-        return f
-      splash = lambda q, k, v: attn_lib.attention(q, k, v, impl="splash", block_size=128,
-                                                  interpret=True)
-      with jax.set_mesh(sharding.make_mesh(spec)):
-        f = jax.jit(run(splash))
-        out, grads = f(q, k, v)
-        text = f.lower(q, k, v).as_text()
-      assert "manual_computation" in text or "shard_map" in text, "splash is not in a shard_map"
-      want, want_grads = run(attn_lib.reference_attention)(q, k, v)
-      assert rel(out, want) < 1e-5, (spec, kh, rel(out, want))
-      for g, gw in zip(grads, want_grads):
-        assert rel(g, gw) < 1e-5, (spec, kh, rel(g, gw))
-    print("SPLASH_SHARDED_OK")
-""")
-
-
 def test_splash_sharded_in_interpret_mode_on_eight_devices():
   """Inside shard_map over data/fsdp/tensor on 8 fake CPU devices: outputs and gradients."""
-  run_on_devices(_SHARDED_SCRIPT, marker="SPLASH_SHARDED_OK")
+  check_sharded_attention("lambda q, k, v: attn_lib.attention(q, k, v, impl='splash', "
+                          "block_size=128, interpret=True)", length=256, head_dim=32)
 
 
 # --- compiled for a TPU topology (libtpu) ------------------------------------------------------

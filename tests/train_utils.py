@@ -101,3 +101,43 @@ def interrupt_after_steps(cmd, workdir, sig, logs, steps: int = 3, devices: int 
 
 def losses(workdir) -> dict[int, float]:
   return {r["step"]: r["loss"] for r in read_metrics(str(workdir))}
+
+
+_SHARDED_ATTENTION = """
+from pi_jax import attention as attn_lib, linear, sharding
+
+attend = {attend}
+# Batch over data x fsdp, heads over tensor (kv heads 2 split too); then kv heads 1, which
+# tensor=2 cannot split: heads stay whole on every shard.
+for spec, n, kh in [("data:2,fsdp:2,tensor:2", 4, 2), ("data:2,fsdp:2,tensor:2", 4, 1)]:
+  ks = jax.random.split(jax.random.key(kh), 4)
+  q = jax.random.normal(ks[0], (4, {length}, n, {head_dim}))
+  w = jax.random.normal(ks[3], (4, {length}, n, {head_dim}))
+  k, v = (jax.random.normal(x, (4, {length}, kh, {head_dim})) for x in ks[1:3])
+  def run(fn):
+    def f(q, k, v):
+      out, vjp = jax.vjp(fn, q, k, v)
+      return out, vjp(w)
+    return f
+  with jax.set_mesh(sharding.make_mesh(spec)):
+    f = jax.jit(run(attend))
+    out, grads = f(q, k, v)
+    text = f.lower(q, k, v).as_text()
+    {inside_mesh}
+  assert "manual_computation" in text or "shard_map" in text, "the kernel is not in a shard_map"
+  want, want_grads = run(attn_lib.reference_attention)(q, k, v)
+  assert rel(out, want) < 1e-5, (spec, kh, rel(out, want))
+  for g, gw in zip(grads, want_grads):
+    assert rel(g, gw) < {grad_tol}, (spec, kh, rel(g, gw))
+print("SHARDED_ATTENTION_OK")
+"""
+
+
+def check_sharded_attention(attend: str, length: int, head_dim: int, grad_tol: float = 1e-5,
+                            inside_mesh: str = "pass"):
+  """On 8 fake devices, under meshes that split batch and heads: the attention `attend` (a
+  Python expression taking q, k, v) equals reference attention in outputs and q/k/v gradients
+  and runs inside a shard_map. `inside_mesh`: one more statement to run under the mesh."""
+  run_on_devices(_SHARDED_ATTENTION.format(attend=attend, length=length, head_dim=head_dim,
+                                           grad_tol=grad_tol, inside_mesh=inside_mesh),
+                 marker="SHARDED_ATTENTION_OK")
