@@ -235,6 +235,15 @@ def _versions() -> dict:
 
 # --- the report --------------------------------------------------------------------------------
 
+def _share(fraction) -> str:
+  """The base's passkey share as the report states it (unknown for a base with no record)."""
+  return "an unrecorded share" if fraction is None else f"{fraction:g}"
+
+
+def _see_readme(base: str) -> str:
+  return f" (see `{base}/README.md`)" if os.path.isfile(os.path.join(REPO, base, "README.md")) else ""
+
+
 def _mini_section(res: dict, out: str) -> list[str]:
   plan, bc = res["plan"], res["base_config"]
   L = res["trained_window"]
@@ -243,9 +252,8 @@ def _mini_section(res: dict, out: str) -> list[str]:
       f"Base: `{plan['base']}`, a token-level LLaMA ({bc['num_layers']} layers, hidden "
       f"{bc['hidden_size']}, {bc['num_heads']} heads of dim {bc['head_dim']}, RoPE base "
       f"{bc['rope_theta']:g}, BPE vocabulary {bc['vocab_size']}) pre-trained by this project at a "
-      f"{L}-token window, with passkey episodes in {res.get('base_passkey_fraction', '?')} of "
-      f"its training rows (see "
-      f"`{plan['base']}/README.md`). Fine-tuning: `{experiment.EXTEND_CONFIG}` (the paper's "
+      f"{L}-token window, with passkey episodes in {_share(res.get('base_passkey_fraction'))} "
+      f"of its training rows{_see_readme(plan['base'])}. Fine-tuning: `{experiment.EXTEND_CONFIG}` (the paper's "
       f"recipe: AdamW 0.9/0.95, lr {plan['learning_rate']:g}, 20-step warm-up from 10%, no "
       f"weight decay) on plain text never seen in pre-training"
       + (f" (**ablation, not the paper's recipe**: {plan['ft_passkey_fraction']:.0%} of the "

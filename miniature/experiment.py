@@ -71,6 +71,19 @@ QUICK = Plan(steps=(2,), zero_shot=("linear",), tokens_per_step=2048, heldout_do
              heldout_tokens=1100, passkey_depths=4, passkey_trials=2)
 
 
+def base_passkey_fraction(base: str) -> float | None:
+  """The share of the base's pre-training rows that were passkey episodes: from its
+  pretrain_summary.json (the committed base), else from the run_config.json of the training run
+  whose final checkpoint it is (runs/<run>/final); None when neither says."""
+  for path in (os.path.join(base, "pretrain_summary.json"),
+               os.path.join(os.path.dirname(os.path.normpath(base)), "run_config.json")):
+    if os.path.isfile(path):
+      fraction = _load(path).get("passkey_fraction")
+      if fraction is not None:
+        return fraction
+  return None
+
+
 def _load(path: str) -> dict:
   with open(path) as f:
     return json.load(f)
@@ -190,8 +203,7 @@ class Experiment:
     return self.results()
 
   def results(self) -> dict:
-    summary = os.path.join(REPO, self.plan.base, "pretrain_summary.json")
-    fraction = _load(summary).get("passkey_fraction") if os.path.isfile(summary) else None
     return {"plan": dataclasses.asdict(self.plan), "trained_window": self.L,
             "windows": self.windows, "base_config": self.base_config,
-            "base_passkey_fraction": fraction, "models": self.models}
+            "base_passkey_fraction": base_passkey_fraction(os.path.join(REPO, self.plan.base)),
+            "models": self.models}

@@ -202,3 +202,18 @@ def test_real_eval_prefix_perplexity_equals_one_window_of_eval(tmp_path):
   (key,) = got["passkey"]["none"]["512"]["actual_k"]
   assert abs(key - 256) < 40  # the key sits in the middle of the prompt
   assert got["passkey"]["none"]["512"]["trials"] == 1
+
+
+def test_the_base_passkey_share_comes_from_its_summary_or_its_run(tmp_path):
+  """The committed base records it in pretrain_summary.json; a run's final checkpoint in the
+  run's run_config.json; anything else is unrecorded (the report says so, never 'None')."""
+  import demo
+  from miniature.experiment import base_passkey_fraction
+  assert base_passkey_fraction(BASE) == 0.5
+  run = tmp_path / "run"
+  (run / "final").mkdir(parents=True)
+  (run / "run_config.json").write_text(json.dumps({"passkey_fraction": 0.25}))
+  assert base_passkey_fraction(str(run / "final")) == 0.25
+  (tmp_path / "bare").mkdir()
+  assert base_passkey_fraction(str(tmp_path / "bare")) is None
+  assert demo._share(None) == "an unrecorded share" and demo._share(0.5) == "0.5"
