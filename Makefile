@@ -1,6 +1,6 @@
 # make test   : create .venv on first use, install everything, run the fast suite
 # make test-slow : the slow tests too (real SmolLM2 model at long windows)
-# make demo   : the paper in miniature (see README): PI vs direct fine-tuning, ~15 minutes
+# make demo   : the paper in miniature (see README): PI vs direct fine-tuning, ~6 minutes
 # make reproduce : every arm, factor and checkpoint of the miniature (hours; resumable) -> results/miniature
 PY ?= python3
 VENV := .venv
@@ -24,7 +24,7 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests
 
-# The paper in miniature on a CPU (about 15 minutes on 2 cores once .venv exists): runs/demo/report.md
+# The paper in miniature on a CPU (about 6 minutes on 2 cores once .venv exists): runs/demo/report.md
 demo: $(STAMP)
 	$(BIN)/python demo.py
 
