@@ -241,7 +241,8 @@ def _share(fraction) -> str:
 
 
 def _see_readme(base: str) -> str:
-  return f" (see `{base}/README.md`)" if os.path.isfile(os.path.join(REPO, base, "README.md")) else ""
+  readme = os.path.join(REPO, base, "README.md")
+  return f" (see `{base}/README.md`)" if os.path.isfile(readme) else ""
 
 
 def _mini_section(res: dict, out: str) -> list[str]:
@@ -253,8 +254,9 @@ def _mini_section(res: dict, out: str) -> list[str]:
       f"{bc['hidden_size']}, {bc['num_heads']} heads of dim {bc['head_dim']}, RoPE base "
       f"{bc['rope_theta']:g}, BPE vocabulary {bc['vocab_size']}) pre-trained by this project at a "
       f"{L}-token window, with passkey episodes in {_share(res.get('base_passkey_fraction'))} "
-      f"of its training rows{_see_readme(plan['base'])}. Fine-tuning: `{experiment.EXTEND_CONFIG}` (the paper's "
-      f"recipe: AdamW 0.9/0.95, lr {plan['learning_rate']:g}, 20-step warm-up from 10%, no "
+      f"of its training rows{_see_readme(plan['base'])}. Fine-tuning: "
+      f"`{experiment.EXTEND_CONFIG}` (the paper's recipe: AdamW 0.9/0.95, lr "
+      f"{plan['learning_rate']:g}, 20-step warm-up from 10%, no "
       f"weight decay) on plain text never seen in pre-training"
       + (f" (**ablation, not the paper's recipe**: {plan['ft_passkey_fraction']:.0%} of the "
          f"fine-tuning rows are passkey episodes at the new window)"

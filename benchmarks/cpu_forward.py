@@ -269,7 +269,7 @@ def main(argv=None):
                       "weights of the same shape, or auto: real when cached")
   p.add_argument("--block-size", type=int, default=None,
                  help="pi_jax attention block size (default: the implementation's own, "
-                      "pi_jax.attention.block_size_for: 512 for cpu_flash, 256 for xla_blockwise on "
+                      "pi_jax.attention.block_size_for: 256 for cpu_flash and for xla_blockwise on "
                       "the CPU)")
   p.add_argument("--impl", default="auto",
                  help="pi_jax attention_impl: auto (what a user gets: cpu_flash where the native "

@@ -54,13 +54,11 @@ def _parts(args):
   per_layer = {}
 
   def dense(layer, x_BLD, native=True):
-    # native=False: XLA's dot for every projection (PI_JAX's default on the CPU is the native
+    # native=False: XLA's dot for every projection (pi_jax's default on the CPU is the native
     # sgemm of pi_jax.linear where it builds).
     cos, sin = rope.rope_tables(config, positions)
     mod = model_lib.nnx.merge(model_lib._layer_graphdef(config), layer)
-    proj = linear.project if native else (
-        lambda x, w, contract=1: jax.lax.dot_general(
-            x, w, ((tuple(range(x.ndim - contract, x.ndim)), tuple(range(contract))), ((), ()))))
+    proj = linear.project if native else linear.project_xla
     h = model_lib.rms_norm(x_BLD, mod.attn_norm[...], config.rms_norm_eps)
     q_ = rope.apply_rope(proj(h, mod.wq[...]), cos, sin)
     k_ = rope.apply_rope(proj(h, mod.wk[...]), cos, sin)

@@ -52,10 +52,8 @@ def _native_bwd(transpose_w, res, g_MN):
 _native_2d.defvjp(_native_fwd, _native_bwd)
 
 
-def project(x, w, *, contract: int = 1, transpose_w: bool = False, preferred_element_type=None):
-  """x's last `contract` dims against w's first `contract` dims (w [N, K] against x's last dim
-  when transpose_w). The result has x's dtype, or preferred_element_type."""
-  out_dtype = preferred_element_type or x.dtype
+def _contraction(x, w, contract: int, transpose_w: bool):
+  """(x's contracted dims, w's, the output's trailing shape); a shape mismatch is an error."""
   if transpose_w:
     if contract != 1 or w.ndim != 2:
       raise ValueError(f"transpose_w needs a 2-D weight and contract=1, got {w.shape}, {contract}")
@@ -66,10 +64,26 @@ def project(x, w, *, contract: int = 1, transpose_w: bool = False, preferred_ele
   if [x.shape[d] for d in x_dims] != [w.shape[d] for d in w_dims]:
     raise ValueError(f"project: x {x.shape} and w {w.shape} do not contract over {contract} dims"
                      f"{' (w transposed)' if transpose_w else ''}")
+  return x_dims, w_dims, tuple(out_tail)
+
+
+def project_xla(x, w, *, contract: int = 1, transpose_w: bool = False,
+                preferred_element_type=None):
+  """`project` by XLA's dot_general, whatever the backend (what `project` falls back to)."""
+  x_dims, w_dims, _ = _contraction(x, w, contract, transpose_w)
+  return jax.lax.dot_general(x, w, ((x_dims, w_dims), ((), ())),
+                             preferred_element_type=preferred_element_type)
+
+
+def project(x, w, *, contract: int = 1, transpose_w: bool = False, preferred_element_type=None):
+  """x's last `contract` dims against w's first `contract` dims (w [N, K] against x's last dim
+  when transpose_w). The result has x's dtype, or preferred_element_type."""
+  _, _, out_tail = _contraction(x, w, contract, transpose_w)
   if not native_applies(x, w):
-    return jax.lax.dot_general(x, w, ((x_dims, w_dims), ((), ())),
-                               preferred_element_type=preferred_element_type)
+    return project_xla(x, w, contract=contract, transpose_w=transpose_w,
+                       preferred_element_type=preferred_element_type)
   k = math.prod(x.shape[x.ndim - contract:])
   w_2d = w if transpose_w else w.reshape(k, -1)
   out = _native_2d(x.reshape(-1, k), w_2d, transpose_w)
-  return out.reshape(x.shape[:x.ndim - contract] + tuple(out_tail)).astype(out_dtype)
+  return out.reshape(x.shape[:x.ndim - contract] + out_tail).astype(
+      preferred_element_type or x.dtype)

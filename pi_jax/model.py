@@ -246,17 +246,11 @@ class Llama(nnx.Module):
       return x_BLD
     return x_BLD, {"k": new_kv[0], "v": new_kv[1]}
 
-  def unembed_matrix(self) -> jax.Array:
-    """[D, V] output projection (the transposed embeddings when tied)."""
-    return self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
-
   def logits_from_hidden(self, h_BLD: jax.Array) -> jax.Array:
-    if self.config.tie_word_embeddings:  # h @ embed.T, without materialising the transpose
-      logits_BLV = project(h_BLD, self.embed[...].astype(h_BLD.dtype), transpose_w=True,
-                           preferred_element_type=jnp.float32)
-    else:
-      logits_BLV = project(h_BLD, self.lm_head[...].astype(h_BLD.dtype),
-                           preferred_element_type=jnp.float32)
+    # Tied: h @ embed.T ([V, D] read transposed, never copied); else h @ lm_head [D, V].
+    tied = self.config.tie_word_embeddings
+    w = (self.embed if tied else self.lm_head)[...].astype(h_BLD.dtype)
+    logits_BLV = project(h_BLD, w, transpose_w=tied, preferred_element_type=jnp.float32)
     return shard(logits_BLV, ("batch", "length", "act_vocab"))
 
   def __call__(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None) -> jax.Array:
@@ -338,11 +332,6 @@ def hidden_states(config: ModelConfig, params: Params, tokens_BL: jax.Array,
   """
   return Llama.from_params(config, params).hidden_states(tokens_BL, positions_BL, cache,
                                                          cache_index)
-
-
-def unembed_matrix(config: ModelConfig, params: Params) -> jax.Array:
-  """[D, V] output projection (the transposed embeddings when tied)."""
-  return Llama.from_params(config, params).unembed_matrix()
 
 
 def logits_from_hidden(config: ModelConfig, params: Params, h_BLD: jax.Array) -> jax.Array:

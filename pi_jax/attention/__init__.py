@@ -12,8 +12,8 @@ heads of a group share one K/V head, which is never copied per query head) and r
   (inside shard_map over batch and heads; verified on CPU in Pallas interpret mode).
 - ring (ring.py): context parallelism over the `sequence` mesh axis, load-balanced (zig-zag).
 - auto: ring under a mesh with a `sequence` axis, else splash on TPU, cudnn on GPU for bf16/fp16,
-  cpu_flash on the CPU for float32 when the native kernels build, else xla_blockwise. "On TPU" means the platform compiled for (kernels.backend): a mesh over
-  TPU topology devices counts.
+  cpu_flash on the CPU for float32 when the native kernels build, else xla_blockwise. "On TPU"
+  means the platform compiled for (kernels.backend): a mesh over TPU topology devices counts.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """cpu_flash: causal attention by pi_jax's native CPU kernel (pi_jax.native), with gradients.
 
 The forward is one FFI call: flash attention over the lower triangle in C++ over OpenBLAS,
-each (batch, head, query block) a work item for the cores, the online softmax on the score tile
-while it is in cache. It returns the log-sum-exp beside the output, so the backward is the
-blockwise backward of xla_blockwise (no forward recomputed). Computes in float32 whatever the
-input dtype. Under a mesh it runs inside `shard_map` like splash (XLA cannot partition an FFI
-call).
+each (batch, kv head, query block) a work item for the cores with the kv head's query heads in
+one product, the online softmax on the score tile while it is in cache. It returns the
+log-sum-exp beside the output, so the backward is the blockwise backward of xla_blockwise (no
+forward recomputed). Computes in float32 whatever the input dtype. Under a mesh it runs inside
+`shard_map` like splash (XLA cannot partition an FFI call).
 """
 
 from __future__ import annotations

@@ -131,7 +131,8 @@ def causal_attention(q_BLNH, k_BLKH, v_BLKH, *, block_size: int):
   b, l, n, h = q_BLNH.shape
   call = jax.ffi.ffi_call(
       "pi_causal_attention",
-      (jax.ShapeDtypeStruct(q_BLNH.shape, jnp.float32), jax.ShapeDtypeStruct((b, n, l), jnp.float32)),
+      (jax.ShapeDtypeStruct(q_BLNH.shape, jnp.float32),
+       jax.ShapeDtypeStruct((b, n, l), jnp.float32)),
       vmap_method="sequential")
   return call(q_BLNH.astype(jnp.float32), k_BLKH.astype(jnp.float32), v_BLKH.astype(jnp.float32),
               block=np.int64(block_size), threads=np.int64(threads()),
