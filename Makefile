@@ -19,7 +19,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 # pytest exits 5 when it collects no test: that is a failure here, not a pass.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
+	PI_JAX_NATIVE_REQUIRED=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests
@@ -36,7 +36,7 @@ smollm2: $(STAMP)
 	$(BIN)/python -m convert.fetch smollm2
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/cpu_forward.py
+	$(BIN)/python -m benchmarks.cpu_forward
 
 clean:
 	rm -rf $(VENV) .cache runs

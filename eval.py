@@ -53,9 +53,8 @@ def _common(p: argparse.ArgumentParser) -> None:
   p.add_argument("--batch-size", type=int, default=None,
                  help="sequences per step (default: the number of data shards of the mesh)")
   p.add_argument("--mesh", default=None, help="e.g. data:2,fsdp:2,tensor:2 (default: one device)")
-  p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
-                 help="compute dtype (default: the checkpoint's)")
-  p.add_argument("--attention-impl", default=None, help="override the attention implementation")
+  from pi_jax import run as run_lib
+  run_lib.add_arguments(p)  # --set run.FIELD=VALUE, --dtype, --attention-impl
   p.add_argument("--json", dest="json_out", default=None, help="write the results here")
   p.add_argument("--plot", default=None, help="write a PNG plot here")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -171,42 +170,23 @@ def _check_outputs(args, inputs) -> None:
 
 
 def _check_fits(args, lengths: list[int], what: str, kv_cache: bool) -> None:
-  """Before loading anything: refuse lengths whose parameters + activations (+ KV cache) cannot
-  fit in the memory there is. A rough lower bound: the exact XLA estimate comes later."""
-  import pi_jax
-  from pi_jax.evals import runtime
-  from pi_jax import checkpoint
-  config = checkpoint.load_config(args.ckpt)
-  batch = args.batch_size or 1
-  free, name = runtime.free_device_memory()
-  if free is None:
-    return
-  act = 4 if (args.dtype or config.compute_dtype) == "float32" else 2
-  params = pi_jax.count_params(config) * (4 if config.param_dtype == "float32" else 2)
-  for length in lengths:
-    need = params + batch * length * (2 * config.hidden_size + config.intermediate_size) * act
-    if kv_cache:
-      need += 2 * config.num_layers * batch * length * config.num_kv_heads * config.head_dim * act
-    if need > runtime.MEMORY_HEADROOM * free:
-      raise MemoryError(
-          f"{what} {length}: needs at least {need / 2**30:.1f} GiB (parameters, activations"
-          f"{', KV cache' if kv_cache else ''}) but {name} has {free / 2**30:.1f} GiB free; "
-          "use shorter lengths")
+  """Before loading anything: refuse lengths that cannot fit (pi_jax.memory.check_eval_fits)."""
+  from pi_jax import checkpoint, memory
+  run = args.run
+  param_dtype = run.param_dtype or checkpoint.stored_param_dtype(args.ckpt)
+  memory.check_eval_fits(checkpoint.load_config(args.ckpt), param_dtype, run.compute_dtype,
+                         lengths, args.batch_size or 1, what, kv_cache)
 
 
 def _load(args):
   """(mesh, config, params, tok, batch size)."""
   import pi_jax
+  from pi_jax import sharding
   from pi_jax.evals import runtime
-  mesh = None
-  if args.mesh:
-    from pi_jax import sharding
-    mesh = sharding.make_mesh(args.mesh)
+  mesh = sharding.make_mesh(args.mesh) if args.mesh else None
   batch = runtime.check_batch_size(
-      runtime.batch_shards(mesh) if args.batch_size is None else args.batch_size, mesh)
-  overrides = {k: v for k, v in (("compute_dtype", args.dtype),
-                                 ("attention_impl", args.attention_impl)) if v}
-  config, params = pi_jax.load_checkpoint(args.ckpt, mesh=mesh, config_overrides=overrides or None)
+      sharding.batch_shards(mesh) if args.batch_size is None else args.batch_size, mesh)
+  config, params = pi_jax.load_checkpoint(args.ckpt, mesh=mesh, param_dtype=args.run.param_dtype)
   tok = pi_jax.load_tokenizer(args.ckpt)
   return mesh, config, params, tok, batch
 
@@ -257,7 +237,7 @@ def run_perplexity(args) -> dict:
     label = cfg.rope_scaling.describe()
     results = ppl.evaluate_perplexity(
         cfg, params, documents, windows, args.stride, batch_size=batch, mesh=mesh,
-        skip_short=args.skip_short, chunk=args.chunk,
+        skip_short=args.skip_short, chunk=args.chunk, run=args.run,
         progress=lambda w, n, label=label: bar(f"{label} W={w}", n))
     records = [dict(r.record(definition, cfg.max_position_embeddings), rope_scaling=label)
                for r in results]
@@ -283,8 +263,7 @@ def run_perplexity(args) -> dict:
       "settings": {"ckpt": files.portable(args.ckpt), "data": args.data, "data_dir": args.data_dir,
                    "windows": windows, "stride": args.stride, "max_tokens": args.max_tokens,
                    "max_docs": args.max_docs, "batch_size": batch, "mesh": args.mesh,
-                   "compute_dtype": config.compute_dtype,
-                   "attention_impl": config.attention_impl, "chunk": args.chunk,
+                   "run": args.run.to_dict(), "chunk": args.chunk,
                    "documents_loaded": len(documents),
                    "document_tokens": int(sum(len(t) for _, t in documents))},
       **info,
@@ -320,7 +299,8 @@ def run_passkey(args) -> dict:
     label = cfg.rope_scaling.describe()
     with runtime.mesh_context(mesh):  # activations follow the logical layout on a mesh
       results = passkey.run_trials(cfg, params, tok, trials, mode=args.mode, batch_size=batch,
-                                   progress=lambda n, label=label: bar(f"passkey {label}", n))
+                                   progress=lambda n, label=label: bar(f"passkey {label}", n),
+                                   run=args.run)
     summary = passkey.summarize(results)
     runs.append({"rope_scaling": label, "model_window": cfg.max_position_embeddings,
                  "lengths": summary, "trials": results})
@@ -336,8 +316,7 @@ def run_passkey(args) -> dict:
       "settings": {"ckpt": files.portable(args.ckpt), "lengths": lengths, "trials": args.trials,
                    "depths": args.depths, "mode": args.mode, "template": args.template,
                    "seed": args.seed,
-                   "batch_size": batch, "mesh": args.mesh, "compute_dtype": config.compute_dtype,
-                   "attention_impl": config.attention_impl},
+                   "batch_size": batch, "mesh": args.mesh, "run": args.run.to_dict()},
       **info,
       "k_max": {r["rope_scaling"]: {L: s["k_max"] for L, s in r["lengths"].items()} for r in runs},
       "runs": runs,
@@ -401,16 +380,14 @@ def compile_perplexity(args) -> int:
   else:
     from pi_jax import presets
     config, source = presets.preset(args.model), f"preset {args.model}"
-  overrides = {k: v for k, v in (("compute_dtype", args.dtype),
-                                 ("attention_impl", args.attention_impl)) if v}
-  config = config.replace(**overrides) if overrides else config
   records = []
   for spec in _scalings(args.rope_scaling):
     cfg = _with_scaling(config, spec, args.ckpt or args.model)
     for window in _int_list(args.windows, "--windows"):
       try:
         record = aot.compile_perplexity_step(cfg, args.topology, window, args.batch_size,
-                                             args.mesh, min(args.chunk, window), source)
+                                             args.mesh, min(args.chunk, window), source,
+                                             run=args.run)
       except RuntimeError as e:
         raise ValueError(str(e)) from None
       print(aot.format_record(record))
@@ -429,6 +406,12 @@ def main(argv=None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
   args.argv = sys.argv[1:] if argv is None else list(argv)
+  if hasattr(args, "run_settings"):
+    from pi_jax import run as run_lib
+    try:
+      args.run = run_lib.from_arguments(args)
+    except ValueError as e:
+      parser.error(str(e))
   if args.task in ("perplexity", "passkey"):
     compile_only = getattr(args, "compile_only", False)
     if compile_only != bool(getattr(args, "topology", None)):

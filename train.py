@@ -22,7 +22,10 @@ def main(argv=None) -> int:
                                        argparse.ArgumentDefaultsHelpFormatter), {}))
   parser.add_argument("--config", required=True, help="run config: a .py file with get_config()")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a config field (repeatable); model.FIELD=... for a literal model")
+                      help="override a config field (repeatable); model.FIELD=... for a literal "
+                           "model; run.FIELD=... for how the run computes (run.compute_dtype, "
+                           "run.remat, run.attention_impl, run.attention_block_size, "
+                           "run.param_dtype, run.native)")
   parser.add_argument("--print-config", action="store_true", help="print the final config and exit")
   parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
   parser.add_argument("--compile-only", action="store_true",
@@ -59,6 +62,9 @@ def main(argv=None) -> int:
   except KeyboardInterrupt:
     print("train.py: interrupted while starting; nothing was trained or saved", file=sys.stderr)
     return 130
+  if trainer.is_main:
+    print(f"train.py: {config.run.describe()}; kernels: {trainer.kernels.describe()}",
+          file=sys.stderr, flush=True)
   if trainer.is_main and trainer.resume_message:
     print(f"train.py: {trainer.resume_message}", file=sys.stderr, flush=True)
   callbacks = []

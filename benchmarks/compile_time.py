@@ -1,6 +1,6 @@
 """Compile time of the jitted forward (lower + XLA compile) by model depth, on the CPU.
 
-  python benchmarks/compile_time.py --preset smollm2-135m --seq 2048 --layers 2,10,30 --repeats 3
+  python -m benchmarks.compile_time --preset smollm2-135m --seq 2048 --layers 2,10,30 --repeats 3
 
 No weights are allocated: the parameters are ShapeDtypeStructs from the model's own
 `abstract_params`, so the run measures tracing/lowering (`lower_s`) and the XLA compile
@@ -10,7 +10,7 @@ cache) and the persistent compilation cache is off. With the layers under one `l
 time should stay flat in depth.
 
 Runs against whatever `pi_jax` is importable, so the same script measures an older checkout:
-  PYTHONPATH=/path/to/old/checkout python benchmarks/compile_time.py --label before ...
+  PYTHONPATH=/path/to/old/checkout python -m benchmarks.compile_time --label before ...
 Every timed run records the load average and the other processes' CPU (benchmarks/quiet.py);
 run it alone.
 """
@@ -25,12 +25,11 @@ import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-import quiet  # noqa: E402  (benchmarks/quiet.py)
+from benchmarks import quiet  # noqa: E402
 
 
 def time_compile(config, seq: int) -> tuple[float, float]:
@@ -86,7 +85,7 @@ def main(argv=None) -> int:
     print(f"[{args.label or 'pi_jax'}] {args.preset} layers={layers} seq={args.seq}: lower "
           f"{row['lower_s_median']:.2f} s, compile {row['compile_s_median']:.2f} s (median of "
           f"{args.repeats}){'  NOISY' if row['noisy'] else ''}", flush=True)
-  record = {"command": "python benchmarks/compile_time.py " + " ".join(sys.argv[1:] if argv is None
+  record = {"command": "python -m benchmarks.compile_time " + " ".join(sys.argv[1:] if argv is None
                                                                      else argv),
             "label": args.label, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
             "machine_before": start, "machine_after": quiet.machine_state(), "rows": rows}

@@ -1,6 +1,6 @@
 """Peak host memory of `convert.to_pi_jax` (streaming conversion), as a multiple of the output.
 
-  python benchmarks/convert_memory.py [--skip-smollm2] [--layers 8]
+  python -m benchmarks.convert_memory [--skip-smollm2] [--layers 8]
 
 Each conversion runs in a fresh subprocess. Its baseline is the peak RSS after importing
 everything the conversion imports (python, jax, orbax, torch, transformers), measured in the
@@ -57,7 +57,7 @@ def write_random_hf(path: str, layers: int = 8, hidden: int = 1024, mlp: int = 2
   from convert import hf_layout
   config = ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp,
                        num_layers=layers, num_heads=hidden // 64, num_kv_heads=hidden // 128,
-                       max_position_embeddings=2048, param_dtype=dtype)
+                       max_position_embeddings=2048)
   os.makedirs(path, exist_ok=True)
   rng = np.random.default_rng(0)
   entries = []
@@ -77,7 +77,7 @@ def write_random_hf(path: str, layers: int = 8, hidden: int = 1024, mlp: int = 2
                     lambda shape=shape: rng.standard_normal(shape, np.float32) * 0.02))
   write_safetensors(os.path.join(path, "model.safetensors"), entries)
   from pi_jax import files
-  files.write_json(os.path.join(path, "config.json"), config.to_hf())
+  files.write_json(os.path.join(path, "config.json"), config.to_hf(dtype=dtype))
   return sum(int(np.prod(e[1])) for e in entries)
 
 

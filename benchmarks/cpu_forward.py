@@ -1,8 +1,8 @@
 """pi_jax vs transformers on CPU: forward + next-token NLL of one long window, SmolLM2-135M, fp32.
 
-  python benchmarks/cpu_forward.py --lengths 2048,8192,16384 --repeats 3 --json runs/cpu_forward.json
-  python benchmarks/cpu_forward.py --lengths 32768 --sides jax          # the 32K memory check
-  python benchmarks/cpu_forward.py --lengths 8192 --task logits          # plain forward, full logits
+  python -m benchmarks.cpu_forward --lengths 2048,8192,16384 --repeats 3 --json runs/cpu_forward.json
+  python -m benchmarks.cpu_forward --lengths 32768 --sides jax          # the 32K memory check
+  python -m benchmarks.cpu_forward --lengths 8192 --task logits          # plain forward, full logits
 
 Each side runs in its own subprocess (so their peak RSS do not mix) and is warmed first (pi_jax:
 compiled; the compile time is reported separately). Then the parent asks them for one timed run
@@ -32,17 +32,8 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import quiet  # noqa: E402  (benchmarks/quiet.py)
-from pi_jax.loss import DEFAULT_CHUNK  # noqa: E402
-
-SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
-                    num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
-                    rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=8192)
-
-
-def _tokens(length: int, vocab: int) -> np.ndarray:
-  return np.random.RandomState(0).randint(0, vocab, size=(1, length)).astype(np.int32)
+from benchmarks import common, quiet
+from pi_jax.loss import DEFAULT_CHUNK
 
 
 def _peak_rss_mb() -> float:
@@ -66,23 +57,24 @@ def _jax_side(length: int, weights: str, block_size: int | None, chunk: int, imp
   from pi_jax import loss as loss_lib
   from pi_jax import model as model_lib
   from pi_jax.config import ModelConfig
-  overrides = dict(attention_impl=impl, attention_block_size=block_size)
+  from pi_jax.run import RunOptions
+  run = RunOptions(attention_impl=impl, attention_block_size=block_size)
   if weights == "real":
     from convert import fetch
     from pi_jax.checkpoint import load_checkpoint
-    config, params = load_checkpoint(fetch.smollm2_checkpoint(), config_overrides=overrides)
+    config, params = load_checkpoint(fetch.smollm2_checkpoint())
   else:
-    config = ModelConfig(**SMOLLM2_135M, **overrides)
+    config = common.smollm2_config()
     params = jax.jit(model_lib.init_params, static_argnums=0)(config, jax.random.key(0))
-  tokens = jnp.asarray(_tokens(length, config.vocab_size))
+  tokens = jnp.asarray(common.tokens(length, config.vocab_size))
   targets = jnp.roll(tokens, -1, axis=1)
   mask = jnp.ones_like(tokens).at[:, -1].set(0)  # the last position has no target
 
   def fwd(params, tokens, targets, mask):
     if task == "logits":
-      logits = model_lib.forward(config, params, tokens)
+      logits = model_lib.forward(config, params, tokens, run=run)
       return logits, jnp.mean(jax.nn.logsumexp(logits, axis=-1))
-    return loss_lib.mean_loss(config, params, tokens, targets, mask, chunk=chunk)[0]
+    return loss_lib.mean_loss(config, params, tokens, targets, mask, chunk=chunk, run=run)[0]
 
   start = time.perf_counter()
   compiled = jax.jit(fwd).lower(params, tokens, targets, mask).compile()
@@ -110,19 +102,12 @@ def _torch_side(length: int, weights: str, task: str):
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32,
         attn_implementation="sdpa")
   else:
-    c = SMOLLM2_135M
-    cfg = transformers.LlamaConfig(
-        vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
-        intermediate_size=c["intermediate_size"], num_hidden_layers=c["num_layers"],
-        num_attention_heads=c["num_heads"], num_key_value_heads=c["num_kv_heads"],
-        head_dim=c["head_dim"], rms_norm_eps=c["rms_norm_eps"],
-        tie_word_embeddings=True, max_position_embeddings=c["max_position_embeddings"],
-        rope_parameters={"rope_type": "default", "rope_theta": c["rope_theta"]})
+    cfg = transformers.LlamaConfig(**common.smollm2_config().to_hf())
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa",
                                                        dtype=torch.float32)
   model.eval()
-  ids = torch.from_numpy(_tokens(length, model.config.vocab_size).astype(np.int64))
+  ids = torch.from_numpy(common.tokens(length, model.config.vocab_size).astype(np.int64))
 
   def run():
     with torch.inference_mode():
@@ -157,7 +142,7 @@ def worker(side: str, length: int, weights: str, block_size: int | None, chunk: 
 class Worker:
 
   def __init__(self, side, args, length):
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--lengths", str(length),
+    cmd = [sys.executable, "-m", "benchmarks.cpu_forward", "--worker", side, "--lengths", str(length),
            "--weights", args.weights, "--chunk", str(args.chunk), "--warmup", str(args.warmup),
            "--impl", args.impl, "--task", args.task]
     if args.block_size is not None:
@@ -167,7 +152,7 @@ class Worker:
     # (jax[tpu] is in requirements-dev.txt for the compile-only tests).
     env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
     self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                 env=env)
+                                 env=env, cwd=common.REPO)
     self.ready = self._read()
 
   def _read(self):
@@ -269,7 +254,7 @@ def main(argv=None):
                       "weights of the same shape, or auto: real when cached")
   p.add_argument("--block-size", type=int, default=None,
                  help="pi_jax attention block size (default: the implementation's own, "
-                      "pi_jax.attention.block_size_for: 256 for cpu_flash and for xla_blockwise on "
+                      "pi_jax.dispatch: 256 for cpu_flash and for xla_blockwise on "
                       "the CPU)")
   p.add_argument("--impl", default="auto",
                  help="pi_jax attention_impl: auto (what a user gets: cpu_flash where the native "
@@ -305,7 +290,7 @@ def main(argv=None):
   if args.json:
     from pi_jax import files
     files.write_json(args.json, {
-        "command": "python benchmarks/cpu_forward.py " + " ".join(
+        "command": "python -m benchmarks.cpu_forward " + " ".join(
             sys.argv[1:] if argv is None else argv),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "weights": args.weights, "task": args.task, "impl": args.impl,

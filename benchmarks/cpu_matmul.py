@@ -1,7 +1,7 @@
 """XLA:CPU's matrix multiply against numpy's BLAS on the SmolLM2 forward's shapes (float32).
 
-  python benchmarks/cpu_matmul.py
-  python benchmarks/cpu_matmul.py --xla-flags=--xla_cpu_use_xnnpack=true   # try an XLA option
+  python -m benchmarks.cpu_matmul
+  python -m benchmarks.cpu_matmul --xla-flags=--xla_cpu_use_xnnpack=true   # try an XLA option
 
 The ceiling of any plain-JAX CPU forward is the rate XLA's dot reaches: this prints GFLOP per
 wall second and per CPU second for jax.jit(a @ b) and numpy's a @ b on the layer matmul
@@ -19,8 +19,7 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import quiet  # noqa: E402  (benchmarks/quiet.py)
+from benchmarks import quiet
 
 SHAPES = ((8192, 576, 1536), (1024, 576, 49152), (8192, 576, 576))
 

@@ -1,7 +1,7 @@
 """Where the CPU forward's time goes: the parts of the SmolLM2-135M forward, jitted one by one.
 
-  python benchmarks/cpu_profile.py --length 8192 --repeats 3
-  python benchmarks/cpu_profile.py --length 4096 --parts attention --impls xla_blockwise:256,xla_blockwise:512
+  python -m benchmarks.cpu_profile --length 8192 --repeats 3
+  python -m benchmarks.cpu_profile --length 4096 --parts attention --impls xla_blockwise:256,xla_blockwise:512
 
 Each part is compiled on its own and timed on random inputs of the right shape; the parts are
 run interleaved (A B C C B A ...) so load from other processes hits them alike. Per-layer parts
@@ -26,9 +26,10 @@ import time
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cpu_forward import SMOLLM2_135M, _tokens  # noqa: E402
-from pi_jax.loss import DEFAULT_CHUNK  # noqa: E402
+from benchmarks import common
+from pi_jax import dispatch
+from pi_jax.loss import DEFAULT_CHUNK
+from pi_jax.run import RunOptions
 
 
 def _parts(args):
@@ -38,7 +39,7 @@ def _parts(args):
   from pi_jax import model as model_lib
   from pi_jax import rope
   from pi_jax.config import ModelConfig
-  config = ModelConfig(**SMOLLM2_135M)
+  config = common.smollm2_config()
   params = jax.jit(model_lib.init_params, static_argnums=0)(config, jax.random.key(0))
   layer = jax.tree.map(lambda x: x[0], params["layers"])
   l, d = args.length, config.hidden_size
@@ -48,7 +49,7 @@ def _parts(args):
   k = jax.random.normal(key[2], (1, l, config.num_kv_heads, config.head_dim), jnp.float32)
   v = jax.random.normal(key[3], (1, l, config.num_kv_heads, config.head_dim), jnp.float32)
   positions = jnp.arange(l, dtype=jnp.int32)[None]
-  tokens = jnp.asarray(_tokens(l, config.vocab_size))
+  tokens = jnp.asarray(common.tokens(l, config.vocab_size))
   targets = jnp.roll(tokens, -1, axis=1)
   mask = jnp.ones_like(tokens).at[:, -1].set(0)
   per_layer = {}
@@ -87,8 +88,9 @@ def _parts(args):
   if "attention" in wanted:
     for spec in args.impls.split(","):
       impl, _, bs = spec.partition(":")
-      fn = jax.jit(lambda q, k, v, impl=impl, bs=int(bs) if bs else None:
-                   attn_lib.attention(q, k, v, impl=impl, block_size=bs))
+      run = RunOptions(attention_impl=impl, attention_block_size=int(bs) if bs else None)
+      kernels = dispatch.choose(run)
+      fn = jax.jit(kernels.attend)
       parts[f"attention {spec}"] = (fn, (q, k, v))
       per_layer[f"attention {spec}"] = True
   if "nll" in wanted:
@@ -96,8 +98,9 @@ def _parts(args):
     parts["nll"] = (fn, (params, x_BLD, targets))
   if "total" in wanted:
     impl, _, bs = args.impls.split(",")[0].partition(":")
-    cfg = config.replace(attention_impl=impl, attention_block_size=int(bs) if bs else None)
-    fn = jax.jit(lambda p, t, y, m: loss_lib.mean_loss(cfg, p, t, y, m, chunk=args.chunk)[0])
+    run = RunOptions(attention_impl=impl, attention_block_size=int(bs) if bs else None)
+    fn = jax.jit(lambda p, t, y, m: loss_lib.mean_loss(config, p, t, y, m, chunk=args.chunk,
+                                                       run=run)[0])
     parts["total"] = (fn, (params, tokens, targets, mask))
   return parts, per_layer, config.num_layers
 

@@ -1,7 +1,7 @@
 """Train-step throughput and MFU of a ~1B LLaMA at long windows (meant for one GPU/TPU).
 
-  python benchmarks/gpu_train.py --lengths 8192,32768 --json runs/gpu_train.json   # on a GPU
-  python benchmarks/gpu_train.py --shape smoke                                     # CPU smoke run
+  python -m benchmarks.gpu_train --lengths 8192,32768 --json runs/gpu_train.json   # on a GPU
+  python -m benchmarks.gpu_train --shape smoke                                     # CPU smoke run
 
 Shape `tinyllama`: TinyLlama-1.1B (vocab 32000, hidden 2048, mlp 5632, 22 layers, 32 heads,
 4 kv heads). Parameters and AdamW state in float32, compute in bfloat16, random tokens, batch 1
@@ -27,7 +27,9 @@ import optax
 
 from pi_jax import loss as loss_lib
 from pi_jax import model as model_lib
+from pi_jax import dispatch
 from pi_jax.config import ModelConfig
+from pi_jax.run import RunOptions
 from pi_jax.train import metrics as metrics_lib  # one FLOP count and peak table, shared with train.py
 
 SHAPES = {
@@ -38,7 +40,8 @@ SHAPES = {
 }
 
 
-def bench(config: ModelConfig, length: int, steps: int, warmup: int, batch: int, chunk: int):
+def bench(config: ModelConfig, run: RunOptions, length: int, steps: int, warmup: int, batch: int,
+          chunk: int):
   optimizer = optax.adamw(1e-5, b1=0.9, b2=0.95, weight_decay=0.0)
 
   @jax.jit
@@ -51,7 +54,8 @@ def bench(config: ModelConfig, length: int, steps: int, warmup: int, batch: int,
     mask = jnp.ones_like(tokens).at[:, -1].set(0)
     targets = jnp.roll(tokens, -1, axis=1)
     loss, grads = jax.value_and_grad(
-        lambda p: loss_lib.mean_loss(config, p, tokens, targets, mask, chunk=chunk)[0])(params)
+        lambda p: loss_lib.mean_loss(config, p, tokens, targets, mask, chunk=chunk,
+                                     run=run)[0])(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), loss
 
@@ -88,7 +92,7 @@ def bench(config: ModelConfig, length: int, steps: int, warmup: int, batch: int,
       "peak_device_bytes": stats.get("peak_bytes_in_use"),
       "compiled_temp_bytes": mem.temp_size_in_bytes if mem else None,
       "compiled_argument_bytes": mem.argument_size_in_bytes if mem else None,
-      "device": device.device_kind, "attention": config.attention_impl,
+      "device": device.device_kind, "attention": dispatch.choose(run).attention,
   }
 
 
@@ -115,10 +119,10 @@ def main(argv=None):
   lengths = [int(x) for x in (args.lengths or ("256" if args.shape == "smoke" else "8192,32768")).split(",")]
   rows = []
   for length in lengths:
-    config = ModelConfig(**SHAPES[args.shape], max_position_embeddings=length,
-                         param_dtype="float32", compute_dtype=args.compute_dtype, remat=args.remat,
-                         attention_impl=args.attention, attention_block_size=args.block_size)
-    row = bench(config, length, args.steps, args.warmup, args.batch, args.chunk)
+    config = ModelConfig(**SHAPES[args.shape], max_position_embeddings=length)
+    run = RunOptions(compute_dtype=args.compute_dtype, remat=args.remat,
+                     attention_impl=args.attention, attention_block_size=args.block_size)
+    row = bench(config, run, length, args.steps, args.warmup, args.batch, args.chunk)
     if args.peak_tflops and row["mfu"] is None:
       row["mfu"] = row["model_tflops_per_s"] / args.peak_tflops
     rows.append(row)

@@ -1,8 +1,8 @@
 """Per-chip bytes of a train step from the TPU compiler's buffer assignment, without waiting for
 code generation.
 
-  python benchmarks/hlo_memory.py --config configs/llama_7b_32k.py --topology v5p-128 \\
-      --set global_batch=64 [--set remat=offload]
+  python -m benchmarks.hlo_memory --config configs/llama_7b_32k.py --topology v5p-128 \\
+      --set global_batch=64 [--set run.remat=offload]
 
 Runs `train.py --compile-only` with XLA_FLAGS=--xla_dump_to=DIR, waits for the step's
 `*after_optimizations-memory-usage-report.txt` (written once buffers are assigned, 20-100 s for

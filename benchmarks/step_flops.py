@@ -1,6 +1,6 @@
 """Train-step FLOPs on paper against the model FLOPs, for splash attention on TPU (docs/tpu.md).
 
-  python benchmarks/step_flops.py --preset llama-7b --lengths 8192,16384,32768
+  python -m benchmarks.step_flops --preset llama-7b --lengths 8192,16384,32768
 
 The compiler's cost analysis cannot give this number: it counts a loop body once (the layer
 scan, the attention kernels' grids), so it reports a few percent of the real work. This counts
@@ -21,8 +21,6 @@ import argparse
 import os
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 KEEPS_ATTENTION = ("save_attention", "offload_save_attention")
 
@@ -36,8 +34,8 @@ def causal_tiles(n_q: int, per_block: int) -> int:
 def splash_sizes(model, length: int):
   """(tile, BlockSizes) pi_jax gives splash for `length` tokens."""
   from pi_jax.attention import kernels
-  from pi_jax import attention
-  blk = kernels.splash_block(length, attention.block_size_for("splash", model.attention_block_size))
+  from pi_jax import dispatch
+  blk = kernels.splash_block(length, dispatch.DEFAULT_BLOCK)
   return blk, kernels.splash_block_sizes(length, blk)
 
 
@@ -71,7 +69,7 @@ def main(argv=None) -> int:
   model = presets.preset(args.preset)
   policies = args.remat.split(",")
   print(f"train-step FLOPs / model FLOPs, {args.preset}, splash attention "
-        f"(`python benchmarks/step_flops.py {' '.join(argv or sys.argv[1:])}`)\n")
+        f"(`python -m benchmarks.step_flops {' '.join(argv or sys.argv[1:])}`)\n")
   print("| window | splash backward | " + " | ".join(f"remat `{r}`" for r in policies) + " |")
   print("|---|---|" + "---|" * len(policies))
   for length in (int(x) for x in args.lengths.split(",")):

@@ -1,6 +1,6 @@
 """Token store at scale: prepare throughput, trainer start-up, random row reads.
 
-  python benchmarks/token_store.py [--tokens 200000000] [--workers N] [--out FILE]
+  python -m benchmarks.token_store [--tokens 200000000] [--workers N] [--out FILE]
 
 1. Writes a synthetic corpus (Zipf-distributed pseudo-words, documents of log-normal length)
    as .jsonl.zst shards, and a 32K-vocabulary byte-level BPE tokenizer trained on a sample.
@@ -31,8 +31,7 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from benchmarks.common import REPO as ROOT
 
 
 class Part:

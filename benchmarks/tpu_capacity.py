@@ -1,6 +1,6 @@
 """The capacity table: for each of the paper's recipes, the smallest TPU slice its train step fits.
 
-  python benchmarks/tpu_capacity.py --json results/tpu_capacity.json --markdown docs/tpu_capacity.md
+  python -m benchmarks.tpu_capacity --json results/tpu_capacity.json --markdown docs/tpu_capacity.md
 
 Every number comes from the TPU compiler (compile-only, on this host: no TPU needed): the real
 train step of configs/NAME.py (pi_jax.train.aot.compile_train_step) compiled for a slice, its
@@ -20,8 +20,7 @@ import os
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from benchmarks.common import REPO
 
 GiB = 2**30
 
@@ -59,37 +58,28 @@ def _row_config(config_file: str):
 
 
 def floor_bytes(config, chips: int) -> int:
-  """A floor under the step's bytes per chip, whatever the compiler does: the parameters, AdamW's
-  two float32 moments and the float32 gradients spread evenly over every chip, plus (unless remat
-  offloads them) the layer inputs remat keeps for the backward pass, one sequence per chip. A
-  slice whose HBM is below it is not compiled."""
-  import numpy as np
-  from pi_jax import model as model_lib
-  from pi_jax.train import trainer as trainer_lib
-  model, _ = trainer_lib.abstract_model_config(config)
-  state = model_lib.count_params(model) * (np.dtype(model.param_dtype).itemsize + 12) // chips
-  residuals = 0
-  if model.remat not in ("offload", "none"):
-    residuals = (model.num_layers * model.hidden_size * config.seq_len
-                 * np.dtype(model.compute_dtype).itemsize)
-  return state + residuals
+  """pi_jax.memory.train_floor_bytes of the row's model and run (a slice whose HBM is below it
+  is not compiled)."""
+  from pi_jax import memory
+  from pi_jax.train import setup
+  model, _ = setup.abstract_model_config(config)
+  return memory.train_floor_bytes(model, config.run, config.seq_len, chips)
 
 
 # The model fields that shape the step's buffers (the rest are constants: RoPE, norm epsilon).
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                "num_kv_heads", "head_dim", "tie_word_embeddings", "param_dtype",
-                "compute_dtype", "remat", "attention_impl", "attention_block_size")
+                "num_kv_heads", "head_dim", "tie_word_embeddings")
 
 
 def shape_key(config_file: str) -> str:
   """What decides a step's buffers: the architecture's shapes and dtypes, and the batch,
   window, mesh, remat and loss chunk. Two recipes with one key (Llama-2 7B at 32K and 7B at 32K;
   PI and direct fine-tuning at 8K) compile to programs with the same buffers."""
-  from pi_jax.train import trainer as trainer_lib
+  from pi_jax.train import setup
   config = _row_config(config_file)
-  model, _ = trainer_lib.abstract_model_config(config)
+  model, _ = setup.abstract_model_config(config)
   arch = {k: getattr(model, k) for k in SHAPE_FIELDS}
-  return json.dumps([arch, config.seq_len, config.global_batch, config.micro_batch, config.mesh,
+  return json.dumps([arch, config.run.to_dict(), config.seq_len, config.global_batch, config.micro_batch, config.mesh,
                      config.loss_chunk], sort_keys=True)
 
 
@@ -182,13 +172,13 @@ def main(argv=None) -> int:
     rows.append(search(name, config_file, slices, lambda m: print(m, flush=True), twin))
     os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
     files.write_json(args.json_out, {
-        "command": "python benchmarks/tpu_capacity.py " + " ".join(argv or sys.argv[1:]),
+        "command": "python -m benchmarks.tpu_capacity " + " ".join(argv or sys.argv[1:]),
         "rows": rows})
   text = table(rows)
   print(text)
   if args.markdown:
     with files.atomic_file(args.markdown) as f:
-      f.write("<!-- written by: python benchmarks/tpu_capacity.py; do not edit by hand -->\n")
+      f.write("<!-- written by: python -m benchmarks.tpu_capacity; do not edit by hand -->\n")
       f.write(text)
   return 0
 

@@ -68,9 +68,8 @@ def write_safetensors(path: str, tensors) -> None:
 
 def hf_config_dict(config: ModelConfig, dtype: str) -> dict:
   """transformers config.json with the RoPE scaling in both the v5 and the 4.x form."""
-  config = config.replace(param_dtype=dtype)
-  hf = config.to_hf()
-  legacy = config.to_hf(legacy=True)
+  hf = config.to_hf(dtype=dtype)
+  legacy = config.to_hf(legacy=True, dtype=dtype)
   hf["rope_scaling"] = legacy["rope_scaling"]
   hf["rope_theta"] = legacy["rope_theta"]
   hf["dtype"] = dtype  # transformers >= 5 reads `dtype`; torch_dtype kept for older ones
@@ -133,9 +132,9 @@ def export(ckpt: str, out: str, *, force: bool = False, max_shard_size: str | in
   max_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
   try:
     config = checkpoint.load_config(ckpt)
+    dtype = dtype or checkpoint.stored_param_dtype(ckpt)
   except (FileNotFoundError, ValueError) as e:
     raise ConversionError(str(e)) from None
-  dtype = dtype or config.param_dtype
   if dtype not in SAFETENSORS_DTYPES:
     raise ConversionError(f"--dtype {dtype!r}: expected one of {sorted(SAFETENSORS_DTYPES)}")
   try:

@@ -47,7 +47,7 @@ def convert(src: str, out: str, rope_scaling: str | None = None, dtype: str = "f
   if os.path.exists(out) and not force:
     raise ConversionError(f"{out} already exists; pass --force to replace it")
   source = open_source(src)
-  config = source.config().replace(param_dtype=dtype)
+  config = source.config()
   if rope_scaling is not None:
     try:
       config = config.with_rope_scaling(rope_scaling)

@@ -1,7 +1,7 @@
 """pi_jax checkpoints: orbax-checkpoint arrays with the model config beside them as JSON.
 
 Layout of a checkpoint directory CKPT:
-  CKPT/config.json     ModelConfig.to_dict() (architecture, RoPE scaling, dtypes)
+  CKPT/config.json     ModelConfig.to_dict() (architecture and RoPE scaling; never run options)
   CKPT/params/         orbax (OCDBT + tensorstore) arrays of the parameter pytree
   CKPT/tokenizer/      optional: the source model's tokenizer files (see pi_jax.tokenizer)
   CKPT/checksums.json  a checksum per array, verified on load (checkpoints written before it
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,7 @@ import orbax.checkpoint as ocp
 
 from pi_jax import files
 from pi_jax import model as model_lib
-from pi_jax.config import ModelConfig
+from pi_jax.config import ModelConfig, run_keys_in
 from pi_jax.files import atomic_directory  # noqa: F401  (re-exported: the one atomic writer)
 
 CONFIG_FILE = "config.json"
@@ -51,9 +52,40 @@ def load_config(path: str) -> ModelConfig:
     raise FileNotFoundError(f"{path} is not a pi_jax checkpoint: {file} does not exist{hint}")
   try:
     with open(file) as f:
-      return ModelConfig.from_dict(json.load(f))
-  except (json.JSONDecodeError, TypeError, ValueError) as e:
+      d = json.load(f)
+    config = ModelConfig.from_dict(d)
+  except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
     raise ValueError(f"{file}: not a valid pi_jax config: {e}") from None
+  _note_run_keys(file, d)
+  return config
+
+
+_NOTED: set[str] = set()
+
+
+def _note_run_keys(file: str, d: dict) -> None:
+  """Says once per file that an older config.json's run options are ignored (rule 15)."""
+  old = run_keys_in(d)
+  if old and file not in _NOTED:
+    _NOTED.add(file)
+    shown = ", ".join(f"{k}={v}" for k, v in old.items())
+    print(f"pi_jax: note: {file} stores run options from an older pi_jax ({shown}); they are "
+          "ignored: a run sets them itself (--set run.FIELD=VALUE)", file=sys.stderr)
+
+
+def stored_dtypes(path: str) -> dict:
+  """{array path: dtype name} of checkpoint `path`'s parameters, from orbax's metadata."""
+  params_dir = os.path.join(os.path.abspath(path), PARAMS_DIR)
+  if not os.path.isdir(params_dir):
+    raise FileNotFoundError(f"{path} is not a pi_jax checkpoint: {params_dir} does not exist")
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      meta = ckptr.metadata(params_dir).item_metadata
+  except Exception as e:  # orbax raises many types; name the file and the cause
+    raise ValueError(f"{params_dir}: unreadable parameter metadata (damaged?): {e}") from None
+  tree = meta.tree if hasattr(meta, "tree") else meta
+  return {jax.tree_util.keystr(p): str(m.dtype)
+          for p, m in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 # --- checksums ---------------------------------------------------------------------------------
@@ -153,20 +185,27 @@ def save_checkpoint(path: str, config: ModelConfig, params, *, force: bool = Fal
   return path
 
 
+def stored_param_dtype(path: str) -> str:
+  """The dtype checkpoint `path` stores its parameters in (the most common one if mixed)."""
+  names = list(stored_dtypes(path).values())
+  return max(set(names), key=names.count)
+
+
 def load_checkpoint(path: str, *, mesh: jax.sharding.Mesh | None = None,
-                    config_overrides: dict | None = None):
+                    param_dtype: str | None = None):
   """(config, params) from a pi_jax checkpoint.
 
   With `mesh`, every array is restored directly into its sharding from the logical axis table
-  (no full copy on one device or host); otherwise onto the default device. config_overrides
-  replace run-time fields (compute_dtype, attention_impl, remat, ...); param_dtype casts on load.
+  (no full copy on one device or host); otherwise onto the default device. param_dtype (a run
+  option) casts the parameters after they are verified; None keeps the stored dtypes.
   """
-  stored = load_config(path)
-  config = stored.replace(**config_overrides) if config_overrides else stored
+  config = load_config(path)
   expected = read_checksums(path)
-  # Verified at the stored dtype, then cast: a checksum is of the bits on disk.
-  restore_as = config.replace(param_dtype=stored.param_dtype) if expected else config
-  abstract = model_lib.abstract_params(restore_as)
+  dtypes = stored_dtypes(path)
+  # Restored (and verified: a checksum is of the bits on disk) at the stored dtype, then cast.
+  abstract = jax.tree_util.tree_map_with_path(
+      lambda p, a: jax.ShapeDtypeStruct(a.shape, dtypes.get(jax.tree_util.keystr(p), a.dtype)),
+      model_lib.abstract_params(config))
   if mesh is not None:
     from pi_jax import sharding as sharding_lib
     shardings = sharding_lib.tree_shardings(mesh, model_lib.param_axes(config), abstract)
@@ -176,8 +215,6 @@ def load_checkpoint(path: str, *, mesh: jax.sharding.Mesh | None = None,
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings)
   params_dir = os.path.join(os.path.abspath(path), PARAMS_DIR)
-  if not os.path.isdir(params_dir):
-    raise FileNotFoundError(f"{path} is not a pi_jax checkpoint: {params_dir} does not exist")
   try:
     with ocp.StandardCheckpointer() as ckptr:
       params = ckptr.restore(params_dir, target)
@@ -185,8 +222,9 @@ def load_checkpoint(path: str, *, mesh: jax.sharding.Mesh | None = None,
     raise ValueError(f"{params_dir}: could not restore parameters for this config: {e}") from e
   if expected is not None:
     verify_checksums(params, expected, params_dir, os.path.join(path, CHECKSUMS_FILE))
-    if config.param_dtype != stored.param_dtype:
-      params = _cast_leaf_by_leaf(params, jnp.dtype(config.param_dtype))
+  if param_dtype is not None and any(x.dtype != jnp.dtype(param_dtype)
+                                     for x in jax.tree.leaves(params)):
+    params = _cast_leaf_by_leaf(params, jnp.dtype(param_dtype))
   return config, params
 
 

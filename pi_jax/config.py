@@ -2,7 +2,8 @@
 
 `ModelConfig.from_hf` / `to_hf` round-trip transformers' `config.json`, in both the current
 `rope_parameters` form and the older `rope_scaling` + `rope_theta` form. The RoPE scaling is
-part of the config, so every checkpoint, conversion and export carries it.
+part of the config, so every checkpoint, conversion and export carries it. How a run computes
+with the model (dtypes, remat, kernels) is not: that is pi_jax.run.RunOptions.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ ROPE_KINDS = ("none", "linear", "ntk", "dynamic", "yarn", "llama3", "longrope")
 _TO_HF_TYPE = {"none": "default", "linear": "linear", "dynamic": "dynamic", "yarn": "yarn",
                "llama3": "llama3", "longrope": "longrope"}
 _FROM_HF_TYPE = {v: k for k, v in _TO_HF_TYPE.items()}
-DTYPES = ("float32", "bfloat16", "float16")
 # Keys older checkpoints' config.json may carry that no longer mean anything (scan_layers: the
 # layers are always scanned); from_dict drops them so those checkpoints still load.
 _RETIRED_KEYS = ("scan_layers",)
+# Run options that checkpoints written before pi_jax.run existed stored in config.json; a run
+# gives them itself now, so from_dict drops them (and `run_keys_in` says which were there).
+RUN_KEYS = ("param_dtype", "compute_dtype", "remat", "attention_impl", "attention_block_size")
 
 MAX_ROPE_FACTOR = 4096.0  # far beyond any published extension (LongRoPE: 128x)
 MAX_POSITIONS = 2**31 - 1  # positions are int32
@@ -32,11 +35,6 @@ def _positive_number(name: str, value) -> None:
     raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
   if not math.isfinite(value) or value <= 0:
     raise ValueError(f"{name} must be a finite positive number, got {value!r}")
-# The remat policies (pi_jax.model._remat_policy says what each keeps).
-REMAT_POLICIES = ("none", "full", "offload", "save_attention", "offload_save_attention",
-                  "save_qkv_out", "dots_saveable", "dots_with_no_batch_dims_saveable")
-# The attention implementations (pi_jax.attention dispatches on these names; it reads this tuple).
-ATTENTION_IMPLS = ("auto", "reference", "xla_blockwise", "cpu_flash", "cudnn", "splash", "ring")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +163,7 @@ def rope_scaling_from_hf(params: dict | None, original: int | None = None) -> Ro
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """A LLaMA-family decoder (LLaMA 1/2/3, SmolLM2) plus how to run it.
+  """A LLaMA-family decoder (LLaMA 1/2/3, SmolLM2): its architecture and RoPE scaling.
 
   max_position_embeddings is the window the model is meant to be used at: after PI by a factor
   s it is s times the trained window, which rope_scaling.original_max_position_embeddings keeps.
@@ -186,14 +184,6 @@ class ModelConfig:
   bos_token_id: int | None = 1
   eos_token_id: int | None = 2
   pad_token_id: int | None = None
-  # How to run it (not part of the architecture; never exported to transformers).
-  param_dtype: str = "float32"
-  compute_dtype: str = "float32"
-  remat: str = "none"
-  attention_impl: str = "auto"
-  # The attention tile; None lets the implementation choose (pi_jax.attention.block_size_for:
-  # 256 for xla_blockwise on CPU, where it was measured faster, 512 elsewhere).
-  attention_block_size: int | None = None
 
   def __post_init__(self):
     if self.num_kv_heads is None:
@@ -206,10 +196,8 @@ class ModelConfig:
     if isinstance(self.rope_scaling, (dict, str)) or self.rope_scaling is None:
       object.__setattr__(self, "rope_scaling", RopeScaling.parse(self.rope_scaling))
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                 "num_kv_heads", "head_dim", "max_position_embeddings", "attention_block_size"):
+                 "num_kv_heads", "head_dim", "max_position_embeddings"):
       value = getattr(self, name)
-      if name == "attention_block_size" and value is None:
-        continue
       if not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if self.num_heads % self.num_kv_heads:
@@ -222,13 +210,6 @@ class ModelConfig:
                        f"{MAX_POSITIONS} (positions are int32)")
     _positive_number("rope_theta", self.rope_theta)
     _positive_number("rms_norm_eps", self.rms_norm_eps)
-    for name in ("param_dtype", "compute_dtype"):
-      if getattr(self, name) not in DTYPES:
-        raise ValueError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
-    if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
-    if self.attention_impl not in ATTENTION_IMPLS:
-      raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
     if self.rope_scaling.kind == "longrope":
       n = self.head_dim // 2
       for name in ("short_factor", "long_factor"):
@@ -271,7 +252,8 @@ class ModelConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-    d = {k: v for k, v in d.items() if k not in _RETIRED_KEYS}
+    """The inverse of to_dict; run options an older config.json holds (RUN_KEYS) are dropped."""
+    d = {k: v for k, v in d.items() if k not in _RETIRED_KEYS + RUN_KEYS}
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - fields
     if unknown:
@@ -339,8 +321,9 @@ class ModelConfig:
     kwargs.update(overrides)
     return cls(**kwargs)
 
-  def to_hf(self, legacy: bool = False) -> dict[str, Any]:
-    """A transformers `LlamaConfig` dict. legacy=True writes `rope_scaling` + `rope_theta`."""
+  def to_hf(self, legacy: bool = False, dtype: str = "float32") -> dict[str, Any]:
+    """A transformers `LlamaConfig` dict. legacy=True writes `rope_scaling` + `rope_theta`;
+    dtype: the weights' dtype (torch_dtype)."""
     s = self.rope_scaling
     rope: dict[str, Any] = {"rope_type": _TO_HF_TYPE.get(s.kind, "dynamic"), "rope_theta": self.rope_theta}
     window = self.max_position_embeddings
@@ -382,7 +365,7 @@ class ModelConfig:
         "bos_token_id": self.bos_token_id,
         "eos_token_id": self.eos_token_id,
         "pad_token_id": self.pad_token_id,
-        "torch_dtype": self.param_dtype,
+        "torch_dtype": dtype,
     }
     if legacy:
       hf["rope_theta"] = self.rope_theta
@@ -391,6 +374,11 @@ class ModelConfig:
     else:
       hf["rope_parameters"] = rope
     return hf
+
+
+def run_keys_in(d: dict[str, Any]) -> dict[str, Any]:
+  """The run options an older config.json stored (see RUN_KEYS), to say that they are ignored."""
+  return {k: d[k] for k in RUN_KEYS if k in d}
 
 
 def _first_id(value):

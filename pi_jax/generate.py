@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from pi_jax import model as model_lib
 from pi_jax.config import ModelConfig
 from pi_jax.inputs import check_token_ids
+from pi_jax.run import RunOptions
 
 PROMPT_BUCKET = 64
 
@@ -85,16 +86,16 @@ def _emit(token_B, done_B, eos_id):
   return token_B, done_B | (token_B == eos_id)
 
 
-def _prefill(config: ModelConfig, params, padded_BP, prompt_len, cache_size):
+def _prefill(config: ModelConfig, run: RunOptions, params, padded_BP, prompt_len, cache_size):
   """Fills a fresh cache with the (padded) prompt; returns (last real logits [B, V], cache)."""
-  cache = model_lib.init_cache(config, padded_BP.shape[0], cache_size)
-  h_BPD, cache = model_lib.hidden_states(config, params, padded_BP, cache=cache)
+  cache = model_lib.init_cache(config, padded_BP.shape[0], cache_size, run.compute_dtype)
+  h_BPD, cache = model_lib.hidden_states(config, params, padded_BP, cache=cache, run=run)
   h_B1D = jax.lax.dynamic_slice_in_dim(h_BPD, prompt_len - 1, 1, axis=1)
-  return model_lib.logits_from_hidden(config, params, h_B1D)[:, 0], cache
+  return model_lib.logits_from_hidden(config, params, h_B1D, run=run)[:, 0], cache
 
 
-def _decode(config: ModelConfig, params, first_logits_BV, cache, prompt_len, key, sampling,
-            eos_id, *, max_new_tokens, return_logits):
+def _decode(config: ModelConfig, run: RunOptions, params, first_logits_BV, cache, prompt_len,
+            key, sampling, eos_id, *, max_new_tokens, return_logits):
   """Samples max_new_tokens tokens; token i (i >= 1) comes from a one-token cached step."""
   b, v = first_logits_BV.shape
   keys = jax.random.split(key, max_new_tokens)
@@ -110,8 +111,8 @@ def _decode(config: ModelConfig, params, first_logits_BV, cache, prompt_len, key
     prev_B1 = jax.lax.dynamic_slice_in_dim(tokens_BT, i - 1, 1, axis=1)
     # The previous token sits at position prompt_len + i - 1, after that many cached tokens.
     h_B1D, cache = model_lib.hidden_states(config, params, prev_B1, cache=cache,
-                                           cache_index=prompt_len + i - 1)
-    logits_BV = model_lib.logits_from_hidden(config, params, h_B1D)[:, 0]
+                                           cache_index=prompt_len + i - 1, run=run)
+    logits_BV = model_lib.logits_from_hidden(config, params, h_B1D, run=run)[:, 0]
     token_B, done_B = _emit(_next_token(logits_BV, keys[i], sampling), done_B, eos_id)
     tokens_BT = jax.lax.dynamic_update_slice_in_dim(tokens_BT, token_B[:, None], i, axis=1)
     if logits_BTV is not None:
@@ -127,16 +128,17 @@ def _decode(config: ModelConfig, params, first_logits_BV, cache, prompt_len, key
 # the loop, so a long prompt's cache exists once (two jits would hold an input and a loop copy).
 # The sampling settings are traced, so changing them never recompiles.
 @functools.partial(jax.jit,
-                   static_argnames=("config", "cache_size", "max_new_tokens", "return_logits"))
-def _generate_jit(config, params, padded_BP, prompt_len, key, sampling, eos_id, *, cache_size,
-                  max_new_tokens, return_logits):
-  logits_BV, cache = _prefill(config, params, padded_BP, prompt_len, cache_size)
-  return _decode(config, params, logits_BV, cache, prompt_len, key, sampling, eos_id,
+                   static_argnames=("config", "run", "cache_size", "max_new_tokens",
+                                    "return_logits"))
+def _generate_jit(config, run, params, padded_BP, prompt_len, key, sampling, eos_id, *,
+                  cache_size, max_new_tokens, return_logits):
+  logits_BV, cache = _prefill(config, run, params, padded_BP, prompt_len, cache_size)
+  return _decode(config, run, params, logits_BV, cache, prompt_len, key, sampling, eos_id,
                  max_new_tokens=max_new_tokens, return_logits=return_logits)
 
 
 def _run(config, params, prompt_BL, max_new_tokens, temperature, top_k, top_p, key, eos_id,
-         return_logits):
+         return_logits, run):
   prompt_BL = jnp.asarray(prompt_BL)
   _check_args(prompt_BL, max_new_tokens, temperature, top_k, top_p, key)
   check_token_ids(prompt_BL, config.vocab_size, "prompt token ids")
@@ -152,7 +154,8 @@ def _run(config, params, prompt_BL, max_new_tokens, temperature, top_k, top_p, k
               jnp.int32(config.vocab_size if top_k is None else min(top_k, config.vocab_size)),
               jnp.float32(1.0 if top_p is None else top_p))
   key = jax.random.key(0) if key is None else key  # unused when greedy
-  return _generate_jit(config, params, padded_BP, jnp.int32(length), key, sampling,
+  return _generate_jit(config, run or RunOptions(), params, padded_BP, jnp.int32(length), key,
+                       sampling,
                        jnp.int32(-1 if eos_id is None else eos_id),
                        cache_size=padded + max_new_tokens, max_new_tokens=max_new_tokens,
                        return_logits=return_logits)
@@ -160,7 +163,8 @@ def _run(config, params, prompt_BL, max_new_tokens, temperature, top_k, top_p, k
 
 def generate(config: ModelConfig, params, prompt_BL, max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             key: jax.Array | None = None, eos_id: int | None = None) -> jax.Array:
+             key: jax.Array | None = None, eos_id: int | None = None,
+             run: RunOptions | None = None) -> jax.Array:
   """Continues each prompt by max_new_tokens tokens: int32 [B, max_new_tokens].
 
   Greedy when temperature == 0; otherwise samples from softmax(logits / temperature), restricted
@@ -168,16 +172,18 @@ def generate(config: ModelConfig, params, prompt_BL, max_new_tokens: int, *,
   same length (no padding tokens). Once a sequence emits eos_id it keeps emitting eos_id.
   Dynamic NTK / LongRoPE pick their table per step from the current length while cached keys
   keep the table they were written with, exactly as transformers' cached generation does.
+  run: how to compute (pi_jax.run.RunOptions; None: float32, kernels chosen for the backend).
   """
   tokens_BT, _ = _run(config, params, prompt_BL, max_new_tokens, temperature, top_k, top_p, key,
-                      eos_id, return_logits=False)
+                      eos_id, return_logits=False, run=run)
   return tokens_BT
 
 
 def generate_with_logits(config: ModelConfig, params, prompt_BL, max_new_tokens: int, *,
                          temperature: float = 0.0, top_k: int | None = None,
                          top_p: float | None = None, key: jax.Array | None = None,
-                         eos_id: int | None = None) -> tuple[jax.Array, jax.Array]:
+                         eos_id: int | None = None,
+                         run: RunOptions | None = None) -> tuple[jax.Array, jax.Array]:
   """As `generate`, also returning the float32 logits [B, max_new_tokens, V] of every step."""
   return _run(config, params, prompt_BL, max_new_tokens, temperature, top_k, top_p, key, eos_id,
-              return_logits=True)
+              return_logits=True, run=run)

@@ -1,10 +1,10 @@
 """The model's projections: x's trailing dims contracted with a weight's leading dims.
 
 `project(x_BLD, w_DNH)` is einsum("BLD,DNH->BLNH"), `project(o_BLNH, w_NHD, contract=2)` is
-einsum("BLNH,NHD->BLD"), `project(h_BLD, embed_VD, transpose_w=True)` is h @ embed.T. On the CPU,
-for float32 on a single device, the product is the native sgemm kernel (pi_jax.native), which
-runs these shapes faster than XLA:CPU's own dot (docs/performance.md); its gradient, and every
-other case (TPU, GPU, bfloat16, a multi-device mesh), is XLA's dot_general.
+einsum("BLNH,NHD->BLD"), `project(h_BLD, embed_VD, transpose_w=True)` is h @ embed.T. With
+native=True (pi_jax.dispatch decides: the CPU, float32, one device) the product is the native
+sgemm kernel (pi_jax.native), which runs these shapes faster than XLA:CPU's own dot
+(docs/performance.md); its gradient, and every other case, is XLA's dot_general.
 """
 
 from __future__ import annotations
@@ -15,19 +15,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pi_jax import native
-from pi_jax.attention.kernels import backend
-
-
-def native_applies(*arrays) -> bool:
-  """Whether `project` takes the native kernel for these operands (see the module docstring)."""
-  if backend() != "cpu" or any(a.dtype != jnp.float32 for a in arrays):
-    return False
-  mesh = jax.sharding.get_abstract_mesh()
-  # XLA cannot partition an FFI call: with several devices the operands would be gathered.
-  if (not mesh.empty and mesh.size > 1) or (mesh.empty and jax.device_count() > 1):
-    return False
-  return native.available()
+from pi_jax import native as native_lib
 
 
 def _xla_2d(x_MK, w, transpose_w):
@@ -36,11 +24,11 @@ def _xla_2d(x_MK, w, transpose_w):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _native_2d(x_MK, w, transpose_w):
-  return native.matmul(x_MK, w, transpose_w=transpose_w)
+  return native_lib.matmul(x_MK, w, transpose_w=transpose_w)
 
 
 def _native_fwd(x_MK, w, transpose_w):
-  return native.matmul(x_MK, w, transpose_w=transpose_w), (x_MK, w)
+  return native_lib.matmul(x_MK, w, transpose_w=transpose_w), (x_MK, w)
 
 
 def _native_bwd(transpose_w, res, g_MN):
@@ -75,11 +63,13 @@ def project_xla(x, w, *, contract: int = 1, transpose_w: bool = False,
                              preferred_element_type=preferred_element_type)
 
 
-def project(x, w, *, contract: int = 1, transpose_w: bool = False, preferred_element_type=None):
+def project(x, w, *, contract: int = 1, transpose_w: bool = False, preferred_element_type=None,
+            native: bool = False):
   """x's last `contract` dims against w's first `contract` dims (w [N, K] against x's last dim
-  when transpose_w). The result has x's dtype, or preferred_element_type."""
+  when transpose_w). The result has x's dtype, or preferred_element_type. native: by the native
+  kernel (float32 operands only)."""
   _, _, out_tail = _contraction(x, w, contract, transpose_w)
-  if not native_applies(x, w):
+  if not native or x.dtype != jnp.float32 or w.dtype != jnp.float32:
     return project_xla(x, w, contract=contract, transpose_w=transpose_w,
                        preferred_element_type=preferred_element_type)
   k = math.prod(x.shape[x.ndim - contract:])

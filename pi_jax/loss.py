@@ -11,9 +11,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pi_jax import linear, native
+from pi_jax import dispatch, native
 from pi_jax import model as model_lib
 from pi_jax.config import ModelConfig
+from pi_jax.run import RunOptions
 
 # Positions per chunk (the training default, TrainConfig.loss_chunk, is the same). On the 2-core
 # CPU, with the native kernels, the 8K SmolLM2 NLL part took 1.81 s at 1024, 1.82 at 2048, 1.88
@@ -44,11 +45,12 @@ def _native_terms_bwd(res, cotangents):
 _native_terms.defvjp(_native_terms_fwd, _native_terms_bwd)
 
 
-def logsumexp_and_target(logits_BTV: jax.Array, targets_BT: jax.Array):
+def logsumexp_and_target(logits_BTV: jax.Array, targets_BT: jax.Array, native_kernel: bool):
   """(logsumexp over the vocabulary, the target's logit), each [B, T]: NLL = the first minus
-  the second. On the CPU (float32, one device) one pass of the native kernel over the logits
-  (pi_jax.native.logsumexp_pick); elsewhere XLA's logsumexp and gather."""
-  if not linear.native_applies(logits_BTV):
+  the second. native_kernel (pi_jax.dispatch decides: the CPU, float32, one device): one pass of
+  the native kernel over the logits (pi_jax.native.logsumexp_pick); else XLA's logsumexp and
+  gather."""
+  if not native_kernel or logits_BTV.dtype != jnp.float32:
     logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
     picked_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
     return logz_BT, picked_BT
@@ -58,8 +60,9 @@ def logsumexp_and_target(logits_BTV: jax.Array, targets_BT: jax.Array):
 
 
 def chunked_nll(config: ModelConfig, params, h_BLD: jax.Array, targets_BL: jax.Array,
-                chunk: int = DEFAULT_CHUNK) -> jax.Array:
+                chunk: int = DEFAULT_CHUNK, *, run: RunOptions | None = None) -> jax.Array:
   """Per-position negative log-likelihood [B, L] (float32) of `targets` given hidden states."""
+  native_kernel = dispatch.choose(run).native_matmul
   b, l, d = h_BLD.shape
   if not isinstance(chunk, int) or chunk <= 0:
     raise ValueError(f"loss chunk must be a positive number of positions, got {chunk!r}")
@@ -76,8 +79,8 @@ def chunked_nll(config: ModelConfig, params, h_BLD: jax.Array, targets_BL: jax.A
 
   @jax.checkpoint
   def one_chunk(h_BTD, t_BT):
-    logits_BTV = model_lib.logits_from_hidden(config, params, h_BTD)
-    logz_BT, picked_BT = logsumexp_and_target(logits_BTV, t_BT)
+    logits_BTV = model_lib.logits_from_hidden(config, params, h_BTD, run=run)
+    logz_BT, picked_BT = logsumexp_and_target(logits_BTV, t_BT, native_kernel)
     return logz_BT - picked_BT
 
   nll_CBT = jax.lax.map(lambda xs: one_chunk(*xs), (h_CBTD, t_CBT))
@@ -85,16 +88,17 @@ def chunked_nll(config: ModelConfig, params, h_BLD: jax.Array, targets_BL: jax.A
 
 
 def token_nll(config: ModelConfig, params, tokens_BL: jax.Array, targets_BL: jax.Array,
-              positions_BL: jax.Array | None = None, chunk: int = DEFAULT_CHUNK) -> jax.Array:
+              positions_BL: jax.Array | None = None, chunk: int = DEFAULT_CHUNK, *,
+              run: RunOptions | None = None) -> jax.Array:
   """NLL [B, L] of targets_BL[:, t] given tokens_BL[:, :t+1] (targets are usually tokens shifted)."""
-  h_BLD = model_lib.hidden_states(config, params, tokens_BL, positions_BL)
-  return chunked_nll(config, params, h_BLD, targets_BL, chunk)
+  h_BLD = model_lib.hidden_states(config, params, tokens_BL, positions_BL, run=run)
+  return chunked_nll(config, params, h_BLD, targets_BL, chunk, run=run)
 
 
 def mean_loss(config: ModelConfig, params, tokens_BL, targets_BL, mask_BL,
-              positions_BL=None, chunk: int = DEFAULT_CHUNK):
+              positions_BL=None, chunk: int = DEFAULT_CHUNK, *, run: RunOptions | None = None):
   """(mean NLL over mask, number of scored tokens): the training objective."""
-  nll_BL = token_nll(config, params, tokens_BL, targets_BL, positions_BL, chunk)
+  nll_BL = token_nll(config, params, tokens_BL, targets_BL, positions_BL, chunk, run=run)
   mask = mask_BL.astype(jnp.float32)
   count = jnp.sum(mask)
   return jnp.sum(nll_BL * mask) / jnp.maximum(count, 1.0), count

@@ -39,10 +39,11 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from pi_jax import attention as attn_lib
-from pi_jax import rope
+from pi_jax import dispatch, rope
 from pi_jax.config import ModelConfig
 from pi_jax.inputs import check_token_ids
 from pi_jax.linear import project
+from pi_jax.run import RunOptions
 from pi_jax.sharding import shard
 
 Params = dict
@@ -75,10 +76,10 @@ def rms_norm(x_BLD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
 class DecoderLayer(nnx.Module):
   """One pre-norm LLaMA block: attention then SwiGLU MLP, each added to the residual."""
 
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, param_dtype: str = "float32"):
     c = config
     d, n, k, h, f = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
-    dt = jnp.dtype(c.param_dtype)
+    dt = jnp.dtype(param_dtype)
     self.config = config
     self.attn_norm = _param(rngs, ones_init, (d,), ("norm",), dt)
     self.wq = _param(rngs, normal_init, (d, n, h), ("embed", "heads", "head_dim"), dt)
@@ -90,14 +91,15 @@ class DecoderLayer(nnx.Module):
     self.w_up = _param(rngs, normal_init, (d, f), ("embed", "mlp"), dt)
     self.w_down = _param(rngs, normal_init, (f, d), ("mlp", "embed"), dt)
 
-  def attention(self, x_BLD, cos, sin, cache_kv=None, cache_index=None):
+  def attention(self, x_BLD, cos, sin, kernels: dispatch.Kernels, cache_kv=None,
+                cache_index=None):
     """Pre-norm attention sublayer: (output [B, L, D], updated (k, v) cache or None)."""
     config = self.config
-    dt = jnp.dtype(config.compute_dtype)
+    dt, native = x_BLD.dtype, kernels.native_matmul
     h_BLD = rms_norm(x_BLD, self.attn_norm[...], config.rms_norm_eps)
-    q_BLNH = checkpoint_name(project(h_BLD, self.wq[...].astype(dt)), "q_proj")
-    k_BLKH = checkpoint_name(project(h_BLD, self.wk[...].astype(dt)), "k_proj")
-    v_BLKH = checkpoint_name(project(h_BLD, self.wv[...].astype(dt)), "v_proj")
+    q_BLNH = checkpoint_name(project(h_BLD, self.wq[...].astype(dt), native=native), "q_proj")
+    k_BLKH = checkpoint_name(project(h_BLD, self.wk[...].astype(dt), native=native), "k_proj")
+    v_BLKH = checkpoint_name(project(h_BLD, self.wv[...].astype(dt), native=native), "v_proj")
     q_BLNH = shard(rope.apply_rope(q_BLNH, cos, sin), ("batch", "length", "act_heads", None))
     k_BLKH = shard(rope.apply_rope(k_BLKH, cos, sin), ("batch", "length", "act_kv_heads", None))
     v_BLKH = shard(v_BLKH, ("batch", "length", "act_kv_heads", None))
@@ -110,30 +112,28 @@ class DecoderLayer(nnx.Module):
       v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BLKH.astype(v_cache.dtype), start, 1)
       new_cache = (k_cache, v_cache)
     if cache_index is None:  # a full sequence (or a prefill into an empty cache): causal attention
-      o_BLNH = attn_lib.attention(q_BLNH, k_BLKH, v_BLKH, impl=config.attention_impl,
-                                  block_size=config.attention_block_size)
+      o_BLNH = kernels.attend(q_BLNH, k_BLKH, v_BLKH)
     else:  # decoding: the new queries attend to everything cached so far
-      o_BLNH = attn_lib.reference_attention(q_BLNH, new_cache[0].astype(dt),
-                                            new_cache[1].astype(dt), q_offset=cache_index,
-                                            kv_length=cache_index + q_BLNH.shape[1])
-    out_BLD = checkpoint_name(project(o_BLNH, self.wo[...].astype(dt), contract=2),
-                              "out_proj")
+      o_BLNH = kernels.attend_cached(q_BLNH, new_cache[0].astype(dt), new_cache[1].astype(dt),
+                                     offset=cache_index, length=cache_index + q_BLNH.shape[1])
+    out_BLD = checkpoint_name(
+        project(o_BLNH, self.wo[...].astype(dt), contract=2, native=native), "out_proj")
     return out_BLD, new_cache
 
-  def mlp(self, x_BLD):
-    config = self.config
-    dt = jnp.dtype(config.compute_dtype)
-    h_BLD = rms_norm(x_BLD, self.mlp_norm[...], config.rms_norm_eps)
-    gate_BLF = project(h_BLD, self.w_gate[...].astype(dt))
-    up_BLF = project(h_BLD, self.w_up[...].astype(dt))
+  def mlp(self, x_BLD, kernels: dispatch.Kernels):
+    dt, native = x_BLD.dtype, kernels.native_matmul
+    h_BLD = rms_norm(x_BLD, self.mlp_norm[...], self.config.rms_norm_eps)
+    gate_BLF = project(h_BLD, self.w_gate[...].astype(dt), native=native)
+    up_BLF = project(h_BLD, self.w_up[...].astype(dt), native=native)
     act_BLF = shard(jax.nn.silu(gate_BLF) * up_BLF, ("batch", "length", "act_mlp"))
-    return project(act_BLF, self.w_down[...].astype(dt))
+    return project(act_BLF, self.w_down[...].astype(dt), native=native)
 
-  def __call__(self, x_BLD, cos, sin, cache_kv=None, cache_index=None):
-    """(x + attention + MLP [B, L, D], updated (k, v) cache or None)."""
-    a_BLD, new_kv = self.attention(x_BLD, cos, sin, cache_kv, cache_index)
+  def __call__(self, x_BLD, cos, sin, kernels: dispatch.Kernels, cache_kv=None,
+               cache_index=None):
+    """(x + attention + MLP [B, L, D] in x's dtype, updated (k, v) cache or None)."""
+    a_BLD, new_kv = self.attention(x_BLD, cos, sin, kernels, cache_kv, cache_index)
     x_BLD = shard(x_BLD + a_BLD, ("batch", "length", "act_embed"))
-    x_BLD = shard(x_BLD + self.mlp(x_BLD), ("batch", "length", "act_embed"))
+    x_BLD = shard(x_BLD + self.mlp(x_BLD, kernels), ("batch", "length", "act_embed"))
     return x_BLD, new_kv
 
 
@@ -180,16 +180,16 @@ class Llama(nnx.Module):
   goes the other way (no copy).
   """
 
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, param_dtype: str = "float32"):
     c = config
-    dt = jnp.dtype(c.param_dtype)
+    dt = jnp.dtype(param_dtype)
     self.config = config
     self.embed = _param(rngs, normal_init, (c.vocab_size, c.hidden_size), ("vocab", "embed"), dt)
 
     @nnx.split_rngs(splits=c.num_layers)
     @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def stacked_layers(rngs):
-      return DecoderLayer(config, rngs=rngs)
+      return DecoderLayer(config, rngs=rngs, param_dtype=param_dtype)
 
     self.layers = stacked_layers(rngs)  # every parameter [Y, ...]
     self.final_norm = _param(rngs, ones_init, (c.hidden_size,), ("norm",), dt)
@@ -212,11 +212,13 @@ class Llama(nnx.Module):
                        f"unexpected {sorted(got - want)} ({e})") from None
 
   def hidden_states(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None,
-                    cache: dict | None = None, cache_index: jax.Array | int | None = None):
+                    cache: dict | None = None, cache_index: jax.Array | int | None = None,
+                    *, run: RunOptions | None = None):
     """See `hidden_states`."""
-    config = self.config
+    config, run = self.config, run or RunOptions()
+    kernels = dispatch.choose(run)
     check_token_ids(tokens_BL, config.vocab_size)  # outside jit; a no-op on traced ids
-    dt = jnp.dtype(config.compute_dtype)
+    dt = jnp.dtype(run.compute_dtype)
     b, l = tokens_BL.shape
     if positions_BL is None:
       start = 0 if cache_index is None else cache_index
@@ -230,32 +232,34 @@ class Llama(nnx.Module):
       layer = nnx.merge(layer_def, layer_params)  # this layer's [Y] slice as a DecoderLayer
       # The one activation remat keeps per layer (the "offload" policy moves it to host memory).
       x_BLD = checkpoint_name(x_BLD, "layer_input")
-      return layer(x_BLD, cos, sin, cache_kv, cache_index)
+      return layer(x_BLD, cos, sin, kernels, cache_kv, cache_index)
 
-    layer_fn = _remat(layer_fn, config.remat)
+    layer_fn = _remat(layer_fn, run.remat)
     cache_xs = None if cache is None else (cache["k"], cache["v"])
     stacked = nnx.to_pure_dict(nnx.state(self.layers, nnx.Param))
     x_BLD, new_kv = jax.lax.scan(layer_fn, x_BLD, (stacked, cache_xs))
     # Under remat the final norm is recomputed too: its float32 intermediates ([B, L, D], 4·D
     # bytes a token) are not kept for the backward pass.
     final_norm = functools.partial(rms_norm, eps=config.rms_norm_eps)
-    if config.remat != "none":
+    if run.remat != "none":
       final_norm = jax.checkpoint(final_norm)
     x_BLD = final_norm(x_BLD, self.final_norm[...])
     if cache is None:
       return x_BLD
     return x_BLD, {"k": new_kv[0], "v": new_kv[1]}
 
-  def logits_from_hidden(self, h_BLD: jax.Array) -> jax.Array:
+  def logits_from_hidden(self, h_BLD: jax.Array, *, run: RunOptions | None = None) -> jax.Array:
     # Tied: h @ embed.T ([V, D] read transposed, never copied); else h @ lm_head [D, V].
     tied = self.config.tie_word_embeddings
     w = (self.embed if tied else self.lm_head)[...].astype(h_BLD.dtype)
-    logits_BLV = project(h_BLD, w, transpose_w=tied, preferred_element_type=jnp.float32)
+    logits_BLV = project(h_BLD, w, transpose_w=tied, preferred_element_type=jnp.float32,
+                         native=dispatch.choose(run).native_matmul)
     return shard(logits_BLV, ("batch", "length", "act_vocab"))
 
-  def __call__(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None) -> jax.Array:
+  def __call__(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None, *,
+               run: RunOptions | None = None) -> jax.Array:
     """Logits float32 [B, L, V] for int32 tokens [B, L]; positions default to 0..L-1."""
-    return self.logits_from_hidden(self.hidden_states(tokens_BL, positions_BL))
+    return self.logits_from_hidden(self.hidden_states(tokens_BL, positions_BL, run=run), run=run)
 
 
 # --- what the modules declare, derived without allocating -------------------------------------
@@ -269,9 +273,9 @@ def _unsharded_eval_shape(fn):
 
 
 @functools.lru_cache(maxsize=64)
-def abstract_model(config: ModelConfig) -> Llama:
+def abstract_model(config: ModelConfig, param_dtype: str = "float32") -> Llama:
   """`Llama(config)` with ShapeDtypeStructs for arrays (nnx.eval_shape: nothing is allocated)."""
-  return _unsharded_eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+  return _unsharded_eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0), param_dtype=param_dtype))
 
 
 @functools.lru_cache(maxsize=64)
@@ -284,10 +288,11 @@ def _layer_graphdef(config: ModelConfig):
   return nnx.graphdef(_unsharded_eval_shape(lambda: DecoderLayer(config, rngs=nnx.Rngs(0))))
 
 
-def _param_tree(config: ModelConfig, leaf) -> Params:
+def _param_tree(config: ModelConfig, leaf, param_dtype: str = "float32") -> Params:
   """A plain nested dict of leaf(param) over every Param of `Llama(config)`, by path."""
   out: dict = {}
-  for path, variable in nnx.to_flat_state(nnx.state(abstract_model(config), nnx.Param)):
+  model = abstract_model(config, param_dtype)
+  for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     node = out
     for key in path[:-1]:
       node = node.setdefault(key, {})
@@ -305,48 +310,54 @@ def param_shapes(config: ModelConfig) -> Params:
   return _param_tree(config, lambda v: tuple(v.shape))
 
 
-def abstract_params(config: ModelConfig) -> Params:
+def abstract_params(config: ModelConfig, param_dtype: str = "float32") -> Params:
   """ShapeDtypeStructs of the parameters, with nothing allocated."""
-  return _param_tree(config, lambda v: jax.ShapeDtypeStruct(v.shape, v.get_value().dtype))
+  return _param_tree(config, lambda v: jax.ShapeDtypeStruct(v.shape, v.get_value().dtype),
+                     param_dtype)
 
 
 def count_params(config: ModelConfig) -> int:
   return sum(x.size for x in jax.tree.leaves(abstract_params(config)))
 
 
-def init_params(config: ModelConfig, key: jax.Array) -> Params:
+def init_params(config: ModelConfig, key: jax.Array, param_dtype: str = "float32") -> Params:
   """Random parameters as the modules initialize them: N(0, 0.02) matrices, unit norms."""
-  return nnx.to_pure_dict(nnx.state(Llama(config, rngs=nnx.Rngs(params=key)), nnx.Param))
+  model = Llama(config, rngs=nnx.Rngs(params=key), param_dtype=param_dtype)
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 # --- the functional API: plain parameter dicts in, arrays out ---------------------------------
 
 def hidden_states(config: ModelConfig, params: Params, tokens_BL: jax.Array,
                   positions_BL: jax.Array | None = None, cache: dict | None = None,
-                  cache_index: jax.Array | int | None = None):
-  """Final-normed hidden states [B, L, D] in the compute dtype.
+                  cache_index: jax.Array | int | None = None, *,
+                  run: RunOptions | None = None):
+  """Final-normed hidden states [B, L, D] in the run's compute dtype.
 
   With `cache` ({'k','v': [Y, B, S, K, H]}) also returns the updated cache: cache_index None
   means a prefill of an empty cache from position 0; an index means decode after that many
-  cached tokens.
+  cached tokens. run: how to compute (pi_jax.run.RunOptions; None: float32, kernels chosen
+  for the backend).
   """
   return Llama.from_params(config, params).hidden_states(tokens_BL, positions_BL, cache,
-                                                         cache_index)
+                                                         cache_index, run=run)
 
 
-def logits_from_hidden(config: ModelConfig, params: Params, h_BLD: jax.Array) -> jax.Array:
+def logits_from_hidden(config: ModelConfig, params: Params, h_BLD: jax.Array, *,
+                       run: RunOptions | None = None) -> jax.Array:
   """Logits float32 [B, L, V] from final-normed hidden states [B, L, D]."""
-  return Llama.from_params(config, params).logits_from_hidden(h_BLD)
+  return Llama.from_params(config, params).logits_from_hidden(h_BLD, run=run)
 
 
 def forward(config: ModelConfig, params: Params, tokens_BL: jax.Array,
-            positions_BL: jax.Array | None = None) -> jax.Array:
+            positions_BL: jax.Array | None = None, *, run: RunOptions | None = None) -> jax.Array:
   """Logits float32 [B, L, V] for int32 tokens [B, L]; positions default to 0..L-1."""
-  return Llama.from_params(config, params)(tokens_BL, positions_BL)
+  return Llama.from_params(config, params)(tokens_BL, positions_BL, run=run)
 
 
 def init_cache(config: ModelConfig, batch: int, max_length: int, dtype=None) -> dict:
-  """An empty KV cache [Y, B, S, K, H] for up to `max_length` tokens."""
-  dtype = jnp.dtype(dtype or config.compute_dtype)
+  """An empty KV cache [Y, B, S, K, H] for up to `max_length` tokens (dtype: float32 unless
+  given; generate passes the run's compute dtype)."""
+  dtype = jnp.dtype(dtype or jnp.float32)
   shape = (config.num_layers, batch, max_length, config.num_kv_heads, config.head_dim)
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

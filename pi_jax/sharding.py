@@ -149,3 +149,11 @@ def shard(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return x
   spec = logical_to_spec(names, x.shape, dict(mesh.shape))
   return jax.lax.with_sharding_constraint(x, spec)
+
+
+def batch_shards(mesh) -> int:
+  """How many ways a batch is split on `mesh` (the data axes of the logical name `batch`)."""
+  if mesh is None:
+    return 1
+  axes = LOGICAL_AXIS_RULES["batch"] or ()
+  return int(np.prod([mesh.shape[a] for a in axes]))

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from pi_jax import tpu
+from pi_jax.run import RunOptions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One xdist worker compiles these: each holds libtpu and a few hundred MB of compiler state.
@@ -61,9 +62,9 @@ def test_bad_slice_names_are_refused(bad):
 def test_tiny_train_step_compiles_for_v5e_2x2(tmp_path, monkeypatch):
   """The real step (bf16 compute, full remat, FSDP) for 4 abstract v5e chips."""
   _require_libtpu()
-  from pi_jax.train import aot, metrics, trainer
+  from pi_jax.train import aot, metrics, setup
   monkeypatch.chdir(tmp_path)
-  config = _tiny_config(compute_dtype="bfloat16", remat="full", mesh="fsdp:-1")
+  config = _tiny_config(run=RunOptions(compute_dtype="bfloat16", remat="full"), mesh="fsdp:-1")
   record = aot.compile_train_step(config, "v5e:2x2")
   assert record["fits"] is True
   assert record["hbm_bytes_per_chip"] == 16 * 2**30
@@ -74,10 +75,10 @@ def test_tiny_train_step_compiles_for_v5e_2x2(tmp_path, monkeypatch):
   assert 0 < record["temp_bytes"] < record["per_chip_bytes"]
   # The donated state comes back in place: outputs alias the arguments.
   assert record["alias_bytes"] > 0
-  model, _ = trainer.abstract_model_config(config)
+  model, _ = setup.abstract_model_config(config)
   assert record["model_flops_per_step"] == pytest.approx(
       metrics.flops_per_token(model, 64) * 8 * 64)
-  assert record["model"]["remat"] == "full" and record["model"]["compute_dtype"] == "bfloat16"
+  assert record["run"]["remat"] == "full" and record["run"]["compute_dtype"] == "bfloat16"
   text = aot.format_record(record)
   assert "fits" in text and "temporaries" in text and "v5e 2x2" in text
   # No weights were read and no run directory was made: the state is abstract.
@@ -86,10 +87,11 @@ def test_tiny_train_step_compiles_for_v5e_2x2(tmp_path, monkeypatch):
 
 def test_temporaries_per_token_stay_near_the_analytic_figure():
   """Guard: temporaries per token per chip (the slope between two windows, so the constant
-  loss and weight buffers cancel) within 2× of pi_jax.train.aot.analytic_bytes_per_token."""
+  loss and weight buffers cancel) within 2× of pi_jax.memory.bytes_per_token."""
   _require_libtpu()
-  from pi_jax.train import aot, trainer
-  config = _tiny_config(compute_dtype="bfloat16", remat="full", mesh="fsdp:-1",
+  from pi_jax import memory
+  from pi_jax.train import aot, setup
+  config = _tiny_config(run=RunOptions(compute_dtype="bfloat16", remat="full"), mesh="fsdp:-1",
                         global_batch=4, loss_chunk=256)
   config = config.replace(model=config.model.replace(
       hidden_size=256, intermediate_size=704, num_heads=4, num_kv_heads=2, num_layers=4,
@@ -99,8 +101,8 @@ def test_temporaries_per_token_stay_near_the_analytic_figure():
     c = config.replace(seq_len=length)
     temps[length] = aot.compile_train_step(c, "v5e:2x2")["temp_bytes"]
   per_token = (temps[4096] - temps[1024]) / (3072 * 4 / 4)  # one sequence per chip
-  model, _ = trainer.abstract_model_config(config)
-  analytic = aot.analytic_bytes_per_token(model)["total"]
+  model, _ = setup.abstract_model_config(config)
+  analytic = memory.bytes_per_token(model, config.run)["total"]
   assert 0 < per_token <= 2 * analytic, (per_token, analytic)
 
 
@@ -112,8 +114,9 @@ def test_a_step_that_cannot_fit_exits_nonzero_with_the_overflow(tmp_path):
   """
   _require_libtpu()
   out = tmp_path / "record.json"
-  sets = ("model.max_position_embeddings=262144,seq_len=262144,global_batch=64,remat=none,"
-          "compute_dtype=float32,loss_chunk=4096,mesh=fsdp:-1,attention_impl=xla_blockwise")
+  sets = ("model.max_position_embeddings=262144,seq_len=262144,global_batch=64,run.remat=none,"
+          "run.compute_dtype=float32,loss_chunk=4096,mesh=fsdp:-1,"
+          "run.attention_impl=xla_blockwise")
   cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config",
          os.path.join(REPO, "configs", "tiny.py"), "--compile-only", "--topology", "v5e-4",
          "--json", str(out), "--set", sets]

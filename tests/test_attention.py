@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from pi_jax import attention as attn_lib
+from pi_jax import dispatch
+from pi_jax.run import RunOptions
 from pi_jax.attention import blockwise, kernels
 from pi_jax.config import ModelConfig
 
@@ -111,42 +113,13 @@ def test_blockwise_memory_is_linear_in_length():
   assert ratio < 12, ratio
 
 
-def test_auto_on_cpu_is_the_native_kernel_for_float32_else_blockwise(monkeypatch):
-  assert jax.default_backend() == "cpu"
-  assert attn_lib.resolve_impl("auto", jnp.float32) == "cpu_flash"
-  assert attn_lib.resolve_impl("auto", jnp.bfloat16) == "xla_blockwise"
-  monkeypatch.setattr(attn_lib.native, "available", lambda: False)  # no g++ or OpenBLAS
-  assert attn_lib.resolve_impl("auto", jnp.float32) == "xla_blockwise"
-
-
-def test_auto_picks_vendor_kernels(monkeypatch):
-  monkeypatch.setattr(kernels, "backend", lambda: "tpu")
-  assert attn_lib.resolve_impl("auto", jnp.float32) == "splash"
-  monkeypatch.setattr(kernels, "backend", lambda: "gpu")
-  assert attn_lib.resolve_impl("auto", jnp.bfloat16) == "cudnn"
-  assert attn_lib.resolve_impl("auto", jnp.float16) == "cudnn"
-  assert attn_lib.resolve_impl("auto", jnp.float32) == "xla_blockwise"
-
-
-def test_default_tile_is_chosen_per_implementation_and_backend(monkeypatch):
-  """block_size None: 256 for the XLA paths on the CPU (measured faster), 512 elsewhere; an
-  explicit block size always wins; the model config's default is None."""
-  assert ModelConfig().attention_block_size is None
-  assert attn_lib.block_size_for("xla_blockwise", None) == 256
-  assert attn_lib.block_size_for("ring", None) == 256
-  assert attn_lib.block_size_for("xla_blockwise", 64) == 64
-  assert attn_lib.block_size_for("splash", None) == 512
-  monkeypatch.setattr(kernels, "backend", lambda: "gpu")
-  assert attn_lib.block_size_for("xla_blockwise", None) == 512
-  with pytest.raises(ValueError, match="attention_block_size must be a positive integer"):
-    ModelConfig(attention_block_size=0)
-
-
 def test_the_default_tile_changes_nothing_but_speed():
   """At 600 tokens the CPU default (256: three blocks, the last one padded) equals an explicit
   single block and the reference."""
   q, k, v, _ = _inputs(1, 600, 4, 2, 16)
-  got = attn_lib.attention(q, k, v, impl="xla_blockwise")
+  kernels_ = dispatch.choose(RunOptions(attention_impl="xla_blockwise"))
+  assert kernels_.block_size == 256
+  got = kernels_.attend(q, k, v)
   one_block = attn_lib.attention(q, k, v, impl="xla_blockwise", block_size=600)
   ref = attn_lib.reference_attention(q, k, v)
   np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-5)

@@ -320,10 +320,10 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_good_one(tmp_path, d
 def test_a_second_run_on_a_workdir_exits_naming_the_holder(tmp_path):
   work = tmp_path / "run"
   os.makedirs(work)
-  from pi_jax.train.trainer import WorkdirLock
+  from pi_jax.train.workdir import WorkdirLock
   holder = subprocess.Popen(
       [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
-       "from pi_jax.train.trainer import WorkdirLock; lock = WorkdirLock(sys.argv[2]);"
+       "from pi_jax.train.workdir import WorkdirLock; lock = WorkdirLock(sys.argv[2]);"
        "print('locked', flush=True); time.sleep(60)", REPO, str(work)],
       env=subprocess_env(), stdout=subprocess.PIPE, text=True)
   try:

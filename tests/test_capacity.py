@@ -7,8 +7,7 @@ import sys
 
 from tests.train_utils import REPO
 
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-import tpu_capacity  # noqa: E402
+from benchmarks import tpu_capacity
 
 RESULTS = os.path.join(REPO, "results", "tpu_capacity.json")
 

@@ -15,8 +15,8 @@ CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_la
                      rope_theta=5e5).with_rope_scaling("linear:4")
 
 
-def params_of(config, seed=0):
-  return pi_jax.init_params(config, jax.random.key(seed))
+def params_of(config, seed=0, dtype="float32"):
+  return pi_jax.init_params(config, jax.random.key(seed), dtype)
 
 
 def assert_trees_equal(a, b):
@@ -32,8 +32,8 @@ def listing(directory):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_round_trip_is_exact(tmp_path, dtype):
-  config = CONFIG.replace(param_dtype=dtype, tie_word_embeddings=dtype == "bfloat16")
-  params = params_of(config)
+  config = CONFIG.replace(tie_word_embeddings=dtype == "bfloat16")
+  params = params_of(config, dtype=dtype)
   tok = tmp_path / "tokenizer.json"
   tok.write_text('{"model": "test"}')
   out = pi_jax.save_checkpoint(str(tmp_path / "ckpt"), config, params,
@@ -45,9 +45,32 @@ def test_round_trip_is_exact(tmp_path, dtype):
   assert loaded_config.rope_scaling.kind == "linear" and loaded_config.original_window == 64
   assert_trees_equal(loaded, params)
   assert (tmp_path / "ckpt" / "tokenizer" / "tokenizer.json").read_text() == '{"model": "test"}'
-  # Run-time fields may be overridden on load without touching the architecture.
-  cfg2, _ = pi_jax.load_checkpoint(out, config_overrides={"compute_dtype": "bfloat16"})
-  assert cfg2 == config.replace(compute_dtype="bfloat16")
+  # The stored dtype is read back from the arrays; a run may cast on load (run.param_dtype).
+  other = "float32" if dtype == "bfloat16" else "bfloat16"
+  cfg2, cast = pi_jax.load_checkpoint(out, param_dtype=other)
+  assert cfg2 == config and {x.dtype.name for x in jax.tree.leaves(cast)} == {other}
+  # config.json holds what the model is, never how a run computes (STYLE.md rule 15).
+  stored = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+  assert not set(stored) & {"param_dtype", "compute_dtype", "remat", "attention_impl",
+                            "attention_block_size", "native", "run"}
+
+
+def test_an_older_checkpoint_with_run_options_loads_and_says_they_are_ignored(tmp_path, capsys):
+  """config.json files written before pi_jax.run held dtypes and kernels; they still load, their
+  run keys are dropped with one note, and the stored dtype comes from the arrays."""
+  params = params_of(CONFIG, dtype="bfloat16")
+  out = pi_jax.save_checkpoint(str(tmp_path / "old"), CONFIG, params)
+  path = tmp_path / "old" / "config.json"
+  d = json.loads(path.read_text())
+  d.update(param_dtype="float32", compute_dtype="bfloat16", remat="full",
+           attention_impl="reference", attention_block_size=512)
+  path.write_text(json.dumps(d))
+  config, loaded = pi_jax.load_checkpoint(out)
+  assert config == CONFIG
+  assert {x.dtype.name for x in jax.tree.leaves(loaded)} == {"bfloat16"}
+  err = capsys.readouterr().err
+  assert "stores run options from an older pi_jax" in err and "attention_block_size=512" in err
+  assert err.count("\n") == 1
 
 
 def test_refuses_existing_path_and_leaves_it_untouched(tmp_path):

@@ -5,9 +5,7 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "benchmarks"))
-import convert_memory  # noqa: E402
+from benchmarks import convert_memory
 
 
 @pytest.mark.slow

@@ -16,8 +16,7 @@ import eval as eval_cli  # noqa: E402  (the top-level script)
 from tests.train_utils import subprocess_env  # noqa: E402
 
 TINY = pi_jax.ModelConfig(vocab_size=258, hidden_size=32, intermediate_size=64, num_layers=2,
-                          num_heads=4, num_kv_heads=2, max_position_embeddings=64,
-                          attention_block_size=32)
+                          num_heads=4, num_kv_heads=2, max_position_embeddings=64)
 
 
 @pytest.fixture(scope="module")

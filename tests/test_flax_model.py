@@ -83,10 +83,9 @@ def test_module_tree_is_the_converters_tree(name):
 
 
 def test_bfloat16_params_are_declared_bfloat16():
-  config = SMALL.replace(param_dtype="bfloat16")
-  abstract = pi_jax.abstract_params(config)
+  abstract = pi_jax.abstract_params(SMALL, "bfloat16")
   assert {x.dtype for x in jax.tree.leaves(abstract)} == {jnp.dtype(jnp.bfloat16)}
-  params = pi_jax.init_params(config, jax.random.key(0))
+  params = pi_jax.init_params(SMALL, jax.random.key(0), "bfloat16")
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
 
 

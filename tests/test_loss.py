@@ -8,9 +8,10 @@ import pytest
 from pi_jax import loss as loss_lib
 from pi_jax import model as model_lib
 from pi_jax.config import ModelConfig
+from pi_jax.run import RunOptions
 
 CFG = ModelConfig(vocab_size=211, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                  num_kv_heads=2, max_position_embeddings=64, attention_block_size=16)
+                  num_kv_heads=2, max_position_embeddings=64)
 
 
 def _plain_nll(config, params, h_BLD, targets_BL):
@@ -49,7 +50,7 @@ def test_mean_loss_matches_plain_masked_mean():
   mask = jnp.ones_like(tokens).at[:, -1].set(0).at[1, :7].set(0)
 
   def plain(p):
-    logits = model_lib.forward(CFG.replace(attention_impl="reference"), p, tokens)
+    logits = model_lib.forward(CFG, p, tokens, run=RunOptions(attention_impl="reference"))
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
     return jnp.sum(nll * mask) / jnp.sum(mask)
 

@@ -1,22 +1,33 @@
 """The native CPU kernels (pi_jax.native): built here, equal to brute force in values and
 gradients, chosen by `auto` where they apply, and a clear error where they cannot build."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pi_jax import attention as attn_lib
-from pi_jax import linear, native
+from pi_jax import dispatch, linear, native
+from pi_jax.run import RunOptions
 from pi_jax.config import ModelConfig
 from pi_jax import model as model_lib
 from tests.conftest import rel_err
 from tests.train_utils import check_sharded_attention
 
 
+# The native kernels are an optional extra (pi_jax[cpu]: scipy-openblas32, and g++ on PATH);
+# without them these tests skip with the reason and the XLA paths serve.
+needs_native = pytest.mark.skipif(not native.available(),
+                                  reason=f"native kernels unavailable: {native.unavailable_reason()}")
+
+
 def test_the_kernels_build_here():
-  """CI's machine has g++ and scipy-openblas32 (requirements.txt): a missing install step fails
-  here instead of silently running the slower XLA paths."""
+  """`make test` installs the CPU extra and sets PI_JAX_NATIVE_REQUIRED=1: a missing install step
+  fails here instead of silently running the slower XLA paths."""
+  if os.environ.get("PI_JAX_NATIVE_REQUIRED") != "1" and not native.available():
+    pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
   assert native.available(), native.unavailable_reason()
 
 
@@ -33,6 +44,7 @@ def _qkv(b, l, n, kh, h, seed=0, dtype=jnp.float32):
 CASES = [(2, 96, 4, 4, 32), (1, 300, 6, 2, 64), (2, 40, 4, 1, 256), (1, 1, 3, 1, 16)]
 
 
+@needs_native
 @pytest.mark.parametrize("b,l,n,kh,tile", CASES, ids=["gqa1", "gqa3-ragged", "short", "one"])
 def test_cpu_flash_equals_reference_with_gradients(b, l, n, kh, tile):
   q, k, v, w = _qkv(b, l, n, kh, 16)
@@ -49,6 +61,7 @@ def test_cpu_flash_equals_reference_with_gradients(b, l, n, kh, tile):
     np.testing.assert_allclose(g, gw, atol=1e-4 * max(1.0, float(jnp.max(jnp.abs(gw)))))
 
 
+@needs_native
 def test_log_sum_exp_is_the_scores_own():
   """The kernel's second output, which the backward reads, against the dense scores."""
   q, k, v, _ = _qkv(2, 200, 6, 2, 16, seed=1)
@@ -58,6 +71,7 @@ def test_log_sum_exp_is_the_scores_own():
   assert float(jnp.max(jnp.abs(lse_BNL - jax.nn.logsumexp(s, axis=-1)))) < 1e-5
 
 
+@needs_native
 def test_bfloat16_inputs_compute_in_float32_and_return_bfloat16():
   q, k, v, _ = _qkv(1, 64, 4, 2, 16, dtype=jnp.bfloat16)
   out = attn_lib.attention(q, k, v, impl="cpu_flash", block_size=32)
@@ -66,14 +80,16 @@ def test_bfloat16_inputs_compute_in_float32_and_return_bfloat16():
   assert rel_err(out, want) < 1e-2
 
 
+@needs_native
 def test_auto_takes_the_native_kernel_for_float32_on_the_cpu():
-  assert attn_lib.resolve_impl("auto", jnp.float32) == "cpu_flash"
-  assert attn_lib.resolve_impl("auto", jnp.bfloat16) == "xla_blockwise"
+  assert dispatch.choose(RunOptions()).attention == "cpu_flash"
+  assert dispatch.choose(RunOptions(compute_dtype="bfloat16")).attention == "xla_blockwise"
   q, k, v, _ = _qkv(1, 64, 4, 2, 16)
-  text = jax.jit(lambda q, k, v: attn_lib.attention(q, k, v)).lower(q, k, v).as_text()
+  text = jax.jit(dispatch.choose().attend).lower(q, k, v).as_text()
   assert "pi_causal_attention" in text
 
 
+@needs_native
 @pytest.mark.parametrize("m,k,n,transpose_w", [
     (8192 // 64, 576, 1536, False),   # rows split over the workers
     (64, 48, 4096, True),            # columns split (a loss chunk against the vocabulary)
@@ -91,6 +107,7 @@ def test_matmul_equals_numpy(m, k, n, transpose_w):
   assert rel_err(got, want) < 1e-5
 
 
+@needs_native
 @pytest.mark.parametrize("spec,x_shape,w_shape,kw", [
     ("BLD,DNH->BLNH", (2, 9, 12), (12, 3, 4), {}),
     ("BLNH,NHD->BLD", (2, 9, 3, 4), (3, 4, 12), {"contract": 2}),
@@ -99,7 +116,8 @@ def test_matmul_equals_numpy(m, k, n, transpose_w):
 def test_project_equals_einsum_with_gradients(spec, x_shape, w_shape, kw):
   kx, kw_ = jax.random.split(jax.random.key(2))
   x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw_, w_shape)
-  assert linear.native_applies(x, w)
+  assert dispatch.choose().native_matmul
+  kw = dict(kw, native=True)
   loss = lambda f: jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), (0, 1)))
   got, got_grads = loss(lambda x, w: linear.project(x, w, **kw))(x, w)
   want, want_grads = loss(lambda x, w: jnp.einsum(spec, x, w))(x, w)
@@ -117,6 +135,7 @@ def test_project_rejects_mismatched_shapes():
     linear.project(jnp.ones((2, 5)), jnp.ones((4, 3)))
 
 
+@needs_native
 def test_model_logits_with_native_kernels_equal_the_xla_paths(monkeypatch):
   """The whole forward (native projections and cpu_flash) against XLA's dot and the dense
   reference attention (bfloat16 weights would take XLA's path; float32 here)."""
@@ -127,21 +146,22 @@ def test_model_logits_with_native_kernels_equal_the_xla_paths(monkeypatch):
   got = jax.jit(lambda p, t: model_lib.forward(config, p, t))(params, tokens)
   text = jax.jit(lambda p, t: model_lib.forward(config, p, t)).lower(params, tokens).as_text()
   assert "pi_matmul" in text and "pi_causal_attention" in text
-  monkeypatch.setattr(linear, "native_applies", lambda *arrays: False)  # XLA's dot_general
-  ref = config.replace(attention_impl="reference")
-  want = jax.jit(lambda p, t: model_lib.forward(ref, p, t))(params, tokens)
-  assert "pi_" not in jax.jit(lambda p, t: model_lib.forward(ref, p, t)).lower(
+  ref = RunOptions(attention_impl="reference", native="off")  # XLA's dot_general
+  want = jax.jit(lambda p, t: model_lib.forward(config, p, t, run=ref))(params, tokens)
+  assert "pi_" not in jax.jit(lambda p, t: model_lib.forward(config, p, t, run=ref)).lower(
       params, tokens).as_text()
   assert rel_err(got, want) < 1e-5
 
 
 def test_unavailable_kernels_fall_back_and_explicit_use_says_why(monkeypatch):
   monkeypatch.setattr(native, "_load", lambda: (False, "no C++ compiler (g++, or $CXX) on PATH"))
-  assert attn_lib.resolve_impl("auto", jnp.float32) == "xla_blockwise"
+  assert dispatch.choose().attention == "xla_blockwise"
+  assert not dispatch.choose().native_matmul
   q, k, v, _ = _qkv(1, 16, 2, 1, 8)
   with pytest.raises(ValueError, match=r"'cpu_flash' is unavailable: no C\+\+ compiler"):
     attn_lib.attention(q, k, v, impl="cpu_flash")
-  assert not linear.native_applies(q, q)
+  with pytest.raises(ValueError, match=r"'cpu_flash' is unavailable: no C\+\+ compiler"):
+    dispatch.choose(RunOptions(attention_impl="cpu_flash"))
 
 
 def test_a_failed_build_names_the_compiler_problem(monkeypatch, tmp_path):
@@ -152,25 +172,26 @@ def test_a_failed_build_names_the_compiler_problem(monkeypatch, tmp_path):
   assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
 
 
+@needs_native
 def test_cpu_flash_sharded_on_eight_devices():
   check_sharded_attention("lambda q, k, v: attn_lib.attention(q, k, v, impl='cpu_flash', "
                           "block_size=64)", length=200, head_dim=16, grad_tol=1e-4,
                           # XLA cannot partition the FFI matmul: projections take XLA's dot
-                          inside_mesh="assert not linear.native_applies(q, q)")
+                          inside_mesh="assert not dispatch.choose().native_matmul")
 
 
+@needs_native
 def test_nll_terms_equal_xla_with_gradients(monkeypatch):
   from pi_jax import loss as loss_lib
   logits = jax.random.normal(jax.random.key(3), (2, 7, 300)) * 4
   targets = jax.random.randint(jax.random.key(4), (2, 7), 0, 300)
-  def terms(l):  # a new function each time: jit traces it again
-    logz, picked = loss_lib.logsumexp_and_target(l, targets)
+  def terms(l, native_kernel):
+    logz, picked = loss_lib.logsumexp_and_target(l, targets, native_kernel)
     return jnp.sum(jnp.sin(logz) + jnp.cos(picked))
 
-  got, got_grad = jax.jit(jax.value_and_grad(terms))(logits)
-  assert "pi_logsumexp_pick" in jax.jit(lambda l: terms(l)).lower(logits).as_text()
-  monkeypatch.setattr(linear, "native_applies", lambda *arrays: False)
-  want, want_grad = jax.jit(jax.value_and_grad(lambda l: terms(l)))(logits)
-  assert "pi_logsumexp_pick" not in jax.jit(lambda l: terms(l)).lower(logits).as_text()
+  got, got_grad = jax.jit(jax.value_and_grad(lambda l: terms(l, True)))(logits)
+  assert "pi_logsumexp_pick" in jax.jit(lambda l: terms(l, True)).lower(logits).as_text()
+  want, want_grad = jax.jit(jax.value_and_grad(lambda l: terms(l, False)))(logits)
+  assert "pi_logsumexp_pick" not in jax.jit(lambda l: terms(l, False)).lower(logits).as_text()
   assert abs(float(got - want)) < 1e-4
   assert rel_err(got_grad, want_grad) < 1e-5

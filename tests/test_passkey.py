@@ -9,8 +9,7 @@ import pi_jax
 from pi_jax.evals import passkey
 
 TINY = pi_jax.ModelConfig(vocab_size=258, hidden_size=32, intermediate_size=64, num_layers=2,
-                          num_heads=4, num_kv_heads=2, max_position_embeddings=128,
-                          attention_block_size=64)
+                          num_heads=4, num_kv_heads=2, max_position_embeddings=128)
 
 
 def test_prompt_is_the_papers_template():

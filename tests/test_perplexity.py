@@ -10,8 +10,7 @@ import pi_jax
 from pi_jax.evals import perplexity as ppl
 
 TINY = pi_jax.ModelConfig(vocab_size=258, hidden_size=32, intermediate_size=64, num_layers=2,
-                          num_heads=4, num_kv_heads=2, max_position_embeddings=16,
-                          attention_block_size=8)
+                          num_heads=4, num_kv_heads=2, max_position_embeddings=16)
 LENGTHS = (1, 5, 40, 97)  # a BOS-only document (no target), one shorter than every window
 
 

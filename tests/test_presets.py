@@ -80,7 +80,9 @@ def test_eval_shape_allocates_nothing():
 def test_preset_pi_extension_and_overrides():
   config = pi_jax.preset("llama-7b").with_rope_scaling("linear:16")
   assert config.max_position_embeddings == 32768 and config.original_window == 2048
-  assert pi_jax.preset("smollm2-135m", compute_dtype="bfloat16").compute_dtype == "bfloat16"
+  assert pi_jax.preset("smollm2-135m", rope_theta=5e5).rope_theta == 5e5
+  with pytest.raises(TypeError):  # how a run computes is not part of a preset
+    pi_jax.preset("smollm2-135m", compute_dtype="bfloat16")
 
 
 def test_unknown_preset_lists_names():

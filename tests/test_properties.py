@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import pi_jax
-from pi_jax.config import REMAT_POLICIES, ModelConfig
+from pi_jax.config import ModelConfig
+from pi_jax.run import REMAT_POLICIES, RunOptions
 
 TINY = ModelConfig(vocab_size=101, hidden_size=48, intermediate_size=80, num_layers=2,
                    num_heads=6, num_kv_heads=2, max_position_embeddings=32)
@@ -22,7 +23,7 @@ def positions(batch, length, scale=1):
   return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32) * scale, (batch, length))
 
 
-_forward = jax.jit(pi_jax.forward, static_argnums=0)
+_forward = jax.jit(pi_jax.forward, static_argnums=0, static_argnames="run")
 
 
 def test_linear_scale_1_is_plain_rope():
@@ -99,20 +100,20 @@ def test_jit_equals_no_jit():
                              rtol=0, atol=1e-6 * float(np.abs(eager).max()))
 
 
-def _nll(config, params, tokens_BL):
-  logits = pi_jax.forward(config, params, tokens_BL[:, :-1])
+def _nll(config, params, tokens_BL, run=None):
+  logits = pi_jax.forward(config, params, tokens_BL[:, :-1], run=run)
   logp = jax.nn.log_softmax(logits, axis=-1)
   return -jnp.mean(jnp.take_along_axis(logp, tokens_BL[:, 1:, None], axis=-1))
 
 
-_value_and_grad = jax.jit(jax.value_and_grad(_nll, argnums=1), static_argnums=0)
+_value_and_grad = jax.jit(jax.value_and_grad(_nll, argnums=1), static_argnums=(0, 3))
 
 
 @pytest.mark.parametrize("remat", [p for p in REMAT_POLICIES if p != "none"])
 def test_remat_equals_no_remat(remat):
   seq = tokens(length=L + 1)
   want_loss, want_grads = _value_and_grad(TINY, PARAMS, seq)
-  loss, grads = _value_and_grad(TINY.replace(remat=remat), PARAMS, seq)
+  loss, grads = _value_and_grad(TINY, PARAMS, seq, RunOptions(remat=remat))
   np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
   for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want_grads)):
     np.testing.assert_allclose(g, w, rtol=0, atol=1e-6 * float(np.abs(w).max()),
@@ -124,11 +125,11 @@ def test_save_attention_does_not_run_the_attention_forward_again():
   """remat="save_attention" keeps the blockwise kernel's output and log-sum-exp, so the
   backward pass has one attention loop per layer body (its own) where "full" has two (the
   recomputed forward and the backward): counted in the gradient's jaxpr."""
-  config = TINY.replace(attention_impl="xla_blockwise", attention_block_size=8)
+  run = RunOptions(attention_impl="xla_blockwise", attention_block_size=8)
 
   def loops(remat):
-    jaxpr = jax.make_jaxpr(jax.grad(_nll, argnums=1), static_argnums=0)(
-        config.replace(remat=remat), PARAMS, tokens(length=L + 1))
+    jaxpr = jax.make_jaxpr(jax.grad(_nll, argnums=1), static_argnums=(0, 3))(
+        TINY, PARAMS, tokens(length=L + 1), run.replace(remat=remat))
     return str(jaxpr).count("while[")
 
   assert (loops("none"), loops("full"), loops("save_attention")) == (2, 3, 2)
@@ -136,12 +137,12 @@ def test_save_attention_does_not_run_the_attention_forward_again():
 
 @pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
 def test_bfloat16_compute_is_close_to_float32(param_dtype):
-  config = TINY.replace(compute_dtype="bfloat16", param_dtype=param_dtype)
+  run = RunOptions(compute_dtype="bfloat16")
   params = jax.tree.map(lambda x: x.astype(param_dtype), PARAMS)
   want = _forward(TINY, PARAMS, tokens())
-  got = _forward(config, params, tokens())
+  got = _forward(TINY, params, tokens(), run=run)
   assert got.dtype == jnp.float32 and np.all(np.isfinite(got))  # logits are float32 regardless
-  h = jax.eval_shape(lambda p, t: pi_jax.hidden_states(config, p, t), params, tokens())
+  h = jax.eval_shape(lambda p, t: pi_jax.hidden_states(TINY, p, t, run=run), params, tokens())
   assert h.dtype == jnp.bfloat16
   err = float(np.abs(np.asarray(got) - np.asarray(want)).max() / np.abs(want).max())
   assert err < 0.05, f"bfloat16 logits are {err:.3f} (relative) from float32"

@@ -7,9 +7,7 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "benchmarks"))
-import quiet  # noqa: E402
+from benchmarks import quiet
 
 
 def _watch(load_before: float, others_cores: float) -> quiet.Watch:

@@ -10,6 +10,7 @@ import pytest
 from pi_jax import attention as attn_lib
 from pi_jax.attention import ring
 from pi_jax.config import ModelConfig
+from pi_jax.run import RunOptions
 from pi_jax.train.config import TrainConfig
 from tests.train_utils import run_on_devices
 
@@ -43,6 +44,7 @@ _RING_SCRIPT = textwrap.dedent("""
     from pi_jax import attention as attn_lib, model, sharding
     from pi_jax.attention import blockwise, ring
     from pi_jax.config import ModelConfig
+    from pi_jax.run import RunOptions
 
     def inputs(l, b=2):
       ks = jax.random.split(jax.random.key(1), 4)
@@ -99,22 +101,23 @@ _RING_SCRIPT = textwrap.dedent("""
 
     # 3. The whole model with PI (linear:4): global positions reach every shard's RoPE.
     base = ModelConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_layers=2,
-                       num_heads=6, num_kv_heads=2, max_position_embeddings=16,
-                       attention_block_size=4).with_rope_scaling("linear:4")
+                       num_heads=6, num_kv_heads=2,
+                       max_position_embeddings=16).with_rope_scaling("linear:4")
     params = model.init_params(base, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(2), (2, 64), 0, 97)
-    ref_cfg = base.replace(attention_impl="reference")
-    want = model.forward(ref_cfg, params, tokens)
-    loss_fn = lambda cfg: (lambda p: jnp.mean(jax.nn.log_softmax(model.forward(cfg, p, tokens))[..., 0]))
+    ref_run = RunOptions(attention_impl="reference")
+    want = model.forward(base, params, tokens, run=ref_run)
+    loss_fn = lambda run: (lambda p: jnp.mean(
+        jax.nn.log_softmax(model.forward(base, p, tokens, run=run))[..., 0]))
     model_grads = "grads" in sys.argv[1:]
-    want_g = jax.grad(loss_fn(ref_cfg))(params) if model_grads else None
-    ring_cfg = base.replace(attention_impl="ring")
+    want_g = jax.grad(loss_fn(ref_run))(params) if model_grads else None
+    ring_run = RunOptions(attention_impl="ring", attention_block_size=4)
     for spec, with_grads in (("data:2,sequence:4", model_grads),):
       with jax.set_mesh(sharding.make_mesh(spec)):
-        fwd = jax.jit(lambda p, t: model.forward(ring_cfg, p, t))
+        fwd = jax.jit(lambda p, t: model.forward(base, p, t, run=ring_run))
         got = fwd(params, tokens)
         hlo = fwd.lower(params, tokens).as_text()
-        got_g = jax.jit(jax.grad(loss_fn(ring_cfg)))(params) if with_grads else None
+        got_g = jax.jit(jax.grad(loss_fn(ring_run)))(params) if with_grads else None
       assert "collective_permute" in hlo or "collective-permute" in hlo, "no ring in the program"
       assert rel(got, want) < 1e-5, (spec, rel(got, want))
       if with_grads:
@@ -122,8 +125,8 @@ _RING_SCRIPT = textwrap.dedent("""
                                       jax.tree_util.tree_leaves_with_path(want_g)):
           assert rel(g, gw) < 1e-4, (spec, jax.tree_util.keystr(path), rel(g, gw))
     # The PI scaling matters at these positions: without it the result differs.
-    plain = model.forward(ref_cfg.with_rope_scaling("none").replace(max_position_embeddings=64),
-                          params, tokens)
+    plain = model.forward(base.with_rope_scaling("none").replace(max_position_embeddings=64),
+                          params, tokens, run=ref_run)
     assert rel(plain, want) > 1e-3
     print("RING_OK")
 """)
@@ -157,9 +160,9 @@ def test_ring_compiles_in_the_real_train_step_for_tpu(seq_len):
   from tests import tpu_aot
   model = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
                       num_heads=4, num_kv_heads=2, head_dim=16,
-                      max_position_embeddings=seq_len // 4, attention_impl="ring",
-                      compute_dtype="bfloat16").with_rope_scaling("linear:4")
-  config = TrainConfig(model=model, seq_len=seq_len, global_batch=2, loss_chunk=1024)
+                      max_position_embeddings=seq_len // 4).with_rope_scaling("linear:4")
+  config = TrainConfig(model=model, seq_len=seq_len, global_batch=2, loss_chunk=1024,
+                       run=RunOptions(attention_impl="ring", compute_dtype="bfloat16"))
   _, compiled = tpu_aot.compile_train_step(model, config,
                                            tpu_aot.tpu_mesh("v5e:2x4", "fsdp:2,sequence:4"))
   assert "collective-permute" in compiled.as_text()

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from pi_jax import attention as attn_lib
-from pi_jax import rope
+from pi_jax import dispatch, rope
 from pi_jax.config import ModelConfig
+from pi_jax.run import RunOptions
 from pi_jax.train.config import TrainConfig
 
 from tests import tpu_aot
@@ -89,16 +90,19 @@ def test_splash_sharded_in_interpret_mode_on_eight_devices():
 
 def _tiny_splash_model():
   return ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
-                     num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256,
-                     attention_impl="splash", attention_block_size=256,
-                     compute_dtype="bfloat16").with_rope_scaling("linear:4")
+                     num_heads=4, num_kv_heads=2, head_dim=16,
+                     max_position_embeddings=256).with_rope_scaling("linear:4")
+
+
+SPLASH_RUN = RunOptions(attention_impl="splash", attention_block_size=256,
+                        compute_dtype="bfloat16")
 
 
 def test_splash_compiles_in_the_real_train_step_for_tpu():
   """trainer.make_train_step with splash, lowered and compiled for v5e:2x2 (4 chips) on a mesh
   fsdp:2 × tensor:2: the Mosaic kernel is in the program, inside a shard_map."""
   model = _tiny_splash_model()
-  config = TrainConfig(model=model, seq_len=1024, global_batch=2, loss_chunk=256)
+  config = TrainConfig(model=model, seq_len=1024, global_batch=2, loss_chunk=256, run=SPLASH_RUN)
   lowered, compiled = tpu_aot.compile_train_step(model, config,
                                                  tpu_aot.tpu_mesh("v5e:2x2", "fsdp:2,tensor:2"))
   assert "manual_computation" in lowered.as_text() or "shard_map" in lowered.as_text()
@@ -112,10 +116,11 @@ def test_splash_and_auto_on_a_tpu_mesh():
   refuses a sequence axis with a message that names ring."""
   x = jax.ShapeDtypeStruct((2, 512, 4, 16), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((2, 512, 2, 16), jnp.bfloat16)
+  bf16 = RunOptions(compute_dtype="bfloat16")
   with jax.set_mesh(tpu_aot.tpu_mesh("v5e:2x2", "fsdp:2,tensor:2")):
-    assert attn_lib.resolve_impl("auto", jnp.bfloat16) == "splash"
+    assert dispatch.choose(bf16).attention == "splash"
   with jax.set_mesh(tpu_aot.tpu_mesh("v5e:2x2", "fsdp:2,sequence:2")):
-    assert attn_lib.resolve_impl("auto", jnp.bfloat16) == "ring"
+    assert dispatch.choose(bf16).attention == "ring"
     with pytest.raises(ValueError, match="does not split the sequence.*'ring'"):
       jax.eval_shape(lambda q, k, v: attn_lib.attention(q, k, v, impl="splash"), x, kv, kv)
 

@@ -60,7 +60,7 @@ def test_paper_configs():
         0.9, 0.95, 0.0, 20, 0.1), name
     assert c.steps == 1000 and c.rope_scaling.startswith("linear:"), name
     # The capacity table's settings (docs/tpu_capacity.md): one sequence per chip, remat full.
-    assert (c.micro_batch, c.remat, c.compute_dtype) == (-1, "full", "bfloat16"), name
+    assert (c.micro_batch, c.run.remat, c.run.compute_dtype) == (-1, "full", "bfloat16"), name
   assert cfgs["llama_7b_8k"].global_batch == 64 and cfgs["llama_7b_8k"].rope_scaling == "linear:4"
   assert cfgs["llama_7b_16k"].global_batch == 128 and cfgs["llama_7b_32k"].rope_scaling == "linear:16"
   assert cfgs["llama_33b_8k"].learning_rate == 1e-5 and cfgs["llama_33b_8k"].global_batch == 64

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import pytest
 
 from pi_jax import sharding
-from pi_jax.train import optim, trainer
+from pi_jax.train import optim
+from pi_jax.train import step as train_step
 from pi_jax.train import state as state_lib
 
 
@@ -34,7 +35,7 @@ def tpu_mesh(topology: str, mesh_spec: str):
 
 
 def compile_train_step(model, config, mesh):
-  """(lowered, compiled) of trainer.make_train_step for abstract, sharded state and batch."""
+  """(lowered, compiled) of pi_jax.train.step.make_train_step for abstract, sharded state and batch."""
   optimizer = optim.make_optimizer(config)
   abstract = state_lib.abstract_state(model, optimizer)
   shardings = state_lib.state_shardings(mesh, model, optimizer, abstract)
@@ -42,6 +43,6 @@ def compile_train_step(model, config, mesh):
   batch_sharding = sharding.named_sharding(mesh, ("batch", None), shape)
   rows = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding)
   with jax.set_mesh(mesh):
-    step = trainer.make_train_step(config, model, optimizer, shardings, batch_sharding)
+    step = train_step.make_train_step(config, model, optimizer, shardings, batch_sharding)
     lowered = step.lower(state_lib.with_shardings(abstract, shardings), rows)
     return lowered, lowered.compile()

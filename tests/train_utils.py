@@ -104,7 +104,7 @@ def losses(workdir) -> dict[int, float]:
 
 
 _SHARDED_ATTENTION = """
-from pi_jax import attention as attn_lib, linear, sharding
+from pi_jax import attention as attn_lib, dispatch, linear, sharding
 
 attend = {attend}
 # Batch over data x fsdp, heads over tensor (kv heads 2 split too); then kv heads 1, which

@@ -39,7 +39,7 @@ def cudnn_attention(q_BLNH, k_BLKH, v_BLKH):
                      " Use 'xla_blockwise' (or 'auto').")
   if q_BLNH.dtype not in (jnp.bfloat16, jnp.float16):
     raise ValueError(f"attention impl 'cudnn' needs bfloat16 or float16 inputs, got {q_BLNH.dtype};"
-                     " set compute_dtype=bfloat16 or use 'xla_blockwise'.")
+                     " set run.compute_dtype=bfloat16 or use 'xla_blockwise'.")
   return jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, is_causal=True,
                                       implementation="cudnn")
 
@@ -129,7 +129,7 @@ def over_batch_and_heads(fn, name: str, q_BLNH, k_BLKH, v_BLKH):
   if mesh_shape.get(seq_axis, 1) > 1:
     raise ValueError(
         f"attention impl {name!r} does not split the sequence, and the mesh's {seq_axis!r} axis "
-        f"has size {mesh_shape[seq_axis]}: use attention_impl='ring' (context parallelism over "
+        f"has size {mesh_shape[seq_axis]}: use run.attention_impl='ring' (context parallelism over "
         f"{seq_axis!r}), or a mesh without a {seq_axis!r} axis")
   q_spec = sharding_lib.logical_to_spec(("batch", None, "act_heads", None), q_BLNH.shape,
                                         mesh_shape)

@@ -229,14 +229,14 @@ class PromptBuilder:
     return out
 
 
-def _score_fn(config: ModelConfig):
+def _score_fn(config: ModelConfig, run=None):
   from pi_jax import model as model_lib
 
   def fn(params, tokens_BL, key_pos_BM, key_ids_BM):
     """Argmax hit and log-prob of each key token [B, M] (positions predict the next token)."""
-    h_BLD = model_lib.hidden_states(config, params, tokens_BL)
+    h_BLD = model_lib.hidden_states(config, params, tokens_BL, run=run)
     h_BMD = jnp.take_along_axis(h_BLD, key_pos_BM[..., None], axis=1)
-    logits_BMV = model_lib.logits_from_hidden(config, params, h_BMD)
+    logits_BMV = model_lib.logits_from_hidden(config, params, h_BMD, run=run)
     logp_BMV = jax.nn.log_softmax(logits_BMV, axis=-1)
     hit_BM = jnp.argmax(logits_BMV, axis=-1) == key_ids_BM
     return hit_BM, jnp.take_along_axis(logp_BMV, key_ids_BM[..., None], axis=-1)[..., 0]
@@ -246,8 +246,9 @@ def _score_fn(config: ModelConfig):
 
 def run_trials(config: ModelConfig, params, tok, trials: list[Trial], *, mode: str = "generate",
                batch_size: int = 1, progress: Callable[[int], object] | None = None,
-               generate_fn=None) -> list[dict]:
-  """One result dict per trial: success, generated text or key log-prob, timings."""
+               generate_fn=None, run=None) -> list[dict]:
+  """One result dict per trial: success, generated text or key log-prob, timings. run: the
+  pi_jax.run.RunOptions to compute with (None: the defaults)."""
   if mode not in MODES:
     raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
   from pi_jax.inputs import check_token_ids
@@ -259,13 +260,13 @@ def run_trials(config: ModelConfig, params, tok, trials: list[Trial], *, mode: s
   groups: dict[tuple, list[Trial]] = {}
   for t in trials:  # equal-length prompts share one batch (and one compilation)
     groups.setdefault((t.length, len(t.ids) if mode == "generate" else 0), []).append(t)
-  score = _score_fn(config) if mode == "score" else None
+  score = _score_fn(config, run) if mode == "score" else None
   for group in groups.values():
     for b0 in range(0, len(group), batch_size):
       batch = group[b0:b0 + batch_size]
       t0 = time.perf_counter()
       if mode == "generate":
-        out = _generate_batch(config, params, tok, batch, batch_size, generate_fn)
+        out = _generate_batch(config, params, tok, batch, batch_size, generate_fn, run)
       else:
         out = _score_batch(score, params, batch, batch_size)
       seconds = (time.perf_counter() - t0) / len(batch)
@@ -279,13 +280,14 @@ def run_trials(config: ModelConfig, params, tok, trials: list[Trial], *, mode: s
   return results
 
 
-def _generate_batch(config, params, tok, batch, batch_size, generate_fn):
+def _generate_batch(config, params, tok, batch, batch_size, generate_fn, run=None):
   if generate_fn is None:
     from pi_jax.generate import generate as generate_fn
   prompt = np.array([t.ids for t in batch] + [batch[0].ids] * (batch_size - len(batch)), np.int32)
   new = max(len(t.key_ids) for t in batch) + 2
+  extra = {"run": run} if run is not None else {}
   out = np.asarray(generate_fn(config, params, jnp.asarray(prompt), new, temperature=0.0,
-                               eos_id=tok.eos_id))
+                               eos_id=tok.eos_id, **extra))
   results = []
   for t, row in zip(batch, out):
     ids = [int(i) for i in row]

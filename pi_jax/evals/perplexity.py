@@ -39,6 +39,8 @@ from pi_jax import loss as loss_lib
 from pi_jax.config import ModelConfig
 from pi_jax.evals import runtime
 from pi_jax.inputs import check_token_ids
+from pi_jax.memory import check_compiled_fits
+from pi_jax.run import RunOptions
 
 DEFINITIONS = ("sliding", "per_window_mean")
 
@@ -114,29 +116,32 @@ def tokenize_documents(tok, docs: Iterable[tuple[str, str]], max_tokens: int | N
   return out
 
 
-def window_nll_fn(config: ModelConfig, window: int, chunk: int = loss_lib.DEFAULT_CHUNK):
+def window_nll_fn(config: ModelConfig, window: int, chunk: int = loss_lib.DEFAULT_CHUNK,
+                  run: RunOptions | None = None):
   """nll(params, tokens [B, W], targets [B, W]) -> NLL [B, W]: what each window batch runs."""
   def nll_fn(params, tokens_BL, targets_BL):
-    return loss_lib.token_nll(config, params, tokens_BL, targets_BL, chunk=min(chunk, window))
+    return loss_lib.token_nll(config, params, tokens_BL, targets_BL, chunk=min(chunk, window),
+                              run=run)
   return nll_fn
 
 
 def make_window_scorer(config: ModelConfig, params, window: int, batch: int, *,
-                       mesh=None, chunk: int = loss_lib.DEFAULT_CHUNK):
+                       mesh=None, chunk: int = loss_lib.DEFAULT_CHUNK,
+                       run: RunOptions | None = None):
   """Compiles NLL [B, W] of a batch of windows; returns (fn, memory_bytes, compile_seconds).
 
   Raises before any work if XLA's estimate of the activation memory exceeds what the device
   has free.
   """
-  nll_fn = window_nll_fn(config, window, chunk)
+  nll_fn = window_nll_fn(config, window, chunk, run)
   tokens_spec = runtime.batch_struct((batch, window), mesh)
   t0 = time.perf_counter()
   with runtime.mesh_context(mesh):
     compiled = jax.jit(nll_fn).lower(params, tokens_spec, tokens_spec).compile()
   seconds = time.perf_counter() - t0
-  need = runtime.check_memory(compiled, f"window {window} × batch {batch}",
-                              hint="lower --batch-size, spread it with --mesh, or use a smaller "
-                                   "window")
+  need = check_compiled_fits(compiled, f"window {window} × batch {batch}",
+                             hint="lower --batch-size, spread it with --mesh, or use a smaller "
+                                  "window")
 
   def run(tokens_BL: np.ndarray, targets_BL: np.ndarray):
     return compiled(params, runtime.put_batch(tokens_BL, mesh), runtime.put_batch(targets_BL, mesh))
@@ -148,7 +153,8 @@ def evaluate_perplexity(config: ModelConfig, params, documents: list[tuple[str, 
                         windows: list[int], stride: int, *, batch_size: int = 1, mesh=None,
                         skip_short: bool = False, chunk: int = loss_lib.DEFAULT_CHUNK,
                         progress: Callable[[int, int], object] | None = None,
-                        scorer_factory=make_window_scorer) -> list[WindowResult]:
+                        scorer_factory=make_window_scorer,
+                        run: RunOptions | None = None) -> list[WindowResult]:
   """Sliding-window perplexity at each window size (see the module docstring).
 
   progress(window, total_windows) returns a tqdm-like object with update(n) and close().
@@ -180,7 +186,7 @@ def evaluate_perplexity(config: ModelConfig, params, documents: list[tuple[str, 
   scorers = {}
   for w in windows:  # compile all first: a window that does not fit fails before any work
     scorers[w], results[w].memory_bytes, results[w].compile_seconds = scorer_factory(
-        config, params, widths[w], batch_size, mesh=mesh, chunk=chunk)
+        config, params, widths[w], batch_size, mesh=mesh, chunk=chunk, run=run)
   for w in windows:
     _score_window_size(results[w], scorers[w], documents, w, stride, batch_size, progress,
                        width=widths[w])
@@ -188,7 +194,8 @@ def evaluate_perplexity(config: ModelConfig, params, documents: list[tuple[str, 
 
 
 def prefix_perplexities(config: ModelConfig, params, ids: np.ndarray, windows: Iterable[int], *,
-                        chunk: int = loss_lib.DEFAULT_CHUNK) -> dict[int, float]:
+                        chunk: int = loss_lib.DEFAULT_CHUNK,
+                        run: RunOptions | None = None) -> dict[int, float]:
   """{W: perplexity of the first W targets of `ids`} for several W, from ONE forward pass.
 
   Causal attention makes the first W targets of a long forward the same computation as a
@@ -209,7 +216,8 @@ def prefix_perplexities(config: ModelConfig, params, ids: np.ndarray, windows: I
   if len(ids) < top + 1:
     raise ValueError(f"{len(ids)} tokens are fewer than the largest window {top} + 1")
   tokens_BL, targets_BL = ids[None, :top], ids[None, 1:top + 1]
-  nll_fn = jax.jit(lambda p, x, y: loss_lib.token_nll(config, p, x, y, chunk=min(chunk, top)))
+  nll_fn = jax.jit(lambda p, x, y: loss_lib.token_nll(config, p, x, y, chunk=min(chunk, top),
+                                                      run=run))
   nll = np.asarray(nll_fn(params, tokens_BL, targets_BL)[0], np.float64)
   return {w: float(np.exp(nll[:w].mean())) for w in windows}
 

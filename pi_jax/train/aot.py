@@ -15,13 +15,14 @@ import time
 
 import jax
 
-from pi_jax import attention as attn_lib
-from pi_jax import files
+from pi_jax import dispatch, files
 from pi_jax import sharding as sharding_lib
 from pi_jax import tpu
 from pi_jax.evals import runtime
+from pi_jax.run import RunOptions
 from pi_jax.train import metrics as metrics_lib
-from pi_jax.train import trainer as trainer_lib
+from pi_jax.train import setup
+from pi_jax.train import step as step_lib
 from pi_jax.train.config import TrainConfig
 
 GiB = tpu.GiB
@@ -109,19 +110,19 @@ def _mesh_for_spec(spec: str | None, slice_: tpu.TpuSlice):
 def compile_train_step(config: TrainConfig, topology: str) -> dict:
   """Compiles the run's train step for the TPU slice `topology`; returns the record."""
   slice_ = tpu.parse_slice(topology)
-  model, source = trainer_lib.abstract_model_config(config)
+  model, source = setup.abstract_model_config(config)
   mesh = _mesh_for_spec(config.mesh, slice_)
-  config = trainer_lib.batch_config_for_mesh(config, mesh)
-  specs = trainer_lib.step_specs(config, model, mesh)
+  config = step_lib.batch_config_for_mesh(config, mesh)
+  specs = step_lib.step_specs(config, model, mesh, config.run.param_dtype or "float32")
   rows = jax.ShapeDtypeStruct((config.global_batch, config.seq_len + 1), jax.numpy.int32,
                               sharding=specs.batch_sharding)
   t0 = time.perf_counter()
   with jax.set_mesh(mesh):
-    step = trainer_lib.make_train_step(config, model, specs.optimizer, specs.shardings,
-                                       specs.batch_sharding)
-    attention = attn_lib.resolve_impl(model.attention_impl, model.compute_dtype)
+    step = step_lib.make_train_step(config, model, specs.optimizer, specs.shardings,
+                                    specs.batch_sharding)
+    kernels = dispatch.choose(config.run)
     lowered = step.lower(specs.abstract_state(), rows)
-    memory = _compile(lowered, slice_.hbm_bytes_per_chip)
+    compiled = _compile(lowered, slice_.hbm_bytes_per_chip)
   seconds = time.perf_counter() - t0
   tokens = config.global_batch * config.seq_len
   flops = metrics_lib.flops_per_token(model, config.seq_len) * tokens
@@ -134,7 +135,8 @@ def compile_train_step(config: TrainConfig, topology: str) -> dict:
       "mesh": {k: int(v) for k, v in mesh.shape.items()},
       "model_source": files.portable(source),
       "model": _model_summary(model),
-      "attention_compiled": attention,
+      "run": _run_summary(config.run, kernels),
+      "attention_compiled": kernels.attention,
       "seq_len": config.seq_len,
       "global_batch": config.global_batch,
       "micro_batch": config.global_batch // config.accum_steps,
@@ -144,7 +146,7 @@ def compile_train_step(config: TrainConfig, topology: str) -> dict:
       "model_flops_per_step": flops,
       "model_flops_per_chip": flops / slice_.chips,
       "compile_seconds": round(seconds, 1),
-      **memory,
+      **compiled,
   }
   return record
 
@@ -152,10 +154,13 @@ def compile_train_step(config: TrainConfig, topology: str) -> dict:
 def _model_summary(model) -> dict:
   from pi_jax import model as model_lib
   return {"params": model_lib.count_params(model), "num_layers": model.num_layers,
-          "hidden_size": model.hidden_size, "rope_scaling": model.rope_scaling.describe(),
-          "param_dtype": model.param_dtype, "compute_dtype": model.compute_dtype,
-          "remat": model.remat, "attention_impl": model.attention_impl,
-          "attention_block_size": attn_lib.block_size_for("splash", model.attention_block_size)}
+          "hidden_size": model.hidden_size, "rope_scaling": model.rope_scaling.describe()}
+
+
+def _run_summary(run: RunOptions, kernels: dispatch.Kernels) -> dict:
+  return {"param_dtype": run.param_dtype or "float32", "compute_dtype": run.compute_dtype,
+          "remat": run.remat, "attention_impl": run.attention_impl,
+          "attention_block_size": kernels.block_size}
 
 
 def _gib(n: int) -> str:
@@ -164,12 +169,12 @@ def _gib(n: int) -> str:
 
 def format_record(record: dict) -> str:
   """The human-readable lines train.py / eval.py print."""
-  m = record["model"]
+  m, r = record["model"], record["run"]
   lines = [
       f"{record['what']} compiled for {record['slice']} in {record['compile_seconds']} s",
       f"  mesh {record['mesh']}; model {m['params'] / 1e9:.2f}B params ({record['model_source']}), "
-      f"{m['rope_scaling']}, {m['param_dtype']} params / {m['compute_dtype']} compute, "
-      f"remat {m['remat']}, attention {m['attention_impl']} -> {record['attention_compiled']}",
+      f"{m['rope_scaling']}, {r['param_dtype']} params / {r['compute_dtype']} compute, "
+      f"remat {r['remat']}, attention {r['attention_impl']} -> {record['attention_compiled']}",
   ]
   if record["what"] == "train_step":
     lines.append(f"  batch {record['global_batch']} × {record['seq_len']} tokens "
@@ -200,7 +205,7 @@ def format_record(record: dict) -> str:
 
 def compile_perplexity_step(model, topology: str, window: int, batch: int | None = None,
                             mesh_spec: str | None = None, chunk: int = 1024,
-                            model_source: str = "") -> dict:
+                            model_source: str = "", run: RunOptions | None = None) -> dict:
   """Compiles eval.py perplexity's window scorer (pi_jax.evals.perplexity.window_nll_fn) for a
   TPU slice: parameters sharded as load_checkpoint places them, window batches over the data
   axes. `batch` defaults to one window per data shard."""
@@ -209,14 +214,15 @@ def compile_perplexity_step(model, topology: str, window: int, batch: int | None
   from pi_jax.train import state as state_lib
   slice_ = tpu.parse_slice(topology)
   mesh = _mesh_for_spec(mesh_spec, slice_)
-  batch = runtime.check_batch_size(runtime.batch_shards(mesh) if batch is None else batch, mesh)
-  params = state_lib.with_shardings(model_lib.abstract_params(model),
+  batch = runtime.check_batch_size(sharding_lib.batch_shards(mesh) if batch is None else batch, mesh)
+  run = run or RunOptions()
+  params = state_lib.with_shardings(model_lib.abstract_params(model, run.param_dtype or "float32"),
                                     state_lib.param_shardings(mesh, model))
   tokens = runtime.batch_struct((batch, window), mesh)
   t0 = time.perf_counter()
   with jax.set_mesh(mesh):
-    attention = attn_lib.resolve_impl(model.attention_impl, model.compute_dtype)
-    memory = _compile(jax.jit(ppl.window_nll_fn(model, window, chunk)).lower(
+    kernels = dispatch.choose(run)
+    compiled = _compile(jax.jit(ppl.window_nll_fn(model, window, chunk, run)).lower(
         params, tokens, tokens), slice_.hbm_bytes_per_chip)
   seconds = time.perf_counter() - t0
   # A forward pass is a third of a training step's 6·N + attention FLOPs per token.
@@ -226,29 +232,10 @@ def compile_perplexity_step(model, topology: str, window: int, batch: int | None
       "generation": slice_.generation, "chips": slice_.chips,
       "mesh": {k: int(v) for k, v in mesh.shape.items()},
       "model_source": files.portable(model_source),
-      "model": _model_summary(model), "attention_compiled": attention,
+      "model": _model_summary(model), "run": _run_summary(run, kernels),
+      "attention_compiled": kernels.attention,
       "window": window, "batch": batch, "loss_chunk": chunk,
       "model_flops_per_step": flops, "model_flops_per_chip": flops / slice_.chips,
       "compile_seconds": round(seconds, 1),
-      **memory,
+      **compiled,
   }
-
-
-def analytic_bytes_per_token(model) -> dict:
-  """What one token of one sequence costs the train step, on paper (bytes; see docs/tpu.md).
-
-  - residual: the layer input saved at each of the Y layer boundaries under remat (compute
-    dtype): Y·c·D. Everything else inside a layer is recomputed in the backward pass.
-  - layer: the working set of one layer's recompute + backward, alive for one layer at a time:
-    its activations in the compute dtype (normed inputs, q, k, v, attention output, gate, up,
-    SiLU product and their cotangents) plus the float32 pieces of flash attention's backward
-    (output, its cotangent and dq, dk, dv): c·(4D + 4NH + 4KH + 6F) + 4·(3NH + 2KH).
-  The loss's float32 logits are per chunk, not per token (a constant, loss_chunk·V·4·3).
-  """
-  c = 2 if model.compute_dtype == "bfloat16" else 4
-  d, f = model.hidden_size, model.intermediate_size
-  nh, kh = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
-  residual = model.num_layers * c * d
-  layer = c * (4 * d + 4 * nh + 4 * kh + 6 * f) + 4 * (3 * nh + 2 * kh)
-  return {"residual": residual, "layer": layer, "total": residual + layer,
-          "per_layer": (residual + layer) / model.num_layers}

@@ -2,20 +2,25 @@
 
 A run config is a Python file defining `get_config() -> TrainConfig`. Every field can be replaced
 from the command line with `--set key=value` (parsed by the field's type); `model.FIELD=value`
-replaces one field of a literal `ModelConfig`.
+replaces one field of a literal `ModelConfig`, `run.FIELD=value` one of the run options
+(pi_jax.run.RunOptions: dtypes, remat, attention kernel and tile).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib.util
 import os
-import types
 import typing
 from typing import Any
 
+from pi_jax import run as run_lib
 from pi_jax.config import ModelConfig
+from pi_jax.run import RunOptions
+
+# Run options that run configs (and run_config.json files) before pi_jax.run held at the top
+# level; from_dict moves them into `run`, --set names their new place.
+_MOVED_TO_RUN = ("param_dtype", "compute_dtype", "remat", "attention_impl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,10 +34,8 @@ class TrainConfig:
   model: ModelConfig | str | None = None
   rope_scaling: str | None = None  # e.g. linear:4 (PI); none removes scaling; None keeps it
   max_position_embeddings: int | None = None  # the window, for direct fine-tuning without PI
-  param_dtype: str | None = None  # None keeps the model's
-  compute_dtype: str | None = None
-  remat: str | None = None
-  attention_impl: str | None = None
+  # How this run computes: dtypes, remat, attention kernel and tile (never read from a checkpoint).
+  run: RunOptions = RunOptions()
   loss_chunk: int = 1024
   # Data.
   data: str = "pg19_standin"
@@ -142,14 +145,18 @@ class TrainConfig:
     d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
     if isinstance(self.model, ModelConfig):
       d["model"] = self.model.to_dict()
+    d["run"] = self.run.to_dict()
     return d
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
     """The inverse of to_dict, as a run recorded it (WORKDIR/run_config.json); keys this version
-    does not know are ignored."""
+    does not know are ignored, run options recorded before `run` existed are moved into it."""
     fields = {f.name for f in dataclasses.fields(cls)}
-    config = cls(**{k: v for k, v in d.items() if k in fields})
+    run = dict(d.get("run") or {})
+    run.update({k: d[k] for k in _MOVED_TO_RUN if d.get(k) is not None})
+    config = cls(**{k: v for k, v in d.items() if k in fields and k != "run"},
+                 run=RunOptions.from_dict(run))
     if isinstance(config.model, dict):
       config = config.replace(model=ModelConfig.from_dict(config.model))
     return config
@@ -172,51 +179,22 @@ def load_config_file(path: str) -> TrainConfig:
   return config
 
 
-_NONE_WORDS = ("null", "None", "")
-
-
 def _parse_value(text: str, annotation, key: str):
   """Parses `text` as the type `annotation` (a field's resolved type hint)."""
-  origin = typing.get_origin(annotation)
-  if origin in (typing.Union, types.UnionType):
-    options = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if type(None) in typing.get_args(annotation) and text in _NONE_WORDS:
-      return None
-    errors = []
-    for option in options:
-      try:
-        return _parse_value(text, option, key)
-      except ValueError as e:
-        errors.append(str(e))
-    raise ValueError(f"--set {key}={text}: " + "; ".join(errors))
-  if annotation is bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-      return True
-    if lowered in ("0", "false", "no", "off"):
-      return False
-    raise ValueError(f"--set {key}={text}: expected a boolean (true/false)")
-  if annotation is int:
-    try:
-      return int(text)
-    except ValueError:
-      raise ValueError(f"--set {key}={text}: expected an integer") from None
-  if annotation is float:
-    try:
-      return float(text)
-    except ValueError:
-      raise ValueError(f"--set {key}={text}: expected a number") from None
-  if annotation is str:
-    return text
   if annotation is ModelConfig:
     raise ValueError(f"--set {key}={text}: a ModelConfig is set field by field (model.FIELD=...)")
-  raise ValueError(f"--set {key}: cannot parse values of type {annotation}")
+  if annotation is RunOptions:
+    raise ValueError(f"--set {key}={text}: run options are set field by field (run.FIELD=...)")
+  try:
+    return run_lib.parse_value(text, annotation, key)
+  except ValueError as e:
+    raise ValueError(f"--set {key}={text}: {e}" if not str(e).startswith("--set") else str(e))
 
 
 def _unknown_key(key: str, known) -> ValueError:
-  close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.5)
-  hint = f"; did you mean {', '.join(close)}?" if close else ""
-  return ValueError(f"--set: unknown config key {key!r}{hint} (known: {', '.join(sorted(known))})")
+  if key in _MOVED_TO_RUN:
+    return ValueError(f"--set {key}: run options are set as run.{key}=... (pi_jax.run.RunOptions)")
+  return run_lib.unknown_key(key, known)
 
 
 def _split_items(items: list[str]) -> list[str]:
@@ -242,11 +220,15 @@ def apply_overrides(config: TrainConfig, items: list[str]) -> TrainConfig:
   hints = typing.get_type_hints(TrainConfig)
   changes: dict[str, Any] = {}
   model_changes: dict[str, Any] = {}
+  run_settings: dict[str, str] = {}
   for item in _split_items(items):
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep:
       raise ValueError(f"--set {item!r}: expected key=value")
+    if key.startswith("run."):
+      run_settings[key[len("run."):]] = text
+      continue
     if key.startswith("model."):
       field = key[len("model."):]
       model_hints = typing.get_type_hints(ModelConfig)
@@ -262,6 +244,8 @@ def apply_overrides(config: TrainConfig, items: list[str]) -> TrainConfig:
   if "grad_accum" in changes and "micro_batch" not in changes:
     changes["micro_batch"] = None  # --set grad_accum=N replaces the config's micro_batch
   config = config.replace(**changes)
+  if run_settings:
+    config = config.replace(run=run_lib.with_settings(config.run, run_settings))
   if model_changes:
     model = config.model
     if isinstance(model, str):  # a preset name: edit the preset's architecture

@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 
 from pi_jax import checkpoint as ckpt_lib
 from pi_jax.train import state as state_lib
-from pi_jax.train import trainer
+from pi_jax.train import setup
 from pi_jax.train.config import TrainConfig
 
 
@@ -43,8 +43,8 @@ def export_step(workdir: str, step: int, out: str) -> str:
   if os.path.exists(os.path.join(out, ckpt_lib.CONFIG_FILE)):
     raise FileExistsError(f"{out} already holds a checkpoint; choose another folder")
   config = run_config(workdir)
-  model, _ = trainer.abstract_model_config(config)
-  _, tokenizer_files = trainer.tokenizer_and_files(config, model)
+  model, _ = setup.abstract_model_config(config)
+  _, tokenizer_files = setup.tokenizer_and_files(config, model)
   state_dir = os.path.abspath(os.path.join(folder, str(step), "state"))
   with ocp.StandardCheckpointer() as ckptr:
     params = ckptr.restore(state_dir)["params"]

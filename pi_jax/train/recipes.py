@@ -9,6 +9,7 @@ only a default that runs anywhere (--set data=... for real data).
 
 from __future__ import annotations
 
+from pi_jax.run import RunOptions
 from pi_jax.train.config import TrainConfig
 
 PAPER_LR = {"7b": 2e-5, "13b": 2e-5, "33b": 1e-5, "65b": 1e-5}
@@ -40,9 +41,7 @@ def extend(preset: str, size: str, target_window: int, method: str = "pi",
       model=preset,  # the architecture the checkpoint must have
       rope_scaling=scaling,
       max_position_embeddings=max_pos,
-      param_dtype="float32",
-      compute_dtype="bfloat16",
-      remat="full",
+      run=RunOptions(param_dtype="float32", compute_dtype="bfloat16", remat="full"),
       data="pg19_standin",
       seq_len=target_window,
       global_batch=paper_batch(size, target_window),

@@ -31,9 +31,10 @@ def param_shardings(mesh, config: ModelConfig):
                                      model_lib.abstract_params(config))
 
 
-def abstract_state(config: ModelConfig, optimizer: optax.GradientTransformation) -> dict:
+def abstract_state(config: ModelConfig, optimizer: optax.GradientTransformation,
+                   param_dtype: str = "float32") -> dict:
   def make(key):
-    params = model_lib.init_params(config, key)
+    params = model_lib.init_params(config, key, param_dtype)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
   return jax.eval_shape(make, jax.random.key(0))
 
@@ -48,10 +49,11 @@ def state_shardings(mesh, config: ModelConfig, optimizer: optax.GradientTransfor
   return {"step": replicated, "params": p_shard, "opt_state": opt_shard}
 
 
-def init_state(config: ModelConfig, optimizer, shardings: dict, seed: int) -> dict:
+def init_state(config: ModelConfig, optimizer, shardings: dict, seed: int,
+               param_dtype: str = "float32") -> dict:
   """A random-init train state, computed directly into `shardings`."""
   def make():
-    params = model_lib.init_params(config, jax.random.key(seed))
+    params = model_lib.init_params(config, jax.random.key(seed), param_dtype)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
   return jax.jit(make, out_shardings=shardings)()
 
@@ -63,19 +65,19 @@ def state_from_params(params, optimizer, shardings: dict) -> dict:
   return jax.jit(make, out_shardings=shardings, donate_argnums=0)(params)
 
 
-def load_init_params(path: str, mesh, runtime_overrides: dict):
-  """(ModelConfig, params) from a pi_jax checkpoint, restored straight into the mesh."""
+def load_init_params(path: str, mesh, param_dtype: str | None = None):
+  """(ModelConfig, params) from a pi_jax checkpoint, restored straight into the mesh (cast to
+  param_dtype when given)."""
   if not ckpt_lib.is_checkpoint(path):
     raise FileNotFoundError(
         f"init_checkpoint {path!r} is not a pi_jax checkpoint (no config.json + params/); "
         "convert a model first: python -m convert.to_pi_jax --help")
-  return ckpt_lib.load_checkpoint(path, mesh=mesh, config_overrides=runtime_overrides or None)
+  return ckpt_lib.load_checkpoint(path, mesh=mesh, param_dtype=param_dtype)
 
 
-def load_init_config(path: str, runtime_overrides: dict) -> ModelConfig:
+def load_init_config(path: str) -> ModelConfig:
   """The ModelConfig of a pi_jax checkpoint, without reading its parameters."""
-  config = ckpt_lib.load_config(path)
-  return config.replace(**runtime_overrides) if runtime_overrides else config
+  return ckpt_lib.load_config(path)
 
 
 def with_shardings(abstract, shardings):

@@ -11,8 +11,6 @@ restores the newest checkpoint that loads and verifies, moving damaged ones asid
 from __future__ import annotations
 
 import dataclasses
-import fcntl
-import functools
 import os
 import signal
 import sys
@@ -20,21 +18,17 @@ import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from pi_jax import files
-from pi_jax import loss as loss_lib
-from pi_jax import model as model_lib
+from pi_jax import dispatch, files, memory
 from pi_jax import sharding as sharding_lib
-from pi_jax.config import ModelConfig
-from pi_jax.tokenizer import ByteTokenizer, load_tokenizer
 from pi_jax.train import metrics as metrics_lib
-from pi_jax.train import episodes, optim, pipeline
+from pi_jax.train import pipeline, setup
 from pi_jax.train import state as state_lib
+from pi_jax.train import step as step_lib
 from pi_jax.train.config import TrainConfig
+from pi_jax.train.distributed import maybe_initialize_distributed
+from pi_jax.train.workdir import WorkdirLock
 
 
 class NonFiniteError(RuntimeError):
@@ -48,312 +42,6 @@ class StepInfo:
   record: dict
   trainer: "Trainer"
 
-
-# --- multi-process -----------------------------------------------------------------------------
-
-def _cluster_in_env() -> bool:
-  env = os.environ
-  if env.get("JAX_COORDINATOR_ADDRESS"):
-    return True
-  if int(env.get("SLURM_NTASKS", "1") or 1) > 1:
-    return True
-  hosts = env.get("TPU_WORKER_HOSTNAMES", "")
-  return "," in hosts or bool(env.get("MEGASCALE_COORDINATOR_ADDRESS"))
-
-
-def maybe_initialize_distributed(config: TrainConfig) -> None:
-  """jax.distributed.initialize() for multi-process runs; must precede any other jax call.
-
-  Explicit: coordinator/num_processes/process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
-  JAX_PROCESS_ID). Otherwise JAX's own detection (TPU pod slices, SLURM) when the environment
-  says there is a cluster, or always with distributed=on.
-  """
-  if config.distributed == "off" or jax.distributed.is_initialized():
-    return
-  env = os.environ
-  coordinator = config.coordinator or env.get("JAX_COORDINATOR_ADDRESS")
-  num = config.num_processes or (int(env["JAX_NUM_PROCESSES"]) if env.get("JAX_NUM_PROCESSES") else None)
-  pid = config.process_id if config.process_id is not None else (
-      int(env["JAX_PROCESS_ID"]) if env.get("JAX_PROCESS_ID") else None)
-  if not (config.distributed == "on" or coordinator or _cluster_in_env()):
-    return
-  if coordinator and (num is None or pid is None):
-    raise ValueError("coordinator is set: also set num_processes and process_id "
-                     "(--set num_processes=N --set process_id=I)")
-  if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
-    # CPU collectives across processes need gloo (harmless when the backend is GPU/TPU).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  if coordinator:
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid)
-  else:
-    jax.distributed.initialize()
-
-
-# --- model and tokenizer -----------------------------------------------------------------------
-
-def _runtime_overrides(config: TrainConfig) -> dict:
-  names = ("param_dtype", "compute_dtype", "remat", "attention_impl")
-  return {n: getattr(config, n) for n in names if getattr(config, n) is not None}
-
-
-def _model_from_config(config: TrainConfig) -> ModelConfig:
-  model = config.model
-  if model is None:
-    raise ValueError("the run config gives neither init_checkpoint nor model: set one "
-                     "(--set init_checkpoint=PATH, or model=PRESET_NAME)")
-  if isinstance(model, str):
-    try:
-      from pi_jax import presets
-    except ImportError:
-      raise ValueError(f"model preset {model!r}: pi_jax.presets is not available") from None
-    model = presets.preset(model)
-  return model.replace(**_runtime_overrides(config))
-
-
-def _final_model_config(config: TrainConfig, model: ModelConfig) -> ModelConfig:
-  """Applies rope_scaling / max_position_embeddings and checks seq_len fits the window."""
-  if config.rope_scaling is not None:
-    model = model.with_rope_scaling(config.rope_scaling)
-  if config.max_position_embeddings is not None:
-    model = model.replace(max_position_embeddings=config.max_position_embeddings)
-  if config.seq_len > model.max_position_embeddings:
-    raise ValueError(
-        f"seq_len {config.seq_len} exceeds the model's window {model.max_position_embeddings}: "
-        f"extend it with PI (--set rope_scaling=linear:{config.seq_len / model.original_window:g}) "
-        f"or directly (--set max_position_embeddings={config.seq_len})")
-  return model
-
-
-def _load_model(config: TrainConfig, mesh, fresh: bool) -> tuple[ModelConfig, dict | None]:
-  """(model config, init parameters or None): from the init checkpoint (its parameters only for
-  a fresh run), else the run config's model (random init later)."""
-  if not config.init_checkpoint:
-    return _model_from_config(config), None
-  overrides = _runtime_overrides(config)
-  if fresh:
-    model, params = state_lib.load_init_params(config.init_checkpoint, mesh, overrides)
-  else:
-    model, params = state_lib.load_init_config(config.init_checkpoint, overrides), None
-  if config.model is not None:  # the run config names the architecture it expects
-    expected = _model_from_config(config)
-    if model_lib.param_shapes(expected) != model_lib.param_shapes(model):
-      name = repr(config.model) if isinstance(config.model, str) else "the run config's model"
-      raise ValueError(
-          f"init_checkpoint {config.init_checkpoint} does not have the architecture of "
-          f"{name} (parameter shapes differ); fix init_checkpoint, or --set model=null to "
-          "take the architecture from the checkpoint")
-  return model, params
-
-
-def tokenizer_and_files(config: TrainConfig, model: ModelConfig):
-  """(tokenizer, {file name: source path} to copy into the final checkpoint's tokenizer/)."""
-  source = config.tokenizer or config.init_checkpoint
-  if source:
-    tok = load_tokenizer(source)
-    folder = os.path.join(source, "tokenizer")
-    if not os.path.isdir(folder):
-      folder = source
-    files = {}
-    for root, _, names in os.walk(folder):
-      for name in names:
-        src = os.path.join(root, name)
-        files[os.path.relpath(src, folder)] = src
-  else:
-    tok = ByteTokenizer()
-    files = {"bytes.json": tok.save(os.path.join(config.workdir, "tokenizer"))}
-  if model.vocab_size < tok.vocab_size:
-    raise ValueError(f"the tokenizer ({source or 'bytes'}) has {tok.vocab_size} ids, more than "
-                     f"the model's vocab_size {model.vocab_size}")
-  return tok, files
-
-
-def _train_data(config: TrainConfig, tokenizer, vocab_size: int):
-  """The run config's data, with passkey episodes mixed in when passkey_fraction > 0."""
-  data = pipeline.load_train_data(config, tokenizer, vocab_size)
-  if config.passkey_fraction > 0:
-    data = episodes.PasskeyMixture(data, tokenizer, config.seq_len, config.global_batch,
-                                   config.passkey_fraction, config.seed, config.passkey_template)
-  return data
-
-
-# --- the step ----------------------------------------------------------------------------------
-
-def _summed_loss(model: ModelConfig, chunk: int, params, rows_BL1):
-  """(sum of next-token NLL, token count) of packed rows [B, L+1]: rows hold tokens and targets."""
-  tokens_BL, targets_BL = rows_BL1[:, :-1], rows_BL1[:, 1:]
-  mean, count = loss_lib.mean_loss(model, params, tokens_BL, targets_BL,
-                                   jnp.ones(tokens_BL.shape, jnp.bool_), chunk=chunk)
-  return mean * count, count
-
-
-def make_train_step(config: TrainConfig, model: ModelConfig, optimizer, shardings, batch_sharding):
-  accum = config.accum_steps
-  schedule = optim.learning_rate_schedule(config)
-  replicated = NamedSharding(batch_sharding.mesh, P())
-
-  summed_loss = functools.partial(_summed_loss, model, config.loss_chunk)
-  grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
-
-  def step(state, rows_GL1):
-    params = state["params"]
-    if accum == 1:
-      (total, count), grads = grad_fn(params, rows_GL1)
-      grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
-    else:
-      g, l1 = rows_GL1.shape
-      # Micro-batch a takes rows a, A+a, 2A+a, ...: each device keeps its own rows in every
-      # micro-batch, so the split moves no data between devices.
-      micro_ABL1 = rows_GL1.reshape(g // accum, accum, l1).swapaxes(0, 1)
-      micro_ABL1 = sharding_lib.shard(micro_ABL1, (None, "batch", None))
-
-      def body(carry, rows_BL1):
-        total, count, grads = carry
-        (t, c), g_ = grad_fn(params, rows_BL1)
-        grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g_)
-        return (total + t, count + c, grads), None
-
-      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-      (total, count, grads), _ = jax.lax.scan(body, (0.0, 0.0, zeros), micro_ABL1)
-    loss = total / count
-    grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, params)
-    grad_norm = optax.tree.norm(grads)
-    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-    new = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-           "opt_state": opt_state}
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    # Keep the old state on a bad step: the state is donated, so this is the only copy left.
-    new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
-    out = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state["step"]),
-           "ok": ok, "tokens": count}
-    return new, out
-
-  return jax.jit(step, in_shardings=(shardings, batch_sharding),
-                 out_shardings=(shardings, replicated), donate_argnums=0)
-
-
-def make_eval_step(config: TrainConfig, model: ModelConfig, shardings, batch_sharding):
-  replicated = NamedSharding(batch_sharding.mesh, P())
-
-  evaluate = functools.partial(_summed_loss, model, config.loss_chunk)
-  return jax.jit(evaluate, in_shardings=(shardings["params"], batch_sharding),
-                 out_shardings=replicated)
-
-
-@dataclasses.dataclass
-class StepSpecs:
-  """Everything the jitted steps are built from, without a single parameter allocated."""
-  optimizer: optax.GradientTransformation
-  abstract: dict  # ShapeDtypeStructs of the train state
-  shardings: dict  # NamedShardings of the train state
-  batch_sharding: NamedSharding  # [global_batch, seq_len + 1] rows of the train step
-  eval_sharding: NamedSharding  # [micro_batch, seq_len + 1] rows of the eval step
-
-  def abstract_state(self) -> dict:
-    """The state's ShapeDtypeStructs carrying their shardings (what `.lower` takes)."""
-    return state_lib.with_shardings(self.abstract, self.shardings)
-
-
-def batch_config_for_mesh(config: TrainConfig, mesh) -> TrainConfig:
-  """`config` on `mesh`: micro_batch=-1 resolved to one sequence per batch shard, and an error
-  when a micro-batch does not split over the batch shards (data × fsdp)."""
-  from pi_jax.evals import runtime
-  shards = runtime.batch_shards(mesh)
-  config = config.for_batch_shards(shards)
-  micro = config.global_batch // config.accum_steps
-  if micro % shards:
-    raise ValueError(
-        f"global_batch {config.global_batch} in {config.accum_steps} micro-batch(es) of {micro} "
-        f"cannot be split over the {shards} data shards of mesh {dict(mesh.shape)}: each "
-        f"micro-batch must be a multiple of {shards} (otherwise every device would get the "
-        "whole batch: no data parallelism), or use a tensor / sequence axis for some chips")
-  return config
-
-
-def step_specs(config: TrainConfig, model: ModelConfig, mesh) -> StepSpecs:
-  """Optimizer, abstract state and shardings of a run on `mesh` (real or compile-only devices)."""
-  optimizer = optim.make_optimizer(config)
-  abstract = state_lib.abstract_state(model, optimizer)
-  shardings = state_lib.state_shardings(mesh, model, optimizer, abstract)
-  micro = config.global_batch // config.accum_steps
-  rows = lambda b: sharding_lib.named_sharding(mesh, ("batch", None), (b, config.seq_len + 1))
-  return StepSpecs(optimizer, abstract, shardings, rows(config.global_batch), rows(micro))
-
-
-def abstract_model_config(config: TrainConfig) -> tuple[ModelConfig, str]:
-  """(final model config, where its architecture came from) without reading any parameter.
-
-  The init checkpoint's config.json when it exists, else the run config's `model` (the
-  architecture the checkpoint must have): what a compile-only run needs before the weights are
-  downloaded or converted.
-  """
-  from pi_jax import checkpoint as ckpt_lib
-  if config.init_checkpoint and ckpt_lib.is_checkpoint(config.init_checkpoint):
-    model, source = _load_model(config, None, fresh=False)[0], config.init_checkpoint
-  elif config.model is not None:
-    model, source = _model_from_config(config), (
-        f"preset {config.model}" if isinstance(config.model, str) else "the run config's model")
-  else:
-    raise ValueError(f"init_checkpoint {config.init_checkpoint!r} is not a pi_jax checkpoint and "
-                     "the run config names no model: set model=PRESET for a compile-only run")
-  return _final_model_config(config, model), source
-
-
-# --- the run -----------------------------------------------------------------------------------
-
-class WorkdirInUseError(ValueError):
-  """Another process holds the workdir's lock."""
-
-
-class WorkdirLock:
-  """An exclusive lock on WORKDIR/.lock (released when the process ends, even by SIGKILL); the
-  file holds the holder's PID so a second run can name it."""
-
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, ".lock")
-    self._file = open(self.path, "a+")
-    try:
-      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-      self._file.seek(0)
-      holder = self._file.read().strip() or "unknown"
-      self._file.close()
-      raise WorkdirInUseError(f"workdir {workdir} is in use by another run (process {holder}, lock "
-                         f"{self.path}); wait for it to finish or stop it, or use another "
-                         "workdir") from None
-    self._file.seek(0)
-    self._file.truncate()
-    self._file.write(f"{os.getpid()}\n")
-    self._file.flush()
-
-  def release(self) -> None:
-    if self._file is not None:
-      fcntl.flock(self._file, fcntl.LOCK_UN)
-      self._file.close()
-      self._file = None
-
-
-def state_bytes_per_device(abstract: dict, shardings: dict) -> int:
-  """Bytes of one device's shard of the train state, plus float32 gradients of the parameters."""
-  def shard_bytes(a, s):
-    return int(np.prod(s.shard_shape(a.shape), dtype=np.int64)) * a.dtype.itemsize
-  state = sum(jax.tree.leaves(jax.tree.map(shard_bytes, abstract, shardings)))
-  grads = sum(jax.tree.leaves(jax.tree.map(
-      lambda a, s: int(np.prod(s.shard_shape(a.shape), dtype=np.int64)) * 4,
-      abstract["params"], shardings["params"])))
-  return state + grads
-
-
-def check_state_fits(abstract: dict, shardings: dict) -> None:
-  """Refuses, before allocating anything, a train state that cannot fit in device memory."""
-  from pi_jax.evals import runtime
-  free, name = runtime.free_device_memory()
-  need = state_bytes_per_device(abstract, shardings)
-  if free is not None and need > runtime.MEMORY_HEADROOM * free:
-    raise ValueError(
-        f"the train state (parameters, optimizer moments, gradients) needs {need / 2**30:.1f} "
-        f"GiB per device before any activation, but {name} has {free / 2**30:.1f} GiB free; "
-        "shard it over more devices (--set mesh=fsdp:N), use a smaller model, or "
-        "--set param_dtype=bfloat16")
 
 class Trainer:
   """One run: build everything, then `run()`. Use `train(config)` unless you need the parts."""
@@ -380,23 +68,26 @@ class Trainer:
 
   def _build(self, config: TrainConfig, data) -> None:
     self.mesh = sharding_lib.make_mesh(config.mesh)
-    config = self.config = batch_config_for_mesh(config, self.mesh)
+    config = self.config = step_lib.batch_config_for_mesh(config, self.mesh)
     self.checkpoints = state_lib.RunCheckpoints(config.workdir, config.keep_checkpoints,
                                                 config.async_checkpoints)
     has_checkpoints = bool(self.checkpoints.all_steps())
 
     # Shapes and memory first: a model that cannot fit fails before anything big is read.
-    model, _ = _load_model(config, self.mesh, fresh=False)
-    self.model = _final_model_config(config, model)
-    specs = step_specs(config, self.model, self.mesh)
+    model, _ = setup.load_model(config, self.mesh, fresh=False)
+    self.model = setup.final_model_config(config, model)
+    self.param_dtype = setup.param_dtype(config)
+    with jax.set_mesh(self.mesh):
+      self.kernels = dispatch.choose(config.run)  # what the traced steps will use
+    specs = step_lib.step_specs(config, self.model, self.mesh, self.param_dtype)
     self.optimizer, abstract, self.shardings = specs.optimizer, specs.abstract, specs.shardings
-    check_state_fits(abstract, self.shardings)
+    memory.check_state_fits(abstract, self.shardings)
     # The init checkpoint's parameters are read only for a fresh run: a resume reads its own.
     init_params = None
     if not has_checkpoints and config.init_checkpoint:
-      _, init_params = _load_model(config, self.mesh, fresh=True)
-    self.tokenizer, self.tokenizer_files = tokenizer_and_files(config, self.model)
-    self.data = data or _train_data(config, self.tokenizer, self.model.vocab_size)
+      _, init_params = setup.load_model(config, self.mesh, fresh=True)
+    self.tokenizer, self.tokenizer_files = setup.tokenizer_and_files(config, self.model)
+    self.data = data or setup.train_data(config, self.tokenizer, self.model.vocab_size)
     self.batch_sharding, self.eval_sharding = specs.batch_sharding, specs.eval_sharding
     micro = config.global_batch // config.accum_steps
     if config.eval_every and self.data.num_eval < micro:
@@ -418,17 +109,19 @@ class Trainer:
     elif init_params is not None:
       self.state = state_lib.state_from_params(init_params, self.optimizer, self.shardings)
     elif config.init_checkpoint:  # every checkpoint was damaged: start again from the init
-      _, init_params = _load_model(config, self.mesh, fresh=True)
+      _, init_params = setup.load_model(config, self.mesh, fresh=True)
       self.state = state_lib.state_from_params(init_params, self.optimizer, self.shardings)
     else:
-      self.state = state_lib.init_state(self.model, self.optimizer, self.shardings, config.seed)
+      self.state = state_lib.init_state(self.model, self.optimizer, self.shardings, config.seed,
+                                        self.param_dtype)
     self.step = int(jax.device_get(self.state["step"]))
     self._start_step = self.step
 
     with jax.set_mesh(self.mesh):
-      self.train_step = make_train_step(config, self.model, self.optimizer, self.shardings,
-                                        self.batch_sharding)
-      self.eval_step = make_eval_step(config, self.model, self.shardings, self.eval_sharding)
+      self.train_step = step_lib.make_train_step(config, self.model, self.optimizer,
+                                                 self.shardings, self.batch_sharding)
+      self.eval_step = step_lib.make_eval_step(config, self.model, self.shardings,
+                                               self.eval_sharding)
     self.flops_per_token = metrics_lib.flops_per_token(self.model, config.seq_len)
     self.peak_flops = metrics_lib.peak_flops_per_device(jax.devices()[0], config.peak_tflops)
     # Every step appears once: records after the restored step (the run went on past its last
