@@ -6,7 +6,8 @@ See pi_jax/train/config.py for every key --set accepts (--print-config shows the
 
 `--compile-only --topology v5p-64 [--json out.json]` compiles the same train step for a TPU slice
 on this host (no TPU, no weights needed), prints its memory per chip and exits 1 if it does not
-fit (docs/tpu.md).
+fit, with the settings that would make it fit (docs/tpu.md). `--topology auto` (or `v5e,v5p`)
+finds the smallest slice that fits; a slice whose floor is over its HBM is refused in seconds.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ def main(argv=None) -> int:
   parser.add_argument("--compile-only", action="store_true",
                       help="compile the train step for --topology and report its memory; no run")
   parser.add_argument("--topology", default=None,
-                      help="TPU slice for --compile-only: v5p-64, v4-32, v5e-16, v6e-64, v5e:4x4")
+                      help="TPU slice for --compile-only: v5p-64, v4-32, v5e-16, v6e-64, v5e:4x4; "
+                           "or `auto` / generations (v5e,v5p) / several slices: the planner "
+                           "compiles from the smallest total HBM up and reports the first fit")
   parser.add_argument("--json", dest="json_out", default=None,
                       help="with --compile-only: write the record here")
   args = parser.parse_args(argv)
@@ -107,15 +110,41 @@ def main(argv=None) -> int:
 
 
 def _compile_only(config, args) -> int:
-  """0 if the step fits the slice's HBM, 1 if not (with the numbers), 2 on a bad config."""
+  """0 if the step fits (the slice given, or the smallest of several / `auto`), 1 if not (with
+  the numbers and the levers that would make it fit), 2 on a bad config."""
   import json
-  from pi_jax.train import aot
+  from pi_jax import tpu
+  from pi_jax.train import aot, plan
   try:
-    record = aot.compile_train_step(config, args.topology)
+    names = plan.candidates(args.topology)
+    if len(names) == 1 and args.topology.strip() not in ("auto",) + tuple(tpu.HBM_GIB):
+      slice_ = tpu.parse_slice(names[0])
+      floor = plan.floor_bytes(config, slice_.chips)
+      if floor > slice_.hbm_bytes_per_chip:  # hopeless: no compile needed to know
+        record = {"fits": False, "topology": names[0], "per_chip_bytes": None,
+                  "floor_bytes": floor, "hbm_bytes_per_chip": slice_.hbm_bytes_per_chip}
+        print(f"{slice_.describe()}: DOES NOT FIT, without compiling: the state, gradients and "
+              f"saved layer inputs alone are {floor / tpu.GiB:.1f} GiB per chip")
+      else:
+        record = aot.compile_train_step(config, names[0])
+        print(aot.format_record(record))
+    else:
+      print(f"planner: {len(names)} candidate slices, smallest total HBM first", flush=True)
+      record = plan.smallest_slice(config, names, lambda m: print(f"  {m}", flush=True))
+      if record["fits"]:
+        print(aot.format_record(record))
   except (ValueError, FileNotFoundError, RuntimeError) as e:
     print(f"train.py: error: {e}", file=sys.stderr)
     return 2
-  print(aot.format_record(record))
+  if not record["fits"]:
+    largest = tpu.parse_slice(names[-1])
+    slice_ = tpu.parse_slice(record.get("topology") or names[-1])
+    if len(names) > 1:
+      print(f"no candidate fits (largest tried: {largest.describe()})")
+    print("levers (on paper, pi_jax.memory):")
+    for line in plan.levers(config, slice_.chips, slice_.hbm_bytes_per_chip,
+                            record.get("per_chip_bytes")):
+      print(f"  - {line}")
   if args.json_out:
     with open(args.json_out, "w") as f:
       json.dump(record, f, indent=2)

@@ -8,7 +8,7 @@ memory per chip from memory_analysis(). The search tries few candidates: slices 
 total HBM, with the config exactly as `train.py` runs it (the recipes: FSDP over every chip,
 remat full, micro_batch=-1 = one sequence per chip and the rest of the global batch by gradient
 accumulation); the first slice whose step fits is the row. Slices whose HBM is below a floor
-(state, gradients and saved layer inputs; floor_bytes) are not compiled. Rows already in the
+(state, gradients and saved layer inputs: pi_jax.train.plan.floor_bytes) are not compiled. Rows already in the
 --json file are kept (--redo NAME recompiles one), so an interrupted run resumes.
 """
 
@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 from benchmarks.common import REPO
 
@@ -39,31 +38,11 @@ ROWS = (
 
 # Candidate slices, cheapest first within a generation; the search walks them in order of total
 # HBM (chips × HBM per chip) and stops at the first that fits.
-SLICES = ("v5e-4", "v5e-8", "v5e-16", "v6e-8", "v4-16", "v5e-32", "v6e-16", "v4-32", "v5p-16",
-          "v5e-64", "v6e-32", "v4-64", "v5p-32", "v5e-128", "v6e-64", "v4-128", "v5p-64",
-          "v5e-256", "v6e-128", "v4-256", "v5p-128", "v6e-256", "v5p-256", "v5p-512")
-
-
-def _slice_hbm(name: str) -> int:
-  from pi_jax import tpu
-  s = tpu.parse_slice(name)
-  return s.chips * s.hbm_bytes_per_chip
-
-
 def _row_config(config_file: str):
   """The row's config as the file gives it (the recipes' micro_batch=-1: one sequence per chip,
   the rest of the global batch by accumulation)."""
   from pi_jax.train import config as config_lib
   return config_lib.load_config_file(os.path.join(REPO, "configs", config_file))
-
-
-def floor_bytes(config, chips: int) -> int:
-  """pi_jax.memory.train_floor_bytes of the row's model and run (a slice whose HBM is below it
-  is not compiled)."""
-  from pi_jax import memory
-  from pi_jax.train import setup
-  model, _ = setup.abstract_model_config(config)
-  return memory.train_floor_bytes(model, config.run, config.seq_len, chips)
 
 
 # The model fields that shape the step's buffers (the rest are constants: RoPE, norm epsilon).
@@ -84,39 +63,13 @@ def shape_key(config_file: str) -> str:
 
 
 def search(name: str, config_file: str, slices, log, twin: dict | None = None) -> dict:
-  """The first slice (by total HBM) whose compiled step fits. `twin`: a finished row with the
+  """The row's smallest slice (pi_jax.train.plan.smallest_slice). `twin`: a finished row with the
   same shape_key; the slices it tried and did not fit are not compiled again."""
-  from pi_jax import tpu
-  from pi_jax.train import aot
-  tried = []
+  from pi_jax.train import plan
   too_small = {t["topology"] for t in (twin or {}).get("tried", []) if not t["fits"]}
-  config = _row_config(config_file)
-  for slice_name in sorted(slices, key=_slice_hbm):
-    slice_ = tpu.parse_slice(slice_name)
-    if config.global_batch % slice_.chips and config.micro_batch == -1:
-      continue  # more chips than sequences, or an uneven split: not with this mesh
-    if slice_name in too_small:
-      log(f"{name}: {slice_name}: skipped (did not fit for {twin['row']}, the same shapes)")
-      continue
-    floor = floor_bytes(config, slice_.chips)
-    if floor > slice_.hbm_bytes_per_chip:
-      log(f"{name}: {slice_name}: skipped (state, gradients and saved layer inputs alone are "
-          f"{floor / GiB:.1f} GiB per chip, over {slice_.hbm_bytes_per_chip // GiB} GiB)")
-      continue
-    t0 = time.time()
-    try:
-      record = aot.compile_train_step(config, slice_name)
-    except ValueError as e:  # a mesh or batch that does not split over this slice
-      log(f"{name}: {slice_name}: skipped ({e})")
-      continue
-    per_chip = record["per_chip_bytes"]
-    log(f"{name}: {slice_name}: {'fits' if record['fits'] else 'does not fit'} "
-        f"({per_chip / GiB if per_chip else float('nan'):.2f} GiB per chip, "
-        f"{time.time() - t0:.0f} s)")
-    tried.append({k: record[k] for k in ("topology", "fits", "per_chip_bytes")})
-    if record["fits"]:
-      return {"row": name, "config": config_file, **record, "tried": tried}
-  return {"row": name, "config": config_file, "fits": False, "tried": tried}
+  record = plan.smallest_slice(_row_config(config_file), slices, lambda m: log(f"{name}: {m}"),
+                               skip=too_small)
+  return {"row": name, "config": config_file, **record}
 
 
 def markdown(rows: list[dict]) -> str:
@@ -131,7 +84,7 @@ def markdown(rows: list[dict]) -> str:
     mesh = ",".join(f"{k}:{v}" for k, v in r["mesh"].items() if v > 1)
     lines.append(
         f"| {r['row']} | {r['topology']} | {mesh} | {r['micro_batch']} × {r['accum_steps']} | "
-        f"{r['model']['remat']} | {r['attention_compiled']} | "
+        f"{r['run']['remat']} | {r['attention_compiled']} | "
         f"{r['per_chip_bytes'] / GiB:.1f} GiB ({r['temp_bytes'] / GiB:.1f}) | "
         f"{r['hbm_bytes_per_chip'] // GiB} GiB | {r['compile_seconds']:.0f} s |")
   return "\n".join(lines) + "\n"
@@ -151,13 +104,15 @@ def main(argv=None) -> int:
   p.add_argument("--markdown", default=None, help="write the table here")
   p.add_argument("--only", action="append", default=[], help="row config file(s) to run")
   p.add_argument("--redo", action="append", default=[], help="recompile these rows")
-  p.add_argument("--slices", default=",".join(SLICES), help="candidate slices")
+  p.add_argument("--slices", default="auto",
+                 help="candidate slices: auto, generations (v5e,v5p) or slice names")
   args = p.parse_args(argv)
   done = {}
   if os.path.exists(args.json_out):
     with open(args.json_out) as f:
       done = {r["config"]: r for r in json.load(f)["rows"]}
-  slices = [s for s in args.slices.split(",") if s]
+  from pi_jax.train import plan
+  slices = plan.candidates(args.slices)
   rows = []
   for name, config_file in ROWS:
     if args.only and config_file not in args.only:

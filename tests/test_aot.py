@@ -127,6 +127,35 @@ def test_a_step_that_cannot_fit_exits_nonzero_with_the_overflow(tmp_path):
   record = json.loads(out.read_text())
   assert record["fits"] is False
   assert record["per_chip_bytes"] > record["hbm_bytes_per_chip"] == 16 * 2**30
+  # ...and it names the settings that would bring it down (no remat here: remat first).
+  assert "levers" in proc.stdout and "--set run.remat=full" in proc.stdout
+
+
+def test_a_hopeless_slice_is_refused_in_seconds_with_its_levers(tmp_path):
+  """7B at 32K on 4 v5e chips: the state alone is over 16 GiB per chip, so nothing is compiled
+  (it took minutes before the planner's floor check)."""
+  _require_libtpu()
+  out = tmp_path / "record.json"
+  cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config",
+         os.path.join(REPO, "configs", "llama_7b_32k.py"), "--compile-only", "--topology",
+         "v5e-4", "--json", str(out)]
+  proc = subprocess.run(cmd, env=_env(), cwd=str(tmp_path), capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 1, proc.stdout + proc.stderr
+  assert "DOES NOT FIT, without compiling" in proc.stdout
+  assert "more chips: the floor" in proc.stdout and "fits from 16 chips" in proc.stdout
+  record = json.loads(out.read_text())
+  assert record["fits"] is False and record["floor_bytes"] > record["hbm_bytes_per_chip"]
+
+
+def test_the_planner_orders_candidates_by_total_hbm():
+  from pi_jax.train import plan
+  assert plan.candidates("v5e-16,v5e-4") == ["v5e-4", "v5e-16"]
+  v5e = plan.candidates("v5e")
+  assert v5e[0] == "v5e-4" and all(s.startswith("v5e") for s in v5e)
+  assert plan.candidates("auto") == sorted(plan.SLICES, key=plan.slice_hbm)
+  with pytest.raises(ValueError):
+    plan.candidates("v9x-4")
 
 
 def test_mesh_axis_of_minus_one_takes_the_remaining_chips():

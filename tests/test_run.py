@@ -26,7 +26,7 @@ def test_set_run_fields_are_parsed_by_type():
     ("run.compute=bfloat16", r"unknown key 'run.compute'.*run.compute_dtype"),
     ("run.attention_block_size=big", r"expected an integer"),
     ("run.remat=sometimes", r"run.remat must be one of"),
-    ("model.compute_dtype=bfloat16", r"unknown key 'compute_dtype'"),
+    ("model.compute_dtype=bfloat16", r"run options are set as run.compute_dtype"),
 ])
 def test_bad_run_settings_are_named(item, message):
   with pytest.raises(ValueError, match=message):
