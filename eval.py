@@ -402,12 +402,6 @@ def run_needle(args) -> dict:
   settings = needle.Settings(args.distractors, args.values, args.queries, args.hops, args.chains)
   _check_outputs(args, [args.ckpt])
   info = report.run_info(args.argv)
-  empty = []
-  try:
-    docs = list(data_lib.iter_documents(args.haystack, on_empty=empty.append))
-  except ValueError as e:
-    raise ValueError(f"--haystack {args.haystack}: {e}"
-                     + (f" (empty: {', '.join(empty[:3])})" if empty else "")) from None
   from pi_jax import checkpoint
   base = checkpoint.load_config(args.ckpt)
   for cfg in _check_scalings(base, _scalings(args.rope_scaling), args.ckpt):
@@ -417,6 +411,15 @@ def run_needle(args) -> dict:
                        f"scaling {cfg.rope_scaling.describe()} ({window} tokens); give "
                        f"--rope-scaling linear:{-(-max(lengths) // base.original_window)}, "
                        "shorter --lengths, or --allow-beyond-window to measure extrapolation")
+  empty = []
+  try:
+    docs = list(data_lib.iter_documents(args.haystack, on_empty=empty.append))
+  except ValueError as e:
+    if empty:
+      raise ValueError(f"--haystack {args.haystack}: no text, every document is empty "
+                       f"({', '.join(files.portable(x) for x in empty[:3])}); give text files "
+                       "with sentences") from None
+    raise ValueError(f"--haystack {args.haystack}: {e}") from None
   _check_fits(args, lengths, "--lengths", kv_cache=True)
   mesh, config, params, tok, batch = _load(args)
   configs = _check_scalings(config, _scalings(args.rope_scaling), args.ckpt)
