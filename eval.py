@@ -484,10 +484,13 @@ def run_report(args) -> dict:
     except (OSError, json.JSONDecodeError) as e:
       raise ValueError(f"{path}: cannot read an eval.py JSON file: {e}") from None
   tasks = {p.get("task") for p in payloads}
-  if len(tasks) != 1 or tasks - {"perplexity", "passkey"}:
-    raise ValueError(f"report needs JSON files of one task (perplexity or passkey), got {tasks}")
+  if len(tasks) != 1 or tasks - {"perplexity", "passkey", "needle"}:
+    raise ValueError("report needs JSON files of one task (perplexity, passkey or needle), got "
+                     f"{tasks}")
   task = tasks.pop()
   ckpts = list(dict.fromkeys(str((p.get("settings") or {}).get("ckpt")) for p in payloads))
+  if task == "needle":
+    return _merge_needle(args.inputs, payloads, ckpts)
   field = "results" if task == "perplexity" else "lengths"
   runs: dict[tuple, dict] = {}
   seen: dict[tuple, str] = {}  # (row, window or length) -> the file it came from
@@ -513,6 +516,41 @@ def run_report(args) -> dict:
   return {"task": task, "checkpoints": ckpts,
           "sources": [{"file": f, "command": p.get("command"), "settings": p.get("settings")}
                       for f, p in zip(args.inputs, payloads)],
+          "runs": list(runs.values())}
+
+
+def _merge_needle(paths, payloads, ckpts) -> dict:
+  """Needle runs of one (checkpoint, scaling) joined per task; max_length is recomputed over
+  the joined lengths; one (task, length) cell in two files is an error."""
+  from pi_jax.evals import needle
+  runs: dict[tuple, dict] = {}
+  seen: dict[tuple, str] = {}
+  thresholds = set()
+  for path, p in zip(paths, payloads):
+    ckpt = str((p.get("settings") or {}).get("ckpt"))
+    for run in p["runs"]:
+      scaling = run["rope_scaling"]
+      label = scaling if len(ckpts) == 1 else f"{ckpt} [{scaling}]"
+      merged = runs.setdefault((ckpt, scaling), {"rope_scaling": label, "ckpt": ckpt,
+                                                 "scaling": scaling, "tasks": {}})
+      for task, t in run["tasks"].items():
+        thresholds.add(t["threshold"])
+        for length, cell in t["lengths"].items():
+          where = (ckpt, scaling, task, str(length))
+          if where in seen:
+            raise ValueError(f"{path} and {seen[where]} both have {ckpt} [{scaling}] {task} at "
+                             f"length {length}; keep one of them")
+          seen[where] = path
+          merged["tasks"].setdefault(task, {})[str(length)] = cell
+  if len(thresholds) > 1:
+    raise ValueError(f"report: the needle files use different thresholds {sorted(thresholds)}")
+  threshold = next(iter(thresholds))
+  for merged in runs.values():
+    merged["tasks"] = {task: needle.task_summary(lengths, threshold)
+                       for task, lengths in merged["tasks"].items()}
+  return {"task": "needle", "checkpoints": ckpts,
+          "sources": [{"file": f, "command": p.get("command"), "settings": p.get("settings")}
+                      for f, p in zip(paths, payloads)],
           "runs": list(runs.values())}
 
 
@@ -568,10 +606,12 @@ def main(argv=None) -> int:
     from pi_jax.evals import report
     if args.task == "report":
       out = run_report(args)
-      table = report.perplexity_table if out["task"] == "perplexity" else report.passkey_table
+      table = {"perplexity": report.perplexity_table, "passkey": report.passkey_table,
+               "needle": report.needle_table}[out["task"]]
       print(table(out["runs"]))
       if args.plot:
-        plot = report.plot_perplexity if out["task"] == "perplexity" else report.plot_passkey
+        plot = {"perplexity": report.plot_perplexity, "passkey": report.plot_passkey,
+                "needle": report.plot_needle}[out["task"]]
         plot(out["runs"], args.plot, f"{out['task']}: {', '.join(out['checkpoints'])} "
              f"({len(args.inputs)} files merged)")
     elif args.task == "perplexity" and args.compile_only:

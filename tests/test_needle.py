@@ -211,6 +211,20 @@ def test_cli_writes_json_table_and_plot(tmp_path, capsys):
   assert "| linear:8 | vartrack | 800 |" in captured.out and "/work" not in json.dumps(out)
   with open(out_png, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  # report: one file per length merge back into the same table (max_length recomputed)
+  parts = []
+  for length in ("600", "800"):
+    part = json.loads(json.dumps(out))
+    for s in part["runs"][0]["tasks"].values():
+      s["lengths"] = {length: s["lengths"][length]}
+      s["max_length"] = s["verdict"] = None
+    parts.append(str(tmp_path / f"n{length}.json"))
+    with open(parts[-1], "w") as f:
+      json.dump(part, f)
+  assert eval_cli.main(["report", *parts[::-1], "--plot", str(tmp_path / "merged.png")]) == 0
+  assert capsys.readouterr().out.strip() == captured.out.strip()
+  assert eval_cli.main(["report", parts[0], parts[0]]) == 2
+  assert "both have" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra,message", [

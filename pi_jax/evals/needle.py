@@ -17,8 +17,8 @@ with the needles between its sentences + question and answer prefix. The haystac
 text split into sentences here (after . ! ? and at blank lines; whitespace collapsed; a sentence
 of more than MAX_SENTENCE_WORDS words is cut between words so a needle can sit near any depth),
 taken in order from a seeded sentence, the last one cut at token level so that the prompt plus
-the answer budget (`new_tokens`, the tokens greedy decoding may add) is exactly `length`: nothing the model
-sees or writes lies past `length`.
+the answer budget (`new_tokens`, the tokens greedy decoding may add) is exactly `length`:
+nothing the model sees or writes lies past `length`.
 
 Depth: where the asked needle (multiquery: the first key asked; vartrack: the chain's first
 assignment) sits in the haystack, 0% = its start, 100% = just before the question (RULER's and
@@ -382,10 +382,16 @@ def summarize(results: list[dict], threshold: float = THRESHOLD) -> dict:
           "all_depths_pass": all(a >= threshold for a in acc),
           **retrieval.distance_summary(dist, acc, threshold),
       }
-    best = max_length(list(lengths), [s["all_depths_pass"] for s in lengths.values()])
-    out[task] = {"lengths": lengths, "max_length": best, "threshold": threshold,
-                 "verdict": _length_verdict(lengths, best)}
+    out[task] = task_summary(lengths, threshold)
   return out
+
+
+def task_summary(lengths: dict, threshold: float) -> dict:
+  """A task's lengths (each summarized by `summarize`) with max_length and its verdict."""
+  lengths = dict(sorted(lengths.items(), key=lambda kv: int(kv[0])))
+  best = max_length([int(L) for L in lengths], [s["all_depths_pass"] for s in lengths.values()])
+  return {"lengths": lengths, "max_length": best, "threshold": threshold,
+          "verdict": _length_verdict({int(L): s for L, s in lengths.items()}, best)}
 
 
 def _length_verdict(lengths: dict, best) -> str:

@@ -155,9 +155,9 @@ def plot_needle(runs: list[dict], path: str, title: str) -> None:
       if ax is row[0]:
         ax.set_ylabel("length L (tokens)", fontsize=7)
   fig.suptitle(title, fontsize=9)
-  fig.tight_layout(rect=(0, 0, 0.9, 0.95))
+  fig.tight_layout(rect=(0, 0, 0.86, 0.95))
   if im is not None:
-    cax = fig.add_axes((0.92, 0.15, 0.015, 0.7))
+    cax = fig.add_axes((0.88, 0.15, 0.015, 0.7))
     fig.colorbar(im, cax=cax, label="accuracy")
   _save_figure(fig, path)
   plt.close(fig)
