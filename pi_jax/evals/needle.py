@@ -262,8 +262,8 @@ class PromptBuilder:
     budget = length - fixed
     if budget < 0:
       raise ValueError(f"needle length {length} is too short for task {task}: its task line, "
-                       f"needles, question and answer take {fixed} tokens; use --lengths >= "
-                       f"{fixed}")
+                       f"needles, question and answer take {fixed} tokens; use --lengths of at "
+                       f"least {fixed}")
     pieces = self.haystack.take(rng.randrange(len(self.haystack.sentences)), budget)
     bounds = np.cumsum([0] + [len(p) for p in pieces])  # token offset of each boundary
     at_depth = int(np.argmin(np.abs(bounds - depth / 100.0 * budget)))
