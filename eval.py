@@ -4,14 +4,17 @@
       --rope-scaling none,linear:2 --json out.json --plot out.png
   python eval.py passkey --ckpt CKPT --lengths 4096,8192 --trials 10 --depths 32 \\
       --rope-scaling linear:2 --json out.json --plot out.png
+  python eval.py needle --ckpt CKPT --haystack pg19_standin --tasks single,multikey \\
+      --lengths 2048,4096 --depths 5 --trials 4 --json out.json --plot out.png
 
 Each writes a Markdown table to stdout, progress to stderr, and optionally JSON and a PNG.
-The definitions are in pi_jax/evals/perplexity.py and pi_jax/evals/passkey.py.
+The definitions are in pi_jax/evals/perplexity.py, passkey.py and needle.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -110,6 +113,42 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--template", default="paper", choices=("paper", "mini"),
                  help="prompt text: the paper's, or the miniature's (no task line, key once)")
   p.add_argument("--seed", type=int, default=0)
+
+  p = sub.add_parser("needle", help="RULER's needle families on your haystack text",
+                     description="Needle-in-a-haystack retrieval beyond passkey (RULER, Hsieh et "
+                                 "al. 2024): single, multikey, multivalue, multiquery and "
+                                 "vartrack needles hidden in any text, by length and depth, "
+                                 "scored by greedy decoding (every answer must appear). Prompts = "
+                                 "tasks × lengths × depths × trials; start small on a CPU "
+                                 "(--lengths 1024 --depths 3 --trials 2). Definitions: "
+                                 "pi_jax/evals/needle.py.",
+                     formatter_class=HelpFormatter)
+  _common(p)
+  p.add_argument("--haystack", default=None,
+                 help="(required) the text the needles hide in: a file, directory or glob of "
+                      ".txt/.tex/.md files, JSONL with 'text', or a bundled name (pg19_standin, "
+                      "proofpile_standin); split into sentences here, no download")
+  p.add_argument("--tasks", default="single,multikey,multivalue,multiquery,vartrack",
+                 help="comma list of needle families")
+  p.add_argument("--lengths", default="2048,4096",
+                 help="comma-separated lengths L (tokens): prompt + answer budget = L")
+  p.add_argument("--depths", type=int, default=5,
+                 help="how many needle depths per length, evenly spaced over 0-100%% of the "
+                      "haystack (0%%: its start, 100%%: just before the question)")
+  p.add_argument("--trials", type=int, default=4, help="prompts per (task, length, depth)")
+  p.add_argument("--threshold", type=float, default=0.85,
+                 help="a (task, length, depth) cell passes at this accuracy (RULER's bar)")
+  p.add_argument("--distractors", type=int, default=3, help="multikey: needles with other keys")
+  p.add_argument("--values", type=int, default=4, help="multivalue: values of the one key")
+  p.add_argument("--queries", type=int, default=4, help="multiquery: keys asked at once")
+  p.add_argument("--hops", type=int, default=4,
+                 help="vartrack: assignments after the first in each chain")
+  p.add_argument("--chains", type=int, default=2,
+                 help="vartrack: variable chains (one asked, the rest distractors)")
+  p.add_argument("--allow-beyond-window", action="store_true",
+                 help="run lengths beyond the model's window (zero-shot extrapolation) instead "
+                      "of refusing them")
+  p.add_argument("--seed", type=int, default=0, help="seed of keys, values and haystack starts")
 
   p = sub.add_parser("report", help="merge JSON files of one task into one table and plot",
                      formatter_class=HelpFormatter)
@@ -305,13 +344,14 @@ def run_passkey(args) -> dict:
     runs.append({"rope_scaling": label, "model_window": cfg.max_position_embeddings,
                  "lengths": summary, "trials": results})
     for length, s in summary.items():
-      print(f"[{label}] length {length}: mean accuracy {s['mean_accuracy']:.2f}, "
-            f"k_max {s['k_max']}", file=sys.stderr, flush=True)
+      print(f"[{label}] length {length}: mean accuracy {s['mean_accuracy']:.2f}; "
+            f"{s['verdict']}", file=sys.stderr, flush=True)
   return {
       "task": "passkey",
-      "protocol": "PI §3.3 / Mohtashami & Jaggi 2023; k = tokens from the key to the end; "
-                  "k_max = largest k with every k' <= k at >= 20% accuracy (null when k = 0 "
-                  "fails); far_run_from = smallest k with every k' >= k at >= 20%; "
+      "protocol": "PI §3.3 / Mohtashami & Jaggi 2023; k = real tokens from the key to the end "
+                  "(nominal_k: the grid value); k_max = largest k with every k' <= k at >= 20% "
+                  "accuracy (null when the nearest k fails: see nearest_k, verdict); "
+                  "far_run_from = smallest k with every k' >= k at >= 20%; "
                   "largest_passing_k = largest k at >= 20%",
       "settings": {"ckpt": files.portable(args.ckpt), "lengths": lengths, "trials": args.trials,
                    "depths": args.depths, "mode": args.mode, "template": args.template,
@@ -319,6 +359,91 @@ def run_passkey(args) -> dict:
                    "batch_size": batch, "mesh": args.mesh, "run": args.run.to_dict()},
       **info,
       "k_max": {r["rope_scaling"]: {L: s["k_max"] for L, s in r["lengths"].items()} for r in runs},
+      "verdict": {r["rope_scaling"]: {L: s["verdict"] for L, s in r["lengths"].items()}
+                  for r in runs},
+      "runs": runs,
+  }
+
+
+def run_needle(args) -> dict:
+  from pi_jax import data as data_lib
+  from pi_jax import files
+  from pi_jax.evals import needle
+  from pi_jax.evals import report
+  from pi_jax.evals import runtime
+  tasks = needle.parse_tasks(args.tasks)
+  lengths = _int_list(args.lengths, "--lengths")
+  if args.trials < 1:
+    raise ValueError(f"--trials must be >= 1, got {args.trials}")
+  if not 0.0 < args.threshold <= 1.0:
+    raise ValueError(f"--threshold must be in (0, 1], got {args.threshold}")
+  depths = needle.depth_grid(args.depths)
+  settings = needle.Settings(args.distractors, args.values, args.queries, args.hops, args.chains)
+  _check_outputs(args, [args.ckpt])
+  info = report.run_info(args.argv)
+  from pi_jax import checkpoint
+  base = checkpoint.load_config(args.ckpt)
+  for cfg in _check_scalings(base, _scalings(args.rope_scaling), args.ckpt):
+    window = cfg.max_position_embeddings
+    if max(lengths) > window and not args.allow_beyond_window:
+      raise ValueError(f"--lengths {max(lengths)} is beyond the window of {args.ckpt} with RoPE "
+                       f"scaling {cfg.rope_scaling.describe()} ({window} tokens); give "
+                       f"--rope-scaling linear:{-(-max(lengths) // base.original_window)}, "
+                       "shorter --lengths, or --allow-beyond-window to measure extrapolation")
+  empty = []
+  try:
+    docs = list(data_lib.iter_documents(args.haystack, on_empty=empty.append))
+  except ValueError as e:
+    if empty:
+      raise ValueError(f"--haystack {args.haystack}: no text, every document is empty "
+                       f"({', '.join(files.portable(x) for x in empty[:3])}); give text files "
+                       "with sentences") from None
+    raise ValueError(f"--haystack {args.haystack}: {e}") from None
+  _check_fits(args, lengths, "--lengths", kv_cache=True)
+  mesh, config, params, tok, batch = _load(args)
+  configs = _check_scalings(config, _scalings(args.rope_scaling), args.ckpt)
+  builder = needle.PromptBuilder(tok, needle.Haystack(tok, docs), settings)
+  trials = builder.trials(tasks, lengths, args.depths, args.trials, args.seed)
+  print(f"needle: {len(trials) * len(configs)} prompts = {len(tasks)} tasks × {len(lengths)} "
+        f"lengths × {len(depths)} depths × {args.trials} trials × {len(configs)} scaling(s), "
+        f"batches of {batch} (prefills of up to {max(lengths)} tokens plus up to "
+        f"{max(t.new_tokens for t in trials)} decode steps); an estimate follows the first "
+        "batch", file=sys.stderr, flush=True)
+  bar = _progress(args)
+  runs = []
+  for cfg in configs:
+    label = cfg.rope_scaling.describe()
+    with runtime.mesh_context(mesh):
+      results = needle.run_trials(cfg, params, tok, trials, batch_size=batch,
+                                  progress=lambda n, label=label: bar(f"needle {label}", n),
+                                  run=args.run)
+    summary = needle.summarize(results, args.threshold)
+    runs.append({"rope_scaling": label, "model_window": cfg.max_position_embeddings,
+                 "tasks": summary, "trials": results})
+    for task, s in summary.items():
+      for length, c in s["lengths"].items():
+        print(f"[{label}] {task} length {length}: mean accuracy {c['mean_accuracy']:.2f}; "
+              f"{c['verdict']}", file=sys.stderr, flush=True)
+      print(f"[{label}] {task}: {s['verdict']}", file=sys.stderr, flush=True)
+  return {
+      "task": "needle",
+      "protocol": "RULER (Hsieh et al. 2024) synthetic needles on the given haystack; depth = "
+                  "% of the haystack before the asked needle; k = real tokens from it to the "
+                  "end of the prompt; success = every answer in the greedy continuation; a "
+                  f"cell passes at accuracy >= {args.threshold}; k_max = largest k with every "
+                  "nearer depth passing (null when the nearest fails: see verdict); "
+                  "max_length = largest length with it and every shorter one passing at "
+                  "every depth (null when the shortest fails)",
+      "settings": {"ckpt": files.portable(args.ckpt), "haystack": files.portable(args.haystack),
+                   "haystack_documents": len(docs),
+                   "haystack_sentences": len(builder.haystack.sentences), "tasks": tasks,
+                   "lengths": lengths, "depths": depths, "trials": args.trials,
+                   "threshold": args.threshold, **dataclasses.asdict(settings),
+                   "seed": args.seed, "batch_size": batch, "mesh": args.mesh,
+                   "run": args.run.to_dict()},
+      **info,
+      "max_length": {r["rope_scaling"]: {t: s["max_length"] for t, s in r["tasks"].items()}
+                     for r in runs},
       "runs": runs,
   }
 
@@ -338,10 +463,13 @@ def run_report(args) -> dict:
     except (OSError, json.JSONDecodeError) as e:
       raise ValueError(f"{path}: cannot read an eval.py JSON file: {e}") from None
   tasks = {p.get("task") for p in payloads}
-  if len(tasks) != 1 or tasks - {"perplexity", "passkey"}:
-    raise ValueError(f"report needs JSON files of one task (perplexity or passkey), got {tasks}")
+  if len(tasks) != 1 or tasks - {"perplexity", "passkey", "needle"}:
+    raise ValueError("report needs JSON files of one task (perplexity, passkey or needle), got "
+                     f"{tasks}")
   task = tasks.pop()
   ckpts = list(dict.fromkeys(str((p.get("settings") or {}).get("ckpt")) for p in payloads))
+  if task == "needle":
+    return _merge_needle(args.inputs, payloads, ckpts)
   field = "results" if task == "perplexity" else "lengths"
   runs: dict[tuple, dict] = {}
   seen: dict[tuple, str] = {}  # (row, window or length) -> the file it came from
@@ -367,6 +495,41 @@ def run_report(args) -> dict:
   return {"task": task, "checkpoints": ckpts,
           "sources": [{"file": f, "command": p.get("command"), "settings": p.get("settings")}
                       for f, p in zip(args.inputs, payloads)],
+          "runs": list(runs.values())}
+
+
+def _merge_needle(paths, payloads, ckpts) -> dict:
+  """Needle runs of one (checkpoint, scaling) joined per task; max_length is recomputed over
+  the joined lengths; one (task, length) cell in two files is an error."""
+  from pi_jax.evals import needle
+  runs: dict[tuple, dict] = {}
+  seen: dict[tuple, str] = {}
+  thresholds = set()
+  for path, p in zip(paths, payloads):
+    ckpt = str((p.get("settings") or {}).get("ckpt"))
+    for run in p["runs"]:
+      scaling = run["rope_scaling"]
+      label = scaling if len(ckpts) == 1 else f"{ckpt} [{scaling}]"
+      merged = runs.setdefault((ckpt, scaling), {"rope_scaling": label, "ckpt": ckpt,
+                                                 "scaling": scaling, "tasks": {}})
+      for task, t in run["tasks"].items():
+        thresholds.add(t["threshold"])
+        for length, cell in t["lengths"].items():
+          where = (ckpt, scaling, task, str(length))
+          if where in seen:
+            raise ValueError(f"{path} and {seen[where]} both have {ckpt} [{scaling}] {task} at "
+                             f"length {length}; keep one of them")
+          seen[where] = path
+          merged["tasks"].setdefault(task, {})[str(length)] = cell
+  if len(thresholds) > 1:
+    raise ValueError(f"report: the needle files use different thresholds {sorted(thresholds)}")
+  threshold = next(iter(thresholds))
+  for merged in runs.values():
+    merged["tasks"] = {task: needle.task_summary(lengths, threshold)
+                       for task, lengths in merged["tasks"].items()}
+  return {"task": "needle", "checkpoints": ckpts,
+          "sources": [{"file": f, "command": p.get("command"), "settings": p.get("settings")}
+                      for f, p in zip(paths, payloads)],
           "runs": list(runs.values())}
 
 
@@ -412,7 +575,7 @@ def main(argv=None) -> int:
       args.run = run_lib.from_arguments(args)
     except ValueError as e:
       parser.error(str(e))
-  if args.task in ("perplexity", "passkey"):
+  if args.task in ("perplexity", "passkey", "needle"):
     compile_only = getattr(args, "compile_only", False)
     if compile_only != bool(getattr(args, "topology", None)):
       parser.error("--compile-only and --topology go together")
@@ -420,14 +583,18 @@ def main(argv=None) -> int:
       parser.error("--ckpt is required" + (" (or --model PRESET)" if compile_only else ""))
     if args.task == "perplexity" and not compile_only and not args.data:
       parser.error("--data is required")
+    if args.task == "needle" and not args.haystack:
+      parser.error("--haystack is required (a text file, folder, glob or pg19_standin)")
   try:
     from pi_jax.evals import report
     if args.task == "report":
       out = run_report(args)
-      table = report.perplexity_table if out["task"] == "perplexity" else report.passkey_table
+      table = {"perplexity": report.perplexity_table, "passkey": report.passkey_table,
+               "needle": report.needle_table}[out["task"]]
       print(table(out["runs"]))
       if args.plot:
-        plot = report.plot_perplexity if out["task"] == "perplexity" else report.plot_passkey
+        plot = {"perplexity": report.plot_perplexity, "passkey": report.plot_passkey,
+                "needle": report.plot_needle}[out["task"]]
         plot(out["runs"], args.plot, f"{out['task']}: {', '.join(out['checkpoints'])} "
              f"({len(args.inputs)} files merged)")
     elif args.task == "perplexity" and args.compile_only:
@@ -439,6 +606,12 @@ def main(argv=None) -> int:
         s = out["settings"]
         report.plot_perplexity(out["runs"], args.plot,
                                f"{s['ckpt']} on {s['data']}, stride {s['stride']} ({out['definition']})")
+    elif args.task == "needle":
+      out = run_needle(args)
+      print(report.needle_table(out["runs"]))
+      if args.plot:
+        report.plot_needle(out["runs"], args.plot,
+                           f"needle: {out['settings']['ckpt']} on {args.haystack}")
     else:
       out = run_passkey(args)
       print(report.passkey_table(out["runs"]))

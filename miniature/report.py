@@ -9,6 +9,7 @@ numbers, with the thresholds written next to each verdict.
 from __future__ import annotations
 
 from miniature.experiment import LABELS
+from pi_jax.evals.retrieval import MISSING
 
 # Thresholds of the findings (stated in the report next to each verdict).
 BLOWUP = 2.0  # (a) perplexity at the largest window over perplexity at L
@@ -20,7 +21,7 @@ NEAR_L = 2.0  # (c) direct fine-tuning's k_max <= 2 L at those checkpoints
 
 def fmt(x) -> str:
   if x is None:
-    return "–"
+    return MISSING
   if isinstance(x, int):
     return str(x)
   return f"{x:.3g}" if x >= 1000 else f"{x:.3f}"
@@ -181,7 +182,7 @@ def markdown(res: dict) -> list[str]:
   if pk:
     lines += [f"The base's passkey retrieval inside its window ({L}): mean accuracy "
               f"{pk['mean_accuracy']:.2f} over {len(pk['k'])} distances in [0, {L}), "
-              f"k_max {fmt(pk['k_max'])}; by distance (nominal k: accuracy): "
+              f"k_max {fmt(pk['k_max'])}; by real distance (k tokens: accuracy): "
               + ", ".join(f"{k}: {a:.1f}" for k, a in zip(pk["k"], pk["accuracy"])) + ".", ""]
   lines += ["### The paper's findings, checked", ""]
   for x in findings(res):

@@ -79,7 +79,10 @@ def test_passkey_writes_json_table_and_plot(ckpt, tmp_path, capsys):
   out = json.load(open(tmp_path / "pk.json"))
   assert set(out["k_max"]) == {"none", "ntk:2"} and set(out["k_max"]["none"]) == {"300", "500"}
   run = out["runs"][0]
-  assert run["lengths"]["500"]["k"] == [0, 250] and run["lengths"]["500"]["trials"] == [2, 2]
+  s500 = run["lengths"]["500"]
+  assert s500["nominal_k"] == [0, 250] and s500["trials"] == [2, 2]
+  assert s500["k"] == [round(k) for k in s500["actual_k"]] and s500["k"][0] > 0  # real distances
+  assert out["verdict"]["none"]["500"] == s500["verdict"]
   assert len(run["trials"]) == 8 and all("key_logprob" in t for t in run["trials"])
   with open(tmp_path / "pk.png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"

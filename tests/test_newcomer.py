@@ -67,7 +67,7 @@ def test_passkey_table_names_its_columns_and_what_k_max_hides():
   row = [l for l in table.splitlines() if l.startswith("| none | 100 |")][0]
   cells = [c.strip() for c in row.strip("|").split("|")]
   assert cells[3:7] == ["–", "25", "75", "3/4"], cells  # not "none": that is a scaling's name
-  assert "k_max (all k' ≤ k pass)" in table and "k = tokens from the key to the end" in table
+  assert "k_max (all k' ≤ k pass)" in table and "k = real tokens from the key to the end" in table
 
 
 # --- 18. the HF export carries the scaling in both forms ---------------------------------------

@@ -101,8 +101,34 @@ def test_generate_mode_success_rule_and_summary():
                            generate_fn=oracle)
   assert [r["success"] for r in got] == [r["length"] == 400 for r in got]
   summary = passkey.summarize(got)
-  assert summary[400]["accuracy"] == [1.0, 1.0, 1.0] and summary[400]["k_max"] == 266
+  s400 = summary[400]
+  assert s400["nominal_k"] == [0, 133, 266] and s400["accuracy"] == [1.0, 1.0, 1.0]
+  # k is the real distance: the mean measured k of the grid point's trials, not the grid value
+  for k, nominal in zip(s400["k"], s400["nominal_k"]):
+    want = np.mean([r["actual_k"] for r in got if r["length"] == 400 and r["k"] == nominal])
+    assert k == round(want)
+  assert s400["k"][0] > 0 and s400["nearest_k"] == s400["k"][0]  # the key line + question
+  assert s400["k_max"] == s400["k"][-1] and "every distance passes" in s400["verdict"]
   assert summary[700]["mean_accuracy"] == 0.0 and summary[700]["k_max"] is None
+  assert summary[700]["verdict"].startswith("no distance passes")
+
+
+def test_summary_says_what_k_max_hides_when_the_nearest_distance_fails():
+  # SmolLM2's pattern: the nearest distance (~31 tokens) fails, farther ones pass
+  results = [{"length": 1000, "k": k, "actual_k": k + 31, "success": ok}
+             for k, ok in ((0, False), (0, False), (250, True), (250, False), (500, False),
+                           (500, False), (750, True), (750, True))]
+  s = passkey.summarize(results)[1000]
+  assert s["k"] == [31, 281, 531, 781] and s["accuracy"] == [0.0, 0.5, 0.0, 1.0]
+  assert s["k_max"] is None and s["nearest_k"] == 31 and not s["nearest_passes"]
+  assert s["largest_passing_k"] == 781 and s["far_run_from"] == 781 and s["passing"] == 2
+  assert s["verdict"] == ("nearest distance k = 31 fails, so k_max is undefined; largest "
+                          "passing k = 781; every k >= 781 passes")
+  from pi_jax.evals import report
+  table = report.passkey_table([{"rope_scaling": "none", "lengths": {1000: s}}])
+  assert "| none | 1000 | 0.38 | – | 781 | 781 | 2/4 | 31:0.0 281:0.5 531:0.0 781:1.0 |" in table
+  assert "- none, length 1000: nearest distance k = 31 fails" in table
+  assert "None" not in table and "null" not in table
 
 
 def test_generate_mode_runs_the_real_decoder():

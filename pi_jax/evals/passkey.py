@@ -14,13 +14,16 @@ Modes:
             when every key token is the argmax given what precedes it. Also reports the key's
             log-probability.
 
-k_max (the effective context window) = the largest k of the grid such that every k' <= k
-succeeds in at least 20% of its trials (None when even the nearest k fails, even if every
-farther k succeeds). Two more numbers say what k_max alone hides: `largest_passing_k` (the
-largest k that succeeds at all) and `far_run_from` (the smallest k such that every k' >= k, up
-to the farthest, succeeds; None when the farthest fails). `depths` is a COUNT of distances k
-measured from the END of the prompt (k = 0: key right before the question), not the "depth %"
-from the start that needle-in-a-haystack tools use: depth % ≈ 100·(1 − k/L).
+Summary per length (pi_jax.evals.retrieval.distance_summary): each grid point is reported at
+its REAL distance (`k`, the mean measured k of its trials; the grid value is `nominal_k`), and a
+distance passes when >= 20% of its trials succeed (PI §3.3). k_max (the effective context
+window) = the largest k such that every k' <= k passes; it is undefined (null, "–" in text)
+when the nearest distance fails, even if every farther one passes. So the summary also gives
+`nearest_k` and whether it passes, `largest_passing_k`, `far_run_from` (the smallest k with
+every k' >= k passing) and `verdict`, one line that says all of it. `depths` is a COUNT of
+distances measured from the END of the prompt (nominal k = 0: key right before the question,
+really ~31 tokens with the paper's template), not the "depth %" from the start that
+needle-in-a-haystack tools use: depth % ≈ 100·(1 − k/L).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pi_jax.config import ModelConfig
+from pi_jax.evals import retrieval
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
         "them. I will quiz you about the important information there.")
@@ -44,6 +48,11 @@ QUESTION = " What is the pass key? The pass key is"
 KEY_HEAD = " The pass key is"  # the text of the key line before the key itself
 SUCCESS_THRESHOLD = 0.2  # PI §3.3: a distance counts when >= 20% of its trials succeed
 MODES = ("generate", "score")
+
+
+def effective_window(ks, accuracies, threshold: float = SUCCESS_THRESHOLD):
+  """k_max: the largest k such that every k' <= k has accuracy >= threshold (None if none)."""
+  return retrieval.effective_window(ks, accuracies, threshold)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,31 +95,6 @@ def get_template(name: str) -> Template:
 def passkey_prompt(key: int | str, n_before: int, n_after: int) -> str:
   """The paper's prompt with `n_before` filler groups before the key line and `n_after` after."""
   return TEMPLATES["paper"].prompt(key, n_before, n_after)
-
-
-def effective_window(ks, accuracies, threshold: float = SUCCESS_THRESHOLD):
-  """k_max: the largest k such that every k' <= k has accuracy >= threshold (None if none)."""
-  best = None
-  for k, acc in sorted(zip(ks, accuracies)):
-    if acc < threshold:
-      break
-    best = k
-  return best
-
-
-def far_run_from(ks, accuracies, threshold: float = SUCCESS_THRESHOLD):
-  """The smallest k such that every k' >= k of the grid passes (None if the farthest fails)."""
-  best = None
-  for k, acc in sorted(zip(ks, accuracies), reverse=True):
-    if acc < threshold:
-      break
-    best = k
-  return best
-
-
-def largest_passing_k(ks, accuracies, threshold: float = SUCCESS_THRESHOLD):
-  passing = [k for k, a in zip(ks, accuracies) if a >= threshold]
-  return max(passing) if passing else None
 
 
 def depth_grid(length: int, depths: int) -> list[int]:
@@ -281,22 +265,11 @@ def run_trials(config: ModelConfig, params, tok, trials: list[Trial], *, mode: s
 
 
 def _generate_batch(config, params, tok, batch, batch_size, generate_fn, run=None):
-  if generate_fn is None:
-    from pi_jax.generate import generate as generate_fn
-  prompt = np.array([t.ids for t in batch] + [batch[0].ids] * (batch_size - len(batch)), np.int32)
   new = max(len(t.key_ids) for t in batch) + 2
-  extra = {"run": run} if run is not None else {}
-  out = np.asarray(generate_fn(config, params, jnp.asarray(prompt), new, temperature=0.0,
-                               eos_id=tok.eos_id, **extra))
-  results = []
-  for t, row in zip(batch, out):
-    ids = [int(i) for i in row]
-    if tok.eos_id is not None and tok.eos_id in ids:
-      ids = ids[:ids.index(tok.eos_id)]
-    text = tok.decode(ids)
-    results.append({"success": text.lstrip().startswith(str(t.key)), "output": text,
-                    "output_ids": ids})
-  return results
+  outs = retrieval.generate_continuations(config, params, tok, [t.ids for t in batch], new,
+                                          batch_size, generate_fn, run=run)
+  return [{"success": text.lstrip().startswith(str(t.key)), "output": text, "output_ids": ids}
+          for t, (text, ids) in zip(batch, outs)]
 
 
 def _score_batch(score, params, batch, batch_size):
@@ -321,23 +294,23 @@ def _score_batch(score, params, batch, batch_size):
 
 
 def summarize(results: list[dict]) -> dict:
-  """Accuracy per (length, k) and k_max per length."""
+  """Per length: accuracy at each real distance k, and k_max with what it hides (retrieval)."""
   by_length: dict[int, dict[int, list]] = {}
   for r in results:
     by_length.setdefault(r["length"], {}).setdefault(r["k"], []).append(r)
   out = {}
   for length, by_k in sorted(by_length.items()):
-    ks = sorted(by_k)
-    acc = [float(np.mean([r["success"] for r in by_k[k]])) for k in ks]
+    nominal = sorted(by_k)
+    actual = [float(np.mean([r["actual_k"] for r in by_k[k]])) for k in nominal]
+    ks = [int(round(a)) for a in actual]
+    acc = [float(np.mean([r["success"] for r in by_k[k]])) for k in nominal]
     out[length] = {
         "k": ks,
-        "actual_k": [float(np.mean([r["actual_k"] for r in by_k[k]])) for k in ks],
+        "nominal_k": nominal,
+        "actual_k": actual,
         "accuracy": acc,
-        "trials": [len(by_k[k]) for k in ks],
+        "trials": [len(by_k[k]) for k in nominal],
         "mean_accuracy": float(np.mean(acc)),
-        "k_max": effective_window(ks, acc),
-        "largest_passing_k": largest_passing_k(ks, acc),
-        "far_run_from": far_run_from(ks, acc),
-        "passing": sum(a >= SUCCESS_THRESHOLD for a in acc),
+        **retrieval.distance_summary(ks, acc, SUCCESS_THRESHOLD),
     }
   return out

@@ -10,6 +10,8 @@ import subprocess
 import sys
 
 from pi_jax import files
+from pi_jax.evals import retrieval
+from pi_jax.evals.retrieval import fmt
 
 
 def run_info(argv=None, prog: str = "eval.py") -> dict:
@@ -54,19 +56,17 @@ def perplexity_table(runs: list[dict]) -> str:
            "|---|" + "---|" * len(windows)]
   for run in runs:
     by_w = {r["window"]: r for r in run["results"]}
-    cells = [_fmt_ppl(by_w[w]["perplexity"]) if w in by_w else "–" for w in windows]
+    cells = [_fmt_ppl(by_w[w]["perplexity"]) if w in by_w else retrieval.MISSING
+             for w in windows]
     lines.append(f"| {run['rope_scaling']} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
 PASSKEY_LEGEND = (
-    "k = tokens from the key to the end of the prompt (k = 0: key right before the question); "
-    "a k passes at >= 20% of its trials. k_max (PI §3.3): every k' <= k passes; far run: every "
-    "k' >= k passes; '–': no such k.")
-
-
-def _k(value) -> str:
-  return "–" if value is None else str(value)
+    "k = real tokens from the key to the end of the prompt (the nearest grid point is ~31 "
+    "tokens, not 0: the rest of the key line and the question follow the key); a k passes at "
+    ">= 20% of its trials. k_max (PI §3.3): every k' <= k passes; far run: every k' >= k "
+    f"passes; '{retrieval.MISSING}': no such k.")
 
 
 def passkey_table(runs: list[dict]) -> str:
@@ -74,6 +74,7 @@ def passkey_table(runs: list[dict]) -> str:
   lines = ["| scaling | length | mean accuracy | k_max (all k' ≤ k pass) | far run (all k' ≥ k "
            "pass) | largest passing k | k passing | accuracy by k |",
            "|---|---|---|---|---|---|---|---|"]
+  verdicts = []
   for run in runs:
     for length, s in run["lengths"].items():
       by_k = " ".join(f"{k}:{a:.1f}" for k, a in zip(s["k"], s["accuracy"]))
@@ -81,11 +82,85 @@ def passkey_table(runs: list[dict]) -> str:
       largest = s.get("largest_passing_k")
       passing = s.get("passing", sum(a >= 0.2 for a in s["accuracy"]))
       lines.append(f"| {run['rope_scaling']} | {length} | {s['mean_accuracy']:.2f} | "
-                   f"{_k(s['k_max'])} | {_k(far)} | {_k(largest)} | {passing}/{len(s['k'])} | "
-                   f"{by_k} |")
+                   f"{fmt(s['k_max'])} | {fmt(far)} | {fmt(largest)} | "
+                   f"{passing}/{len(s['k'])} | {by_k} |")
+      if s.get("verdict"):
+        verdicts.append(f"- {run['rope_scaling']}, length {length}: {s['verdict']}")
   lines.append("")
   lines.append(PASSKEY_LEGEND)
+  if verdicts:
+    lines += [""] + verdicts
   return "\n".join(lines)
+
+
+NEEDLE_LEGEND = (
+    "depth = % of the haystack before the asked needle (0: its start, 100: just before the "
+    "question); k = real tokens from that needle to the end of the prompt; a cell passes at "
+    "the threshold. k_max: every nearer depth passes; far run: every farther one passes; "
+    f"'{retrieval.MISSING}': no such k.")
+
+
+def needle_table(runs: list[dict]) -> str:
+  """Rows: scaling × task × length; accuracy by depth, k_max and what it hides; then per task
+  the largest length that passes at every depth."""
+  lines = ["| scaling | task | length | mean accuracy | k_max (all nearer pass) | far run (all "
+           "farther pass) | depths passing | accuracy by depth % (k) |",
+           "|---|---|---|---|---|---|---|---|"]
+  notes = []
+  for run in runs:
+    label = run["rope_scaling"]
+    for task, t in run["tasks"].items():
+      for length, s in t["lengths"].items():
+        by_depth = " ".join(f"{d:g}% ({k}): {a:.2f}"
+                            for d, k, a in zip(s["depth"], s["k"], s["accuracy"]))
+        lines.append(f"| {label} | {task} | {length} | {s['mean_accuracy']:.2f} | "
+                     f"{fmt(s['k_max'])} | {fmt(s['far_run_from'])} | "
+                     f"{s['passing']}/{len(s['depth'])} | {by_depth} |")
+        if not s["all_depths_pass"]:
+          notes.append(f"- {label}, {task}, length {length}: {s['verdict']}")
+      notes.append(f"- {label}, {task}: {t['verdict']} (threshold {t['threshold']:g})")
+  return "\n".join(lines + ["", NEEDLE_LEGEND, ""] + notes)
+
+
+def plot_needle(runs: list[dict], path: str, title: str) -> None:
+  """One heat map per (scaling, task): rows = length, columns = depth %, colour = accuracy."""
+  import numpy as np
+  plt = _pyplot()
+  tasks = list(dict.fromkeys(task for run in runs for task in run["tasks"]))
+  fig, axes = plt.subplots(len(runs), len(tasks), squeeze=False,
+                           figsize=(2.9 * len(tasks) + 1.2, 2.4 * len(runs) + 1.2))
+  im = None
+  for row, run in zip(axes, runs):
+    for ax, task in zip(row, tasks):
+      t = run["tasks"].get(task)
+      ax.set_title(f"{task} [{run['rope_scaling']}]", fontsize=8)
+      if t is None:
+        ax.axis("off")
+        continue
+      lengths = list(t["lengths"])
+      depths = sorted({d for s in t["lengths"].values() for d in s["depth"]})
+      grid = np.full((len(lengths), len(depths)), np.nan)
+      for i, length in enumerate(lengths):
+        s = t["lengths"][length]
+        for d, a in zip(s["depth"], s["accuracy"]):
+          grid[i, depths.index(d)] = a
+      im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+      for (i, j), a in np.ndenumerate(grid):
+        if a == a:
+          ax.text(j, i, f"{a:.2f}", ha="center", va="center", fontsize=6,
+                  color="black" if a > 0.5 else "white")
+      ax.set_yticks(range(len(lengths)), [str(x) for x in lengths], fontsize=7)
+      ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
+      ax.set_xlabel("needle depth (% of haystack)", fontsize=7)
+      if ax is row[0]:
+        ax.set_ylabel("length L (tokens)", fontsize=7)
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout(rect=(0, 0, 0.86, 0.95))
+  if im is not None:
+    cax = fig.add_axes((0.88, 0.15, 0.015, 0.7))
+    fig.colorbar(im, cax=cax, label="accuracy")
+  _save_figure(fig, path)
+  plt.close(fig)
 
 
 def _pyplot():
