@@ -127,7 +127,7 @@ def unknown_key(key: str, known) -> ValueError:
   """The error for an unknown `--set` key, with the closest known ones."""
   close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.5)
   hint = f"; did you mean {', '.join(close)}?" if close else ""
-  return ValueError(f"--set: unknown key {key!r}{hint} (known: {', '.join(sorted(known))})")
+  return ValueError(f"--set: unknown config key {key!r}{hint} (known: {', '.join(sorted(known))})")
 
 
 def with_settings(run: RunOptions, settings: dict[str, str]) -> RunOptions:

@@ -112,8 +112,8 @@ def test_bad_input_fails_clearly(ckpt, tmp_path, capsys, change, message):
 
 
 def test_window_beyond_memory_fails_before_work(ckpt, tmp_path, capsys, monkeypatch):
-  from pi_jax.evals import runtime
-  monkeypatch.setattr(runtime, "free_device_memory", lambda: (10_000, "a small device"))
+  from pi_jax import memory
+  monkeypatch.setattr(memory, "free_device_memory", lambda: (10_000, "a small device"))
   assert eval_cli.main(_ppl_args(ckpt, tmp_path)) == 2
   err = capsys.readouterr().err  # the rough check before the checkpoint is loaded
   assert "--windows 32: needs at least" in err and "a small device" in err, err

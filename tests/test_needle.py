@@ -18,8 +18,7 @@ sys.path.insert(0, REPO)
 import eval as eval_cli  # noqa: E402  (the top-level script)
 
 TINY = pi_jax.ModelConfig(vocab_size=258, hidden_size=32, intermediate_size=64, num_layers=2,
-                          num_heads=4, num_kv_heads=2, max_position_embeddings=2048,
-                          attention_block_size=64)
+                          num_heads=4, num_kv_heads=2, max_position_embeddings=2048)
 # A haystack of short numbered sentences: where a needle went can be read off the text.
 HAY = " ".join(f"Sentence number {i} is here." for i in range(400))
 LENGTH = 1500

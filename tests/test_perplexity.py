@@ -92,9 +92,9 @@ def test_skip_short_drops_documents_below_largest_window(model, documents):
 
 
 def test_window_too_large_for_memory_fails_before_work(model, documents, monkeypatch):
-  from pi_jax.evals import runtime
+  from pi_jax import memory
   config, params = model
-  monkeypatch.setattr(runtime, "free_device_memory", lambda: (1000, "test device"))
+  monkeypatch.setattr(memory, "free_device_memory", lambda: (1000, "test device"))
   with pytest.raises(MemoryError, match="window 64 .*GiB free"):
     ppl.evaluate_perplexity(config, params, documents, [64], 8, progress=lambda *a: 1 / 0)
 

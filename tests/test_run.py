@@ -23,7 +23,7 @@ def test_set_run_fields_are_parsed_by_type():
 
 @pytest.mark.parametrize("item,message", [
     ("compute_dtype=bfloat16", r"run options are set as run.compute_dtype"),
-    ("run.compute=bfloat16", r"unknown key 'run.compute'.*run.compute_dtype"),
+    ("run.compute=bfloat16", r"unknown config key 'run.compute'.*run.compute_dtype"),
     ("run.attention_block_size=big", r"expected an integer"),
     ("run.remat=sometimes", r"run.remat must be one of"),
     ("model.compute_dtype=bfloat16", r"run options are set as run.compute_dtype"),
