@@ -1,0 +1,242 @@
+"""pi_jax as an lm-eval model equals lm-eval's own `hf` backend (transformers on torch, CPU).
+
+The local tasks in tests/data/harness (multiple choice, generation, rolling log-likelihood) run
+through lm_eval.simple_evaluate twice: on PiJaxLM and on HFLM loading our HF export of the same
+checkpoint. Per-request log-likelihoods agree to 1e-4 relative, greedy generations are equal,
+and so are the metrics. Offline: no dataset or model is downloaded.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+lm_eval = pytest.importorskip("lm_eval")
+
+from convert import fetch, to_hf, to_pi_jax  # noqa: E402
+from conftest import make_hf_model  # noqa: E402
+from pi_jax.evals import harness  # noqa: E402
+import train_utils as tu  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = os.path.join(ROOT, "tests", "data", "harness")
+pytestmark = pytest.mark.xdist_group("smollm2")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+  return fetch.smollm2_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def smollm2_hf(smollm2, tmp_path_factory):
+  return to_hf.export(smollm2, str(tmp_path_factory.mktemp("hf") / "smollm2"))
+
+
+def hf_lm(path, max_length, batch_size=1):
+  from lm_eval.models.huggingface import HFLM
+  return HFLM(pretrained=str(path), device="cpu", dtype="float32", batch_size=batch_size,
+              max_length=max_length)
+
+
+def run(lm, tasks, limit=None):
+  return harness.evaluate(lm, tasks, include_path=TASKS, limit=limit, log_samples=True)
+
+
+def responses(out, task):
+  """Per-document model responses, ordered by doc_id: [[resp per request], ...]."""
+  samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
+  return [[r[0] for r in s["resps"]] for s in samples]
+
+
+def assert_loglikelihoods_equal(got, want):
+  got_lp = np.array([[r[0] for r in doc] for doc in got], np.float64)
+  want_lp = np.array([[r[0] for r in doc] for doc in want], np.float64)
+  err = np.max(np.abs(got_lp - want_lp) / np.abs(want_lp))
+  print(f"per-request log-likelihoods: max rel err {err:.2e} over {got_lp.size} requests")
+  assert err <= 1e-4
+  assert [[r[1] for r in doc] for doc in got] == [[r[1] for r in doc] for doc in want]
+
+
+def metrics(out, task, names):
+  return {n: out["results"][task][f"{n},none"] for n in names}
+
+
+@pytest.fixture(scope="module")
+def smollm2_runs(smollm2, smollm2_hf):
+  """Both backends on all three tasks; max_length 64 so the rolling task has several windows
+  and the longest multiple-choice request is left-truncated."""
+  tasks = ["pijax_mc", "pijax_gen", "pijax_ppl"]
+  ours = harness.PiJaxLM(smollm2, max_length=64, batch_size=4, progress=False)
+  got = run(ours, tasks)
+  want = run(hf_lm(smollm2_hf, 64), tasks)
+  return ours, got, want
+
+
+def test_smollm2_multiple_choice_equals_hf(smollm2_runs):
+  ours, got, want = smollm2_runs
+  assert_loglikelihoods_equal(responses(got, "pijax_mc"), responses(want, "pijax_mc"))
+  assert metrics(got, "pijax_mc", ["acc", "acc_norm"]) == metrics(want, "pijax_mc",
+                                                                  ["acc", "acc_norm"])
+  # A handful of compiled programs, not one per request (18 requests).
+  assert len([s for s in ours.compiled_shapes if s[0] == "loglikelihood"]) <= 4
+
+
+def test_smollm2_greedy_generation_equals_hf(smollm2_runs):
+  _, got, want = smollm2_runs
+  ours, theirs = responses(got, "pijax_gen"), responses(want, "pijax_gen")
+  print("generations:", ours)
+  assert ours == theirs
+  assert any(text.strip() for [text] in ours)
+  assert metrics(got, "pijax_gen", ["exact_match"]) == metrics(want, "pijax_gen", ["exact_match"])
+
+
+def test_smollm2_rolling_loglikelihood_equals_hf(smollm2_runs):
+  _, got, want = smollm2_runs
+  ours = np.array(responses(got, "pijax_ppl"), np.float64)
+  theirs = np.array(responses(want, "pijax_ppl"), np.float64)
+  assert np.max(np.abs(ours - theirs) / np.abs(theirs)) <= 1e-4
+  for name in ["word_perplexity", "byte_perplexity", "bits_per_byte"]:
+    a, b = got["results"]["pijax_ppl"][f"{name},none"], want["results"]["pijax_ppl"][f"{name},none"]
+    assert abs(a - b) <= 1e-4 * abs(b), name
+
+
+def test_truncation_is_counted_as_lm_eval_truncates(smollm2):
+  from lm_eval.api.instance import Instance
+  lm = harness.PiJaxLM(smollm2, max_length=8, progress=False)
+  long_ctx = "one two three four five six seven eight nine ten eleven twelve"
+  reqs = [Instance("loglikelihood", {}, (ctx, " end"), 0) for ctx in (long_ctx, "one")]
+  [(lp_long, _), _] = lm.loglikelihood(reqs)
+  assert lm.truncated_requests["loglikelihood"] == 1
+  ctx, cont = lm._encode_pair(long_ctx, " end")
+  [(want, _)] = lm._loglikelihood_tokens([(None, (ctx + cont)[-9:-len(cont)], cont)], count=False)
+  assert abs(lp_long - want) <= 1e-6 * abs(want)
+
+
+def test_sliding_rolling_reuses_perplexity(smollm2):
+  """rolling_stride=S is pi_jax.evals.perplexity's sliding window: equal to its brute force."""
+  import pi_jax
+  from lm_eval.api.instance import Instance
+  from pi_jax.evals import perplexity as ppl
+  lm = harness.PiJaxLM(smollm2, max_length=32, rolling_stride=8, progress=False)
+  text = json.loads(open(os.path.join(TASKS, "pijax_ppl.jsonl")).readline())["text"]
+  [got] = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+  ids = np.asarray([lm.prefix_token_id] + lm.tok_encode(text), np.int32)
+  want = -ppl.reference_nll(lm.config, lm.params, ids, 32, 8).sum()
+  assert abs(got - want) <= 1e-4 * abs(want)
+  assert pi_jax  # the library import stays lm_eval-free (test_layering)
+
+
+@pytest.fixture(scope="module")
+def scaled_tiny(smollm2, tmp_path_factory):
+  """A tiny random model with SmolLM2's tokenizer and a 32-token window, extended to 128 by
+  rope_scaling=linear:4: (pi_jax checkpoint, HF export of the scaled checkpoint)."""
+  import pi_jax
+  root = tmp_path_factory.mktemp("tiny")
+  make_hf_model(root / "hf", vocab_size=49152, bos_token_id=1, eos_token_id=2)
+  for name in os.listdir(os.path.join(smollm2, "tokenizer")):
+    shutil.copy(os.path.join(smollm2, "tokenizer", name), root / "hf" / name)
+  base = str(root / "base")
+  to_pi_jax.convert(str(root / "hf"), base)
+  config, params = pi_jax.load_checkpoint(base)
+  scaled = str(root / "scaled")
+  pi_jax.save_checkpoint(scaled, config.with_rope_scaling("linear:4"), params)
+  shutil.copytree(os.path.join(base, "tokenizer"), os.path.join(scaled, "tokenizer"))
+  return base, to_hf.export(scaled, str(root / "scaled_hf"))
+
+
+def test_linear_scaling_past_the_window_equals_hf(scaled_tiny):
+  base, scaled_hf = scaled_tiny
+  lm = harness.PiJaxLM(base, rope_scaling="linear:4", batch_size=2, progress=False)
+  assert lm.max_length == 128
+  got = run(lm, ["pijax_mc", "pijax_ppl"])
+  want = run(hf_lm(scaled_hf, 128), ["pijax_mc", "pijax_ppl"])
+  assert_loglikelihoods_equal(responses(got, "pijax_mc"), responses(want, "pijax_mc"))
+  ours = np.array(responses(got, "pijax_ppl"), np.float64)
+  theirs = np.array(responses(want, "pijax_ppl"), np.float64)
+  assert np.max(np.abs(ours - theirs) / np.abs(theirs)) <= 1e-4
+  # Some request runs past the original 32-token window.
+  assert max(len(lm.tok_encode(json.loads(line)["text"]))
+             for line in open(os.path.join(TASKS, "pijax_ppl.jsonl"))) > 32
+
+
+EIGHT_DEVICES = """
+import json, sys
+from pi_jax.evals import harness
+out = {}
+for mesh in (None, "data:8"):
+  lm = harness.PiJaxLM(sys.argv[1], rope_scaling="linear:4", batch_size=3, mesh=mesh,
+                       progress=False)
+  r = harness.evaluate(lm, ["pijax_mc", "pijax_gen", "pijax_ppl"], include_path=sys.argv[2],
+                       log_samples=True)
+  out[str(mesh)] = {t: [s["resps"] for s in sorted(r["samples"][t], key=lambda s: s["doc_id"])]
+                    for t in r["samples"]}
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_eight_devices_equal_one(scaled_tiny):
+  base, _ = scaled_tiny
+  stdout = tu.run_on_devices(EIGHT_DEVICES, base, TASKS, marker="RESULT")
+  out = json.loads(stdout.split("RESULT", 1)[1])
+  one, eight = out["None"], out["data:8"]
+  assert one["pijax_gen"] == eight["pijax_gen"]
+  for task in ("pijax_mc", "pijax_ppl"):
+    a = np.array([[r[0][0] if isinstance(r[0], list) else r[0] for r in doc] for doc in one[task]])
+    b = np.array([[r[0][0] if isinstance(r[0], list) else r[0] for r in doc] for doc in eight[task]])
+    assert np.max(np.abs(a - b) / np.abs(a)) <= 1e-5, task
+
+
+def test_registered_and_model_args_map_to_the_constructor(scaled_tiny):
+  from lm_eval.api.registry import get_model
+  base, _ = scaled_tiny
+  cls = get_model("pi_jax")
+  assert cls is harness.PiJaxLM
+  lm = cls.create_from_arg_string(f"checkpoint={base},rope_scaling=linear:4,max_length=96,"
+                                  "batch_size=2,dtype=float32",
+                                  {"batch_size": None, "max_batch_size": None, "device": None})
+  assert (lm.max_length, lm.batch_size, lm.config.rope_scaling.factor) == (96, 2, 4.0)
+  with pytest.raises(ValueError, match="unknown argument"):
+    cls.create_from_arg_string(f"checkpoint={base},pretrained=x")
+
+
+def test_sampled_generation_follows_gen_kwargs(scaled_tiny):
+  from lm_eval.api.instance import Instance
+  base, _ = scaled_tiny
+  lm = harness.PiJaxLM(base, progress=False, seed=3)
+  kw = {"until": ["\n\n"], "do_sample": True, "temperature": 1.0, "top_p": 0.9,
+        "max_gen_toks": 8}
+  req = [Instance("generate_until", {}, ("Once upon a time", kw), i) for i in range(4)]
+  texts = lm.generate_until(req)
+  assert len(set(texts)) > 1  # four samples of a random model differ
+  greedy = {"until": ["\n\n"], "do_sample": False, "max_gen_toks": 8}
+  g = lm.generate_until([Instance("generate_until", {}, ("Once upon a time", greedy), i)
+                         for i in range(2)])
+  assert g[0] == g[1]
+
+
+def test_bad_input_messages(scaled_tiny, tmp_path):
+  base, _ = scaled_tiny
+  no_tok = tmp_path / "no_tok"
+  shutil.copytree(base, no_tok, ignore=shutil.ignore_patterns("tokenizer"))
+  with pytest.raises(ValueError, match=f"{no_tok} has no tokenizer"):
+    harness.PiJaxLM(str(no_tok))
+  shutil.copy(os.path.join(TASKS, "pijax_mc.yaml"), tmp_path / "mc.yaml")
+  (tmp_path / "pijax_mc.json").write_text("")
+  with pytest.raises(ValueError, match="pijax_mc.json holds no records"):
+    harness.resolve_tasks(["pijax_mc"], str(tmp_path))
+  (tmp_path / "pijax_mc.json").write_text("[{\"question\": ")
+  with pytest.raises(ValueError, match="pijax_mc.json is not valid JSON"):
+    harness.resolve_tasks(["pijax_mc"], str(tmp_path))
+
+
+def test_layering_pi_jax_imports_without_lm_eval():
+  code = ("import sys; import pi_jax, pi_jax.evals; "
+          "assert 'lm_eval' not in sys.modules and 'pi_jax.evals.harness' not in sys.modules")
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
