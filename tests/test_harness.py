@@ -240,3 +240,137 @@ def test_layering_pi_jax_imports_without_lm_eval():
   code = ("import sys; import pi_jax, pi_jax.evals; "
           "assert 'lm_eval' not in sys.modules and 'pi_jax.evals.harness' not in sys.modules")
   subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+# --- Table 6: summarization + ROUGE ----------------------------------------------------------
+
+def test_summaries_are_transformers_greedy_generations_and_rouge_is_rouge_score(scaled_tiny):
+  import torch
+  import transformers
+  from rouge_score import rouge_scorer
+  import pi_jax
+  from pi_jax.evals import summarization
+  base, scaled_hf = scaled_tiny
+  config, params = pi_jax.load_checkpoint(base)
+  config = config.with_rope_scaling("linear:4")
+  tok = pi_jax.load_tokenizer(base)
+  docs = summarization.load_documents(os.path.join(TASKS, "govreport_tiny.jsonl"))
+  out = summarization.summarize(config, params, tok, docs, max_length=40, max_new_tokens=6)
+  assert out["truncated"] == 2  # both reports are longer than 40 - 6 prompt tokens
+  model = transformers.AutoModelForCausalLM.from_pretrained(scaled_hf, dtype=torch.float32).eval()
+  scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+  for doc, row in zip(docs, out["per_document"]):
+    ids, cut = summarization.build_prompt(tok, doc["report"], summarization.DEFAULT_TEMPLATE, 34)
+    assert cut and len(ids) == 34 and row["prompt_tokens"] == 34
+    assert tok.decode(ids).endswith("\n\nSummary:")  # the instruction survives the cut
+    with torch.no_grad():
+      want = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False,
+                            eos_token_id=tok.eos_id, pad_token_id=tok.eos_id)[0, len(ids):]
+    want = want.tolist()
+    want = want[:want.index(tok.eos_id)] if tok.eos_id in want else want
+    assert row["prediction"] == tok.decode(want).strip()
+    ref = scorer.score(doc["summary"], row["prediction"])
+    assert abs(row["rouge1"] - ref["rouge1"].fmeasure * 100) < 1e-3
+  assert abs(out["rouge"]["rougeL"] - np.mean([r["rougeL"] for r in out["per_document"]])) < 1e-3
+
+
+# --- eval.py harness / summarize -------------------------------------------------------------
+
+def _eval_cli():
+  sys.path.insert(0, ROOT)
+  import eval as eval_cli
+  return eval_cli
+
+
+def test_eval_harness_two_columns_json_table_plot(scaled_tiny, tmp_path, capsys):
+  base, _ = scaled_tiny
+  out_json, out_png = tmp_path / "h.json", tmp_path / "h.png"
+  rc = _eval_cli().main(["harness", "--ckpt", base, "--rope-scaling", "none,linear:4",
+                         "--tasks", "pijax_mc,pijax_ppl", "--include-path", TASKS,
+                         "--max-length", "40", "--batch-size", "2", "--no-progress",
+                         "--json", str(out_json), "--plot", str(out_png)])
+  assert rc == 0
+  table = capsys.readouterr().out
+  assert "| pijax_mc | acc |" in table and "linear:4" in table
+  record = json.loads(out_json.read_text())
+  assert [r["model"]["rope_scaling"] for r in record["runs"]] == ["none", "linear:4"]
+  assert record["command"].startswith("eval.py harness")
+  assert all(r["model"]["max_length"] == 40 for r in record["runs"])
+  # The 3-document perplexity task has requests past 40 tokens only as rolling windows (never
+  # truncated); multiple-choice prompts here are shorter than 40.
+  assert record["truncated_requests"]["none"] == {"loglikelihood": 0, "generate_until": 0}
+  assert 0 <= record["runs"][0]["results"]["pijax_mc"]["acc,none"] <= 1
+  assert out_png.stat().st_size > 0
+  assert "/tmp" not in json.dumps(record["settings"])
+
+
+def test_eval_harness_counts_truncated_requests(scaled_tiny, tmp_path):
+  base, _ = scaled_tiny
+  out_json = tmp_path / "t.json"
+  assert _eval_cli().main(["harness", "--ckpt", base, "--tasks", "pijax_mc", "--include-path",
+                           TASKS, "--max-length", "8", "--no-progress", "--json",
+                           str(out_json)]) == 0
+  record = json.loads(out_json.read_text())
+  assert record["truncated_requests"]["none"]["loglikelihood"] == 18  # all 6 × 3 requests
+
+
+def test_eval_summarize_json_and_plot(scaled_tiny, tmp_path, capsys):
+  base, _ = scaled_tiny
+  out_json = tmp_path / "s.json"
+  rc = _eval_cli().main(["summarize", "--ckpt", base, "--rope-scaling", "linear:4", "--data",
+                         os.path.join(TASKS, "govreport_tiny.jsonl"), "--max-length", "64",
+                         "--max-new-tokens", "4", "--no-progress", "--json", str(out_json),
+                         "--plot", str(tmp_path / "s.png")])
+  assert rc == 0
+  assert "ROUGE-1" in capsys.readouterr().out
+  record = json.loads(out_json.read_text())
+  assert record["runs"][0]["documents"] == 2 and set(record["runs"][0]["rouge"]) == {
+      "rouge1", "rouge2", "rougeL"}
+
+
+def _cli(args, **env):
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), *args], cwd=ROOT,
+                        capture_output=True, text=True, env={**tu.subprocess_env(1), **env},
+                        timeout=600)
+  return proc.returncode, proc.stderr
+
+
+def test_eval_harness_bad_input_is_one_line(scaled_tiny, tmp_path):
+  base, _ = scaled_tiny
+  rc, err = _cli(["harness", "--ckpt", base, "--tasks", "no_such_task", "--include-path", TASKS])
+  assert rc == 2 and "Tasks not found: no_such_task" in err and "Traceback" not in err
+  no_tok = tmp_path / "no_tok"
+  shutil.copytree(base, no_tok, ignore=shutil.ignore_patterns("tokenizer"))
+  rc, err = _cli(["harness", "--ckpt", str(no_tok), "--tasks", "pijax_mc", "--include-path",
+                  TASKS])
+  assert rc == 2 and f"{no_tok} has no tokenizer" in err and "Traceback" not in err
+  bad = tmp_path / "tasks"
+  bad.mkdir()
+  shutil.copy(os.path.join(TASKS, "pijax_mc.yaml"), bad)
+  (bad / "pijax_mc.json").write_text("[]")
+  rc, err = _cli(["harness", "--ckpt", base, "--tasks", "pijax_mc", "--include-path", str(bad)])
+  assert rc == 2 and "pijax_mc.json holds no records" in err and "Traceback" not in err
+  rc, err = _cli(["summarize", "--ckpt", base, "--data", str(bad / "pijax_mc.json")])
+  assert rc == 2 and "pijax_mc.json" in err and "Traceback" not in err
+
+
+def test_eval_harness_without_lm_eval_says_how_to_install(tmp_path):
+  code = ("import sys; sys.modules['lm_eval'] = None; sys.path.insert(0, '.'); import eval; "
+          "sys.exit(eval.main(['harness', '--ckpt', 'x', '--tasks', 'boolq']))")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                        env=tu.subprocess_env(1))
+  assert proc.returncode == 2
+  assert "pip install pi_jax[harness]" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_table5_race_configs_index_and_render():
+  from lm_eval.tasks import TaskManager
+  from lm_eval.utils import apply_template
+  folder = os.path.join(ROOT, "configs", "lm_eval")
+  manager = TaskManager(include_path=folder, include_defaults=False)
+  assert {"race_middle", "race_high"} <= set(manager.all_tasks)
+  cfg = harness.load_local_task(os.path.join(folder, "race_middle.yaml"))
+  doc = {"article": "Tom has a red ball.", "question": "What color is the ball?",
+         "options": ["blue", "red", "green", "black"], "answer": "B"}
+  assert apply_template(cfg["doc_to_target"], doc) == "1"
+  assert apply_template(cfg["doc_to_text"], doc).endswith("What color is the ball?\nAnswer:")

@@ -485,9 +485,10 @@ def resolve_tasks(names: list[str], include_path: str | None = None):
                         include_defaults=not all(n in local for n in names))
   unknown = [n for n in names if n not in local and n not in manager.all_tasks]
   if unknown:
-    raise ValueError(f"unknown task(s) {', '.join(unknown)} (lm-eval knows "
-                     f"{len(manager.all_tasks)} tasks; `lm_eval ls tasks` lists them"
-                     f"{', and ' + include_path + ' was searched' if include_path else ''})")
+    # lm-eval's own words (its `validate` command), and where else was searched.
+    raise ValueError(f"Tasks not found: {', '.join(unknown)} (`lm-eval ls tasks` lists lm-eval's "
+                     f"{len(manager.all_tasks)} tasks"
+                     f"{'; ' + include_path + ' was searched too' if include_path else ''})")
   return [load_local_task(local[n]) if n in local else n for n in names], manager
 
 
