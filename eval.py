@@ -504,7 +504,7 @@ def run_harness(args) -> dict:
 def run_summarize(args) -> dict:
   import pi_jax
   from pi_jax import files
-  from pi_jax.evals import report, summarization
+  from pi_jax.evals import report, runtime, summarization
   try:
     import rouge_score  # noqa: F401
   except ImportError:
@@ -528,8 +528,7 @@ def run_summarize(args) -> dict:
       raise ValueError(f"checkpoint {ckpt} has no tokenizer (its tokenizer/ folder)") from None
     for spec in _scalings(args.rope_scaling):
       cfg = _with_scaling(config, spec, ckpt)
-      if args.dtype:
-        cfg = cfg.replace(compute_dtype=args.dtype)
+      cfg = runtime.run_config(cfg, args.dtype)
       max_length = args.max_length or cfg.max_position_embeddings
       label = cfg.rope_scaling.describe()
       record = summarization.summarize(

@@ -6,9 +6,9 @@
 All three request types, numerically the requests lm-eval's own `hf` backend
 (lm_eval/models/huggingface.py) would run:
   - loglikelihood: context + continuation left-truncated to max_length + 1 tokens, the last
-    token dropped, scored in batches. Requests are sorted and padded to power-of-two buckets of
-    input length and continuation length (right padding: causal attention never sees it), so
-    a task compiles a handful of programs. Only the continuation's hidden states are projected
+    token dropped, scored in batches. Requests are sorted and padded to buckets (16, 24, 32,
+    48, ...) of input and continuation length (right padding: causal attention never sees it),
+    so a task compiles a handful of programs. Only the continuation's hidden states are projected
     to the vocabulary.
   - loglikelihood_rolling: lm-eval's disjoint windows of max_length by default; with
     `rolling_stride=S` the paper's sliding window (PI §3.2) through
@@ -53,23 +53,18 @@ log = logging.getLogger(__name__)
 MIN_BUCKET = 16  # the shortest input / continuation length compiled
 LOGITS_CHUNK = 256  # continuation positions projected to the vocabulary at once
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's hf backend default
-DTYPES = ("float32", "bfloat16")
 GEN_KWARGS_USED = ("do_sample", "temperature", "top_p", "top_k", "until", "max_gen_toks")
 
 
 def bucket(n: int, cap: int | None = None) -> int:
-  """The padded length for n: the next power of two (at least MIN_BUCKET), at most cap."""
-  b = max(MIN_BUCKET, 1 << max(0, n - 1).bit_length())
+  """The padded length for n: the next of 16, 24, 32, 48, 64, 96, ... (powers of two and
+  their halfway points: at most 1.5x padding, two programs per octave), at most cap."""
+  p = 1 << max(0, n - 1).bit_length()
+  b = max(MIN_BUCKET, 3 * p // 4 if n <= 3 * p // 4 else p)
   return max(n, min(b, cap)) if cap else b
 
 
-def run_config(config: ModelConfig, dtype: str | None) -> ModelConfig:
-  """The one place the run's dtype meets the model config (moves to RunOptions, issue 27)."""
-  if dtype is None:
-    return config
-  if dtype not in DTYPES:
-    raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
-  return config.replace(compute_dtype=dtype)
+run_config = runtime.run_config
 
 
 @functools.partial(jax.jit, static_argnames=("config", "chunk"))
@@ -330,7 +325,7 @@ class PiJaxLM(TemplateLM):
     return -result.nll_sum
 
   def _window_scorer(self, config, params, width, batch, *, mesh=None, chunk=None):
-    """perplexity's scorer, compiled once per power-of-two width and padded up to it."""
+    """perplexity's scorer, compiled once per bucketed width and padded up to it."""
     if not config.rope_scaling.depends_on_length:
       width_compiled = bucket(width, self.max_length)
     else:
@@ -502,3 +497,10 @@ def evaluate(lm: PiJaxLM, tasks: list[str], *, include_path: str | None = None,
       model=lm, tasks=specs, task_manager=manager, num_fewshot=num_fewshot, limit=limit,
       log_samples=log_samples, random_seed=random_seed, numpy_random_seed=random_seed,
       torch_random_seed=random_seed, fewshot_random_seed=random_seed, bootstrap_iters=0)
+
+
+if __name__ == "__main__":
+  # lm-eval's own command line with the "pi_jax" model registered:
+  #   python -m pi_jax.evals.harness run --model pi_jax --model_args checkpoint=CKPT --tasks ...
+  from lm_eval.__main__ import cli_evaluate
+  cli_evaluate()

@@ -13,6 +13,16 @@ from pi_jax import sharding as sharding_lib
 MEMORY_HEADROOM = 0.9
 
 
+def run_config(config, dtype: str | None):
+  """The one place an evaluation's dtype option meets the model config (it moves to
+  RunOptions with issue 27)."""
+  if dtype is None:
+    return config
+  if dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"dtype={dtype!r}: expected float32 or bfloat16")
+  return config.replace(compute_dtype=dtype)
+
+
 def mesh_context(mesh):
   return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
