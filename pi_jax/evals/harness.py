@@ -115,10 +115,11 @@ def _special_text(tok, token_id: int | None) -> str | None:
 
 
 def _mesh(mesh):
+  """A Mesh, or a spec "data:8" / "data:2;fsdp:4" (';' since --model_args splits on ',')."""
   if mesh is None or isinstance(mesh, jax.sharding.Mesh):
     return mesh
   from pi_jax import sharding
-  return sharding.make_mesh(str(mesh))
+  return sharding.make_mesh(str(mesh).replace(";", ","))
 
 
 @register_model("pi_jax")
