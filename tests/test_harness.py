@@ -390,3 +390,17 @@ def test_lm_eval_own_command_line_runs_pi_jax(scaled_tiny, tmp_path):
       timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "pijax_mc" in proc.stdout and "acc" in proc.stdout
+
+
+def test_requests_sharing_a_row_equal_each_scored_alone(scaled_tiny):
+  """Requests differing only in the last continuation token share one row (one forward)."""
+  from lm_eval.api.instance import Instance
+  base, _ = scaled_tiny
+  lm = harness.PiJaxLM(base, rope_scaling="linear:4", batch_size=2, progress=False)
+  pairs = [("The sky is", " blue"), ("The sky is", " red"), ("The sky is", " very blue"),
+           ("The sky is", " very red"), ("Grass is", " green")]
+  together = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
+  alone = [lm.loglikelihood([Instance("loglikelihood", {}, p, 0)])[0] for p in pairs]
+  for (a, ga), (b, gb) in zip(together, alone):
+    assert abs(a - b) <= 1e-5 * abs(b) and ga == gb
+  assert len({t for t, _ in together}) == len(pairs)

@@ -69,10 +69,11 @@ run_config = runtime.run_config
 
 @functools.partial(jax.jit, static_argnames=("config", "chunk"))
 def _score_continuations(config, params, tokens_BL, spans_B2, conts_BC, *, chunk):
-  """(sum of continuation log-probs [B], continuation is the greedy one [B]).
-
-  Row b's continuation conts_BC[b, :n] is predicted by positions e - n .. e - 1 of its input,
-  where (e, n) = spans_B2[b] (input length, continuation length).
+  """Scores row b's continuation conts_BC[b, :n], predicted by positions e - n .. e - 1 of its
+  input, where (e, n) = spans_B2[b] (input length, continuation length). Returns
+  (log-prob of all but its last token [B], those are all greedy [B],
+   log-softmax at the last position [B, V], argmax there [B]):
+  requests that differ only in the last token (one-token answers to one question) share a row.
   """
   h_BLD = model_lib.hidden_states(config, params, tokens_BL)
   b, length, _ = h_BLD.shape
@@ -96,9 +97,12 @@ def _score_continuations(config, params, tokens_BL, spans_B2, conts_BC, *, chunk
   logp_NBT, greedy_NBT = jax.lax.map(one_chunk, (h_NBTD, t_NBT))
   logp_BC = logp_NBT.swapaxes(0, 1).reshape(b, -1)[:, :c]
   greedy_BC = greedy_NBT.swapaxes(0, 1).reshape(b, -1)[:, :c]
-  mask_BC = jnp.arange(c)[None] < lens_B1
-  return (jnp.sum(jnp.where(mask_BC, logp_BC, 0.0), axis=1),
-          jnp.all(greedy_BC | ~mask_BC, axis=1))
+  head_BC = jnp.arange(c)[None] < lens_B1 - 1
+  h_B1D = jnp.take_along_axis(h_BLD, jnp.clip(ends_B1 - 1, 0, length - 1)[..., None], axis=1)
+  last_BV = model_lib.logits_from_hidden(config, params, h_B1D)[:, 0]
+  return (jnp.sum(jnp.where(head_BC, logp_BC, 0.0), axis=1),
+          jnp.all(greedy_BC | ~head_BC, axis=1),
+          jax.nn.log_softmax(last_BV, axis=-1), jnp.argmax(last_BV, axis=-1))
 
 
 def _special_text(tok, token_id: int | None) -> str | None:
@@ -243,14 +247,23 @@ class PiJaxLM(TemplateLM):
       if count and len(whole) > self.max_length + 1:
         self.truncated_requests["loglikelihood"] += 1
       jobs.append((i, whole[-(self.max_length + 1):][:-1], cont))
+    # One row per distinct (input, continuation length): such requests differ at most in the
+    # last continuation token, read from the row's last log-softmax (lm-eval's hf backend
+    # shares one-token continuations of one context the same way).
+    rows_by_key: dict[tuple, tuple] = {}
+    for i, inp, cont in jobs:
+      key = (tuple(inp), len(cont))
+      if key not in rows_by_key:
+        rows_by_key[key] = (inp, cont, [])
+      rows_by_key[key][2].append((i, cont[-1]))
     length_dependent = self.config.rope_scaling.depends_on_length
     groups: dict[tuple, list] = {}
-    for job in jobs:
+    for row in rows_by_key.values():
       # A RoPE table chosen from the sequence length (dynamic NTK, LongRoPE) must see the real
       # length: such requests run unpadded, one shape per length.
-      shape = ((len(job[1]), len(job[2])) if length_dependent else
-               (bucket(len(job[1]), self.max_length), bucket(len(job[2]), self.max_length)))
-      groups.setdefault(shape, []).append(job)
+      shape = ((len(row[0]), len(row[1])) if length_dependent else
+               (bucket(len(row[0]), self.max_length), bucket(len(row[1]), self.max_length)))
+      groups.setdefault(shape, []).append(row)
     out = [None] * len(requests)
     bar = self._bar(len(requests), "pi_jax loglikelihood")
     b = self.batch_size
@@ -262,7 +275,7 @@ class PiJaxLM(TemplateLM):
           tokens = np.zeros((b, length), np.int32)
           spans = np.ones((b, 2), np.int32)  # (input length, continuation length)
           conts = np.zeros((b, c), np.int32)
-          for r, (_, inp, cont) in enumerate(rows):
+          for r, (inp, cont, _) in enumerate(rows):
             tokens[r, :len(inp)] = inp
             spans[r] = (len(inp), len(cont))
             conts[r, :len(cont)] = cont
@@ -281,10 +294,12 @@ class PiJaxLM(TemplateLM):
 
   @staticmethod
   def _collect(out, result, rows, bar):
-    logp, greedy = (np.asarray(x) for x in jax.device_get(result))
-    for r, (i, _, _) in enumerate(rows):
-      out[i] = (float(logp[r]), bool(greedy[r]))
-    bar.update(len(rows))
+    head, head_greedy, last_lsm, last_argmax = (np.asarray(x) for x in jax.device_get(result))
+    for r, (_, _, requests) in enumerate(rows):
+      for i, last in requests:
+        out[i] = (float(head[r] + last_lsm[r, last]),
+                  bool(head_greedy[r] and last_argmax[r] == last))
+      bar.update(len(requests))
 
   def loglikelihood(self, requests, disable_tqdm: bool = False):
     results = super().loglikelihood(requests, disable_tqdm=True)
