@@ -24,7 +24,9 @@ import train_utils as tu  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = os.path.join(ROOT, "tests", "data", "harness")
-pytestmark = pytest.mark.xdist_group("smollm2")
+# The SmolLM2 tests share one xdist worker with tests/test_smollm2.py (its conversion and HF
+# export are set up once); the tiny-model tests spread over the others.
+SMOLLM2 = pytest.mark.xdist_group("smollm2")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -79,6 +81,7 @@ def smollm2_runs(smollm2, smollm2_hf):
   return ours, got, want
 
 
+@SMOLLM2
 def test_smollm2_multiple_choice_equals_hf(smollm2_runs):
   ours, got, want = smollm2_runs
   assert_loglikelihoods_equal(responses(got, "pijax_mc"), responses(want, "pijax_mc"))
@@ -88,6 +91,7 @@ def test_smollm2_multiple_choice_equals_hf(smollm2_runs):
   assert len([s for s in ours.compiled_shapes if s[0] == "loglikelihood"]) <= 4
 
 
+@SMOLLM2
 def test_smollm2_greedy_generation_equals_hf(smollm2_runs):
   _, got, want = smollm2_runs
   ours, theirs = responses(got, "pijax_gen"), responses(want, "pijax_gen")
@@ -97,6 +101,7 @@ def test_smollm2_greedy_generation_equals_hf(smollm2_runs):
   assert metrics(got, "pijax_gen", ["exact_match"]) == metrics(want, "pijax_gen", ["exact_match"])
 
 
+@SMOLLM2
 def test_smollm2_rolling_loglikelihood_equals_hf(smollm2_runs):
   _, got, want = smollm2_runs
   ours = np.array(responses(got, "pijax_ppl"), np.float64)
@@ -108,6 +113,7 @@ def test_smollm2_rolling_loglikelihood_equals_hf(smollm2_runs):
     assert abs(a - b) <= 1e-4 * abs(b), name
 
 
+@SMOLLM2
 def test_truncation_is_counted_as_lm_eval_truncates(smollm2):
   from lm_eval.api.instance import Instance
   lm = harness.PiJaxLM(smollm2, max_length=8, progress=False)
@@ -120,6 +126,7 @@ def test_truncation_is_counted_as_lm_eval_truncates(smollm2):
   assert abs(lp_long - want) <= 1e-6 * abs(want)
 
 
+@SMOLLM2
 def test_sliding_rolling_reuses_perplexity(smollm2):
   """rolling_stride=S is pi_jax.evals.perplexity's sliding window: equal to its brute force."""
   import pi_jax

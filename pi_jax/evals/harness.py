@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 import warnings
 
@@ -43,12 +42,9 @@ from pi_jax import checkpoint as checkpoint_lib
 from pi_jax import loss as loss_lib
 from pi_jax import model as model_lib
 from pi_jax import tokenizer as tokenizer_lib
-from pi_jax.config import ModelConfig
 from pi_jax.evals import perplexity as ppl
 from pi_jax.evals import runtime
 from pi_jax.generate import PROMPT_BUCKET, generate
-
-log = logging.getLogger(__name__)
 
 MIN_BUCKET = 16  # the shortest input / continuation length compiled
 LOGITS_CHUNK = 256  # continuation positions projected to the vocabulary at once
@@ -179,7 +175,7 @@ class PiJaxLM(TemplateLM):
     self.progress = bool(progress)
     self.truncated_requests = {"loglikelihood": 0, "generate_until": 0}
     self.compiled_shapes: set[tuple] = set()
-    self._scorers: dict[int, tuple] = {}
+    self._scorers: dict[tuple, tuple] = {}
     self._generated_batches = 0
 
   # --- what lm-eval asks of a model ----------------------------------------------------------
