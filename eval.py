@@ -6,6 +6,9 @@
       --rope-scaling linear:2 --json out.json --plot out.png
   python eval.py needle --ckpt CKPT --haystack pg19_standin --tasks single,multikey \\
       --lengths 2048,4096 --depths 5 --trials 4 --json out.json --plot out.png
+  python eval.py harness --ckpt BASE --ckpt EXTENDED --tasks boolq,piqa --json out.json \\
+      --plot out.png                      (lm-evaluation-harness tasks; pip install pi_jax[harness])
+  python eval.py summarize --ckpt CKPT --data govreport.jsonl --max-length 16384 --json out.json
 
 Each writes a Markdown table to stdout, progress to stderr, and optionally JSON and a PNG.
 The definitions are in pi_jax/evals/perplexity.py, passkey.py and needle.py.
@@ -58,6 +61,26 @@ def _common(p: argparse.ArgumentParser) -> None:
   p.add_argument("--mesh", default=None, help="e.g. data:2,fsdp:2,tensor:2 (default: one device)")
   from pi_jax import run as run_lib
   run_lib.add_arguments(p)  # --set run.FIELD=VALUE, --dtype, --attention-impl
+  p.add_argument("--json", dest="json_out", default=None, help="write the results here")
+  p.add_argument("--plot", default=None, help="write a PNG plot here")
+  p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _harness_common(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--ckpt", action="append", required=True,
+                 help="pi_jax checkpoint directory; repeat to compare models side by side "
+                      "(e.g. the base and the extended model)")
+  p.add_argument("--rope-scaling", action="append", metavar="KIND:FACTOR",
+                 help="replace each checkpoint's RoPE scaling (none, linear:4, ...); repeat or "
+                      "comma-separate for several columns; default: each checkpoint's own")
+  p.add_argument("--max-length", type=int, default=None,
+                 help="tokens the model sees (default: the model's window); longer requests are "
+                      "left-truncated as lm-eval does and counted")
+  p.add_argument("--batch-size", type=int, default=1, help="requests per step")
+  p.add_argument("--mesh", default=None, help="e.g. data:8 (default: one device)")
+  from pi_jax import run as run_lib
+  run_lib.add_arguments(p)  # --set run.FIELD=VALUE, --dtype, --attention-impl
+  p.add_argument("--seed", type=int, default=0, help="sampling and few-shot seed")
   p.add_argument("--json", dest="json_out", default=None, help="write the results here")
   p.add_argument("--plot", default=None, help="write a PNG plot here")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -149,6 +172,37 @@ def build_parser() -> argparse.ArgumentParser:
                  help="run lengths beyond the model's window (zero-shot extrapolation) instead "
                       "of refusing them")
   p.add_argument("--seed", type=int, default=0, help="seed of keys, values and haystack starts")
+  p = sub.add_parser("harness", help="lm-evaluation-harness tasks (PI Table 5), several models "
+                     "side by side", formatter_class=HelpFormatter,
+                     description="Runs lm-eval (pip install pi_jax[harness]) on pi_jax checkpoints "
+                                 "through pi_jax.evals.harness.PiJaxLM; one column per "
+                                 "(checkpoint, RoPE scaling).")
+  _harness_common(p)
+  p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+  p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: "
+                 "each task's own)")
+  p.add_argument("--limit", type=int, default=None, help="at most N documents per task")
+  p.add_argument("--include-path", default=None,
+                 help="folder of extra task YAML files; a `dataset_path: json` task's data files "
+                      "are found next to its YAML")
+  p.add_argument("--rolling-stride", type=int, default=None,
+                 help="perplexity tasks: the paper's sliding window with this stride instead of "
+                      "lm-eval's disjoint windows")
+  p.add_argument("--max-gen-toks", type=int, default=256,
+                 help="generation tasks: tokens to generate when the task does not say")
+
+  p = sub.add_parser("summarize", help="long-document summarization + ROUGE (PI Table 6)",
+                     formatter_class=HelpFormatter)
+  _harness_common(p)
+  p.add_argument("--data", required=True,
+                 help="JSON Lines with string fields 'report' and 'summary' (GovReport's)")
+  p.add_argument("--limit", type=int, default=None, help="at most N documents")
+  p.add_argument("--max-new-tokens", type=int, default=512, help="summary length cap (tokens)")
+  p.add_argument("--template", default=None,
+                 help="prompt with a {report} field (default: '{report}\\n\\nSummary:'); use "
+                      "the summarization fine-tune's own")
+  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
 
   p = sub.add_parser("report", help="merge JSON files of one task into one table and plot",
                      formatter_class=HelpFormatter)
@@ -531,6 +585,109 @@ def _merge_needle(paths, payloads, ckpts) -> dict:
           "sources": [{"file": f, "command": p.get("command"), "settings": p.get("settings")}
                       for f, p in zip(paths, payloads)],
           "runs": list(runs.values())}
+def _columns(args):
+  """[(checkpoint, scaling spec or None)]: every checkpoint under every --rope-scaling."""
+  return [(c, s) for c in args.ckpt for s in _scalings(args.rope_scaling)]
+
+
+def _label(ckpt, model_record, several):
+  name = os.path.basename(os.path.normpath(ckpt))
+  return f"{name} [{model_record['rope_scaling']}]" if several else model_record["rope_scaling"]
+
+
+def run_harness(args) -> dict:
+  try:
+    import lm_eval  # noqa: F401
+  except ImportError:
+    raise ImportError("lm-evaluation-harness is not installed: pip install pi_jax[harness]") \
+        from None
+  from pi_jax import files
+  from pi_jax.evals import harness, report
+  tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+  if not tasks:
+    raise ValueError("--tasks: no task names")
+  _check_outputs(args, list(args.ckpt))
+  info = report.run_info(args.argv)
+  harness.resolve_tasks(tasks, args.include_path)  # unknown tasks / bad data before any model
+  columns = _columns(args)
+  several = len(args.ckpt) > 1
+  runs = []
+  for ckpt, spec in columns:
+    print(f"harness: {ckpt} [{spec or 'own scaling'}] on {', '.join(tasks)}", file=sys.stderr,
+          flush=True)
+    lm = harness.PiJaxLM(ckpt, rope_scaling=spec, max_length=args.max_length,
+                         batch_size=args.batch_size, run=args.run, mesh=args.mesh,
+                         rolling_stride=args.rolling_stride, max_gen_toks=args.max_gen_toks,
+                         seed=args.seed, progress=not args.no_progress)
+    out = harness.evaluate(lm, tasks, include_path=args.include_path,
+                           num_fewshot=args.num_fewshot, limit=args.limit, random_seed=args.seed)
+    model = lm.record()
+    model["checkpoint"] = files.portable(ckpt)
+    runs.append({"label": _label(ckpt, model, several), "model": model,
+                 "results": out["results"], "n-samples": out.get("n-samples"),
+                 "versions": out.get("versions"), "n_shot": out.get("n-shot")})
+    print(f"[{runs[-1]['label']}] truncated requests: {model['truncated_requests']}",
+          file=sys.stderr, flush=True)
+  from importlib import metadata
+  return {"task": "harness", "lm_eval_version": metadata.version("lm_eval"),
+          "settings": {"ckpt": [files.portable(c) for c in args.ckpt], "tasks": tasks,
+                       "num_fewshot": args.num_fewshot, "limit": args.limit,
+                       "include_path": args.include_path and files.portable(args.include_path),
+                       "max_length": args.max_length, "batch_size": args.batch_size,
+                       "mesh": args.mesh, "run": args.run.to_dict(),
+                       "rolling_stride": args.rolling_stride, "seed": args.seed},
+          "truncated_requests": {r["label"]: r["model"]["truncated_requests"] for r in runs},
+          **info, "runs": runs}
+
+
+def run_summarize(args) -> dict:
+  import pi_jax
+  from pi_jax import files
+  from pi_jax.evals import report, runtime, summarization
+  try:
+    import rouge_score  # noqa: F401
+  except ImportError:
+    raise ImportError("rouge-score is not installed: pip install pi_jax[harness]") from None
+  _check_outputs(args, list(args.ckpt) + [args.data])
+  info = report.run_info(args.argv)
+  docs = summarization.load_documents(args.data, args.limit)
+  mesh = None
+  if args.mesh:
+    from pi_jax import sharding
+    mesh = sharding.make_mesh(args.mesh)
+  template = args.template or summarization.DEFAULT_TEMPLATE
+  several = len(args.ckpt) > 1
+  bar = _progress(args)
+  runs = []
+  for ckpt in args.ckpt:
+    config, params = pi_jax.load_checkpoint(ckpt, mesh=mesh)
+    try:
+      tok = pi_jax.load_tokenizer(ckpt)
+    except FileNotFoundError:
+      raise ValueError(f"checkpoint {ckpt} has no tokenizer (its tokenizer/ folder)") from None
+    for spec in _scalings(args.rope_scaling):
+      cfg = _with_scaling(config, spec, ckpt)
+      max_length = args.max_length or cfg.max_position_embeddings
+      label = cfg.rope_scaling.describe()
+      record = summarization.summarize(
+          cfg, params, tok, docs, max_length=max_length, max_new_tokens=args.max_new_tokens,
+          template=template, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+          mesh=mesh, progress=lambda n, label=label: bar(f"summarize {label}", n), run=args.run)
+      model = {"checkpoint": files.portable(ckpt), "rope_scaling": label,
+               "max_length": max_length, "run": args.run.to_dict()}
+      runs.append({"label": _label(ckpt, model, several), "model": model, **record})
+      r = record["rouge"]
+      print(f"[{runs[-1]['label']}] ROUGE-1/2/L {r['rouge1']:.2f} / {r['rouge2']:.2f} / "
+            f"{r['rougeL']:.2f} over {record['documents']} documents "
+            f"({record['truncated']} truncated)", file=sys.stderr, flush=True)
+  return {"task": "summarize", "metric": "ROUGE-1/2/L F1 x 100 (rouge-score, Porter stemmer), "
+                                         "mean over documents",
+          "settings": {"ckpt": [files.portable(c) for c in args.ckpt],
+                       "data": files.portable(args.data), "limit": args.limit,
+                       "max_length": args.max_length, "max_new_tokens": args.max_new_tokens,
+                       "template": template, "temperature": args.temperature,
+                       "top_p": args.top_p, "seed": args.seed, "mesh": args.mesh},
+          **info, "runs": runs}
 
 
 def compile_perplexity(args) -> int:
@@ -597,6 +754,16 @@ def main(argv=None) -> int:
                 "needle": report.plot_needle}[out["task"]]
         plot(out["runs"], args.plot, f"{out['task']}: {', '.join(out['checkpoints'])} "
              f"({len(args.inputs)} files merged)")
+    elif args.task in ("harness", "summarize"):
+      from pi_jax.evals import harness_report
+      out = run_harness(args) if args.task == "harness" else run_summarize(args)
+      table = harness_report.harness_table if args.task == "harness" else \
+          harness_report.rouge_table
+      print(table(out["runs"]))
+      if args.plot:
+        plot = harness_report.plot_harness if args.task == "harness" else \
+            harness_report.plot_rouge
+        plot(out["runs"], args.plot, f"{args.task}: {', '.join(r['label'] for r in out['runs'])}")
     elif args.task == "perplexity" and args.compile_only:
       return compile_perplexity(args)
     elif args.task == "perplexity":
