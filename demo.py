@@ -281,7 +281,8 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--out", default=None,
-                 help="output folder (default runs/demo; runs/miniature with --full)")
+                 help="output folder (default runs/demo; runs/miniature with --full; "
+                      "runs/real_SIZE with --real)")
   p.add_argument("--full", action="store_true",
                  help="every arm, factor and checkpoint (hours; resumable); publishes to "
                       "results/miniature")
