@@ -140,7 +140,8 @@ def sizing(plan: RealPlan, cfg: dict) -> dict:
       "Table 3 (intermediate steps)": 2 * (len(plan.steps) - 1) * table3,
       "Table 4 passkey": (2 + 2 * len(plan.steps)) * passkey,
   }
-  commands = 3 + 2 + 2 * len(plan.steps) * 3  # fetch + base check + zero shot + per stage
+  # (fetch) + base check (2) + the base's perplexity and passkey + 3 per arm and checkpoint
+  commands = (plan.base == "smollm2") + 2 + 2 + 2 * len(plan.steps) * 3
   return {"flops": parts, "total": sum(parts.values()), "commands": commands}
 
 
@@ -170,7 +171,8 @@ def estimate(plan: RealPlan, cfg: dict, platform: str, kind: str) -> tuple[list[
   rate = peak * mfu
   overhead = size["commands"] * PROCESS_S.get(platform, 25.0)
   lines = [f"Sizing of `--{plan.name}` on {name}: peak {peak / 1e12:.3g} TFLOP/s x assumed "
-           f"utilisation {mfu:.0%} = {rate / 1e12:.3g} TFLOP/s", "",
+           f"utilisation {mfu:.0%} = {rate / 1e12:.3g} TFLOP/s (an estimate from the FLOP "
+           "count, not a measurement; the commands' own times are listed at the end)", "",
            "| part | FLOPs | expected s |", "|---|---|---|"]
   for part, flops in size["flops"].items():
     lines.append(f"| {part} | {flops:.3g} | {flops / rate:.0f} |")
