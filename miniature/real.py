@@ -9,18 +9,20 @@ proof-pile stand-ins minus the held-out documents) with the paper's recipe (conf
 real_extend.py): PI (rope_scaling linear:F, seq_len L') and direct fine-tuning (window L', no
 interpolation). Each arm is trained in stages (train.py resumes its own run); the model after
 each stage is kept under OUT/checkpoints/ and evaluated with eval.py: sliding-window perplexity
-on the held-out documents (Table 1 at every window for the base and the last step, Table 3 at L'
-for every step) and passkey retrieval at L' (Table 4). Before anything else the base is checked
-against committed numbers. Outputs that exist are not recomputed and the report is rewritten
-after every step, so an interrupted run continues where it stopped and shows what it has.
+on the held-out documents (Table 1 at every window for the base and the last step, L and L'
+for the others: Table 3 and in-window quality) and passkey retrieval at L' (Table 4). Before
+anything else the base is checked against committed numbers. Outputs that exist are not
+recomputed and the report is rewritten after every step, so an interrupted run continues where
+it stopped and shows what it has.
 
 Learning rate. The paper fine-tunes at a rate just below LLaMA's final pre-training rate (2e-5
 vs 3e-5 = 10% of the 3e-4 peak of a cosine schedule), i.e. 1/15 of the peak. SmolLM2 was
 pre-trained with a warm-up-stable-decay schedule whose decay ends near zero (SmolLM2 paper,
-arXiv 2502.02737), so "its final rate" is ~0 and no guide; its published peak for the small
-models is of order 3e-3 (SmolLM's 135M configuration; not re-checked for SmolLM2 here). 1/15 of
-that is 2e-4; the paper's steps hold 64 sequences and ours 1-2, so we take a quarter of it:
-5e-5. It is a plan field (`--lr` overrides it), stated in the report.
+arXiv 2502.02737), so "its final rate" is ~0 and no guide. Its small models' peak is of order
+3e-3 (SmolLM's 135M configuration as we recall it: not verified in this project; the Instruct
+model's later SFT/DPO rates are not known here either). 1/15 of 3e-3 is 2e-4; the paper's
+steps hold 64 sequences and ours one, so we take a quarter of that: 5e-5. A plan field (`--lr`
+overrides it), stated in the report.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import math
 import os
 import shutil
 
+from miniature import real_report, sizing
 from miniature.runner import REPO, Runner
 from pi_jax import files
 
@@ -88,99 +91,6 @@ SMOKE = RealPlan(
     reference=("tests/data/real_smoke/ppl_reference.json",
                "tests/data/real_smoke/passkey_reference.json"))
 PLANS = {"full": FULL, "reduced": REDUCED, "smoke": SMOKE}
-
-
-# --- sizing ------------------------------------------------------------------------------------
-
-# Peak dense FLOP/s per device at the compute dtype the plan trains in (bf16 on accelerators;
-# the CPU row is what this project's native float32 kernels measured on 2 cores: a 16K SmolLM2
-# forward of 13.7 TFLOP in ~68 s, i.e. ~100 GFLOP/s per core), and the share of it we assume.
-DEVICES = {
-    "NVIDIA H100": (989e12, 0.35), "NVIDIA H200": (989e12, 0.35), "NVIDIA A100": (312e12, 0.4),
-    "TPU v5p": (459e12, 0.4), "TPU v5 lite": (197e12, 0.4), "TPU v4": (275e12, 0.4),
-    "cpu": (100e9, 1.0),  # per core, measured (see above)
-}
-# Start, load and compile per command (assumed, not measured on an accelerator: a GPU command
-# reads its compiled programs from the persistent compilation cache after the first).
-PROCESS_S = {"gpu": 12.0, "tpu": 20.0, "cpu": 25.0}
-
-
-def forward_flops(cfg: dict, length: int) -> float:
-  """FLOPs of one causal forward over `length` tokens: 2 x params in matmuls (the tied
-  embedding counts once, as the output projection) + QK^T and PV over the causal half."""
-  d, f, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_layers"]
-  q = cfg["num_heads"] * cfg["head_dim"]
-  kv = cfg["num_kv_heads"] * cfg["head_dim"]
-  per_layer = d * q * 2 + d * kv * 2 + 3 * d * f
-  matmul = n * per_layer + cfg["vocab_size"] * d
-  return 2.0 * matmul * length + 2.0 * n * q * length * length
-
-
-def _windows_flops(cfg: dict, tokens: int, window: int, stride: int) -> float:
-  count = 1 + max(0, -(-(tokens - window) // stride))
-  return count * forward_flops(cfg, min(window, tokens))
-
-
-def sizing(plan: RealPlan, cfg: dict) -> dict:
-  """FLOPs of every part of the plan (what `--real` prints before it starts)."""
-  L = cfg["max_position_embeddings"]
-  W = L * plan.factor
-  T = W + 1  # tokens per held-out document
-  docs = len(plan.heldout)
-  train_mult = 4.0 if plan.remat == "full" else 3.0  # forward + backward (+ recomputation)
-  steps = max(plan.steps)
-  table1 = docs * sum(_windows_flops(cfg, T, w, plan.stride) for w in plan.windows)
-  table3 = docs * (forward_flops(cfg, W) + _windows_flops(cfg, T, L, plan.stride))
-  passkey = plan.passkey_depths * plan.passkey_trials * forward_flops(cfg, W)
-  parts = {
-      "base check": forward_flops(cfg, 4096 if plan.base == "smollm2" else L)
-      + 2 * forward_flops(cfg, 4096 if plan.base == "smollm2" else L),
-      "fine-tuning (2 arms)": 2 * steps * plan.batch * train_mult * forward_flops(cfg, W),
-      "Table 1 (4 models)": 4 * table1,
-      "Table 3 (intermediate steps)": 2 * (len(plan.steps) - 1) * table3,
-      "Table 4 passkey": (2 + 2 * len(plan.steps)) * passkey,
-  }
-  # (fetch) + base check (2) + the base's perplexity and passkey + 3 per arm and checkpoint
-  commands = (plan.base == "smollm2") + 2 + 2 + 2 * len(plan.steps) * 3
-  return {"flops": parts, "total": sum(parts.values()), "commands": commands}
-
-
-def device_kind() -> tuple[str, str, int]:
-  """(platform, device kind, count) as JAX sees them, asked in a child process so that this
-  one never takes the accelerator's memory from the commands it runs."""
-  import subprocess
-  import sys
-  code = "import jax; d = jax.devices(); print(d[0].platform, len(d), d[0].device_kind)"
-  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
-  if proc.returncode != 0:
-    raise RuntimeError(f"JAX could not list its devices: {proc.stderr.strip()[-500:]}")
-  platform, count, kind = proc.stdout.strip().splitlines()[-1].split(" ", 2)
-  return platform, kind, int(count)
-
-
-def estimate(plan: RealPlan, cfg: dict, platform: str, kind: str) -> tuple[list[str], float]:
-  """The printed table: FLOPs per part and the expected time on this device."""
-  size = sizing(plan, cfg)
-  if platform == "cpu":
-    peak, mfu = DEVICES["cpu"][0] * (os.cpu_count() or 1), 1.0
-    name = f"cpu ({os.cpu_count()} cores, measured ~100 GFLOP/s per core)"
-  else:
-    match = next((k for k in DEVICES if kind.startswith(k)), None)
-    peak, mfu = DEVICES.get(match, (989e12, 0.35))
-    name = kind + ("" if match else " (unknown: assuming H100 numbers)")
-  rate = peak * mfu
-  overhead = size["commands"] * PROCESS_S.get(platform, 25.0)
-  lines = [f"Sizing of `--{plan.name}` on {name}: peak {peak / 1e12:.3g} TFLOP/s x assumed "
-           f"utilisation {mfu:.0%} = {rate / 1e12:.3g} TFLOP/s (an estimate from the FLOP "
-           "count, not a measurement; the commands' own times are listed at the end)", "",
-           "| part | FLOPs | expected s |", "|---|---|---|"]
-  for part, flops in size["flops"].items():
-    lines.append(f"| {part} | {flops:.3g} | {flops / rate:.0f} |")
-  lines.append(f"| start, load, compile: {size['commands']} commands x "
-               f"{PROCESS_S.get(platform, 25.0):.0f} s (assumed) | – | {overhead:.0f} |")
-  total = size["total"] / rate + overhead
-  lines.append(f"| **total** | {size['total']:.3g} | **{total:.0f}** ({total / 60:.1f} min) |")
-  return lines, total
 
 
 # --- the runs ----------------------------------------------------------------------------------
@@ -401,7 +311,8 @@ class RealExperiment:
                   ppl=False, **zero_shot)
 
   def results(self) -> dict:
-    return {"plan": dataclasses.asdict(self.plan), "base": files.portable(self.base_ckpt or ""),
+    return {"plan": dataclasses.asdict(self.plan), "config": CONFIG,
+            "base": files.portable(self.base_ckpt or ""),
             "trained_window": self.L if self.config else None,
             "target_window": self.W if self.config else None,
             "base_config": {k: self.config.get(k) for k in (
@@ -420,15 +331,6 @@ def _run_of(payload: dict, scaling: str) -> dict:
 
 # --- the report --------------------------------------------------------------------------------
 
-FINDINGS = (  # what the paper reports, as miniature/report.findings names them
-    ("(a)", "extrapolation past L blows up"),
-    ("(b)", "at equal steps PI's perplexity at L' is at or below direct fine-tuning's"),
-    ("(b)", "PI's in-window perplexity stays within 5% of the base's"),
-    ("(c)", "PI's k_max reaches ~L' within the first checkpoints while direct fine-tuning's "
-            "stays near L"),
-)
-
-
 def report_results(exp: RealExperiment) -> dict:
   """The experiment's numbers in the shape miniature/report.py tabulates and plots."""
   res = exp.results()
@@ -437,115 +339,6 @@ def report_results(exp: RealExperiment) -> dict:
   res["title"] = (f"Table 1: {os.path.basename(res['base'].rstrip('/'))}, trained at "
                   f"{res['trained_window']}")
   return res
-
-
-def findings(res: dict) -> list[dict]:
-  """Each finding of the paper: reproduced, not reproduced, or not yet measured."""
-  from miniature import report as mini_report
-  measured = []
-  if "base" in res["models"] and res["target_window"] in res["models"]["base"]["ppl"]:
-    try:
-      measured = mini_report.findings(res)
-    except KeyError:  # an arm between two of its evaluations
-      measured = []
-  out = []
-  for tag, text in FINDINGS:
-    hit = next((m for m in measured if m["finding"].startswith(tag) and (
-        ("in-window" in m["finding"]) == ("in-window" in text))), None)
-    if hit:
-      out.append({**hit, "verdict": "reproduced" if hit["reproduced"] else "not reproduced"})
-    else:
-      out.append({"finding": f"{tag} {text}", "reproduced": None,
-                  "verdict": "not yet measured", "numbers": "the run has not reached it"})
-  return out
-
-
-def markdown(res: dict, out: str) -> list[str]:
-  from miniature import report as mini_report
-  p, L, W = res["plan"], res["trained_window"], res["target_window"]
-  bc = res["base_config"]
-  lines = [
-      f"## {res['base']}: {L} -> {W} ({p['factor']}x) by PI and by direct fine-tuning", "",
-      f"Base: `{res['base']}` ({bc['num_layers']} layers, hidden {bc['hidden_size']}, "
-      f"{bc['num_heads']} query / {bc['num_kv_heads']} key-value heads of dim {bc['head_dim']}, "
-      f"RoPE base {bc['rope_theta']:g}, trained window {L}). Fine-tuning: `{CONFIG}`, the "
-      f"paper's recipe (AdamW 0.9/0.95, no weight decay, 20-step warm-up from 10%, then "
-      f"constant) at learning rate {p['learning_rate']:g} (miniature/real.py says how it was "
-      f"chosen), {p['batch']} sequence(s) of {W} tokens per step, on the bundled PG-19 and "
-      f"proof-pile stand-ins minus the held-out documents"
-      + (f" (the first {p['ft_max_docs']} documents)" if p.get("ft_max_docs") else "")
-      + f"; checkpoints at {', '.join(map(str, p['steps']))} steps. Evaluation on the "
-      f"held-out documents {', '.join('`' + h + '`' for h in p['heldout'])}, each cut to "
-      f"{W + 1} tokens: sliding-window perplexity with stride {p['stride']}"
-      + (" (the paper's 256 would cost "
-         f"{256 and round(p['stride'] / 256)}x more windows)" if p["stride"] > 256 else "")
-      + f"; passkey retrieval at {W} (`{p['template']}` prompt template), "
-      f"{p['passkey_depths']} distances x {p['passkey_trials']} key(s) per checkpoint, scored "
-      f"by teacher forcing. Compute dtype: {p['compute_dtype'] or 'float32'}.", ""]
-  bcheck = res.get("base_check")
-  if bcheck:
-    lines += ["### Base check", "", f"Status: **{bcheck['status']}**"
-              + (f" (relative tolerance {bcheck['tolerance']:g} on perplexity, passkey "
-                 f"accuracies equal). Reference `{bcheck['reference'][0]}`: "
-                 f"{bcheck['perplexity']['reference']}, now {bcheck['perplexity']['now']}; "
-                 f"`{bcheck['reference'][1]}` accuracy by distance "
-                 f"{bcheck['passkey_accuracy']['reference']}, now "
-                 f"{bcheck['passkey_accuracy']['now']}" if "reference" in bcheck else "")
-              + ".", ""]
-  if "base" in res["models"] and W in res["models"]["base"]["ppl"]:
-    try:
-      tables = mini_report.markdown(res)
-      lines += tables[:tables.index("### The paper's findings, checked")]
-    except KeyError:  # an arm between two of its evaluations: the next step writes the tables
-      lines += ["(Tables: written after the next evaluation.)", ""]
-    lines += [f"![{n}]({n})" for n in res.get("plots", [])] + [""]
-  lines += ["### The paper's findings, checked", ""]
-  for x in findings(res):
-    lines.append(f"- {x['finding']}: **{x['verdict']}**. {x['numbers']}.")
-  lines += ["", PAPER_SAYS]
-  return lines + [""]
-
-
-PAPER_SAYS = (  # /work/shared/PAPER.md, from the paper's text
-    "For comparison, the paper (LLaMA 7B, PG-19, 64 sequences per step): extrapolation of the "
-    "2048 base is > 10^3 at 4096 and beyond (Table 1); PI to 16384 goes from 112.13 at step 0 to "
-    "7.05 after 200 steps at 16384 (Table 3); PI's k_max is L' at every step from 200 on, while "
-    "direct fine-tuning to 8192 reaches 1792 after 200 steps and 2560 after 10000 (Table 4); "
-    "the PI-32768 model's perplexity at 2048 is 7.23 against the base's 7.20 (Table 1).")
-
-
-def write_report(out: str, command: str, res: dict, runner: Runner, status: str,
-                 sizing_lines: list[str], wall_s: float) -> str:
-  import datetime
-  import platform
-  earlier = [r for r in runner.records if r.get("earlier_run")]
-  lines = [
-      f"# pi_jax: Position Interpolation on a real model (`--{res['plan']['name']}`)", "",
-      f"Written by `{command}` at "
-      f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; status: "
-      f"**{status}**; wall time {wall_s:.0f} s in this invocation on {os.cpu_count()} CPU "
-      f"core(s) ({platform.machine()}, {platform.system()}) and {res.get('device', 'cpu')}"
-      + (f"; {len(earlier)} of its {len(runner.records)} commands ran in an earlier "
-         "invocation into the same folder" if earlier else "") + ".", "",
-      "Every number below was produced by the commands listed at the end.", "",
-      *sizing_lines, ""]
-  lines += markdown(res, out)
-  lines += ["## Commands", "", "| # | step | command | wall s | CPU s | load after |",
-            "|---|---|---|---|---|---|"]
-  for r in runner.records:
-    what = r["what"] + (" (an earlier run)" if r.get("earlier_run") else "")
-    lines.append(f"| {r['step']} | {what} | `{r['command']}` | {r['wall_s']} | "
-                 f"{r['cpu_s']} | {r.get('load_after', '')} |")
-  lines += ["", f"Total: {sum(r['wall_s'] for r in runner.records):.0f} s wall in the commands. "
-            "Logs: `logs/`. Times of steps that ran beside other work (load > 4) are not "
-            "benchmarks.", ""]
-  path = os.path.join(out, "report.md")
-  files.write_text(path, "\n".join(lines))
-  files.write_json(os.path.join(out, "results.json"),
-                   {"status": status, "command": command, "results": res,
-                    "findings": findings(res), "commands": runner.records},
-                   indent=1, default=str)
-  return path
 
 
 def main(argv: list[str], size: str, out: str | None, lr: float | None,
@@ -569,7 +362,7 @@ def main(argv: list[str], size: str, out: str | None, lr: float | None,
   sizing_lines: list[str] = []
   device = "an unknown device"
 
-  def progress(final: bool = False) -> None:
+  def progress() -> None:
     res = report_results(exp)
     res["device"] = device
     if "base" in res["models"] and res["target_window"] in res["models"]["base"]["ppl"]:
@@ -577,17 +370,17 @@ def main(argv: list[str], size: str, out: str | None, lr: float | None,
         res["plots"] = mini_report.plots(res, out)
       except (KeyError, ValueError) as e:  # a partial table: the next step draws it
         print(f"[real] plots not drawn yet: {e}", flush=True)
-    write_report(out, command, res, runner, status, sizing_lines,
-                 time.perf_counter() - started)
+    real_report.write_report(out, command, res, runner, status, sizing_lines,
+                             time.perf_counter() - started)
 
   try:
     exp.resolve_base()
-    platform_, kind, count = device_kind()
+    platform_, kind, count = sizing.device_kind()
     device = f"{count} x {kind}" if platform_ != "cpu" else "no accelerator"
     if platform_ != "cpu":  # every command compiles the same shapes: compile each once
       os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.abspath(
           os.path.join(out, "jax_cache")))
-    sizing_lines, seconds = estimate(plan, exp.config, platform_, kind)
+    sizing_lines, _ = sizing.estimate(plan, exp.config, platform_, kind)
     print("\n".join(sizing_lines), flush=True)
     if estimate_only:
       return 0

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from miniature import real
+from miniature import real, sizing
 from miniature.runner import Runner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,7 +129,7 @@ def test_forward_flops_count_the_parameters_the_checkpoint_holds():
     matrices -= cfg["vocab_size"] * cfg["hidden_size"]
   L = 512
   attention = 2 * cfg["num_layers"] * cfg["num_heads"] * cfg["head_dim"] * L * L
-  assert real.forward_flops(cfg, L) == pytest.approx(2 * matrices * L + attention)
+  assert sizing.forward_flops(cfg, L) == pytest.approx(2 * matrices * L + attention)
 
 
 def test_real_flags_are_checked():
