@@ -355,6 +355,16 @@ def main(argv: list[str], size: str, out: str | None, lr: float | None,
   out = out or f"runs/real_{size}"
   command = shlex.join(["python", "demo.py"] + list(argv))
   os.makedirs(out, exist_ok=True)
+  recorded = os.path.join(out, "plan.json")  # what the outputs there were made with
+  if os.path.isfile(recorded) and _load(recorded) != json.loads(json.dumps(
+      dataclasses.asdict(plan))):
+    changed = sorted(k for k, v in _load(recorded).items()
+                     if json.loads(json.dumps(dataclasses.asdict(plan))).get(k) != v)
+    print(f"demo.py --real: error: {out} holds a run of another plan (differs in "
+          f"{', '.join(changed)}); its results would mix: give a new --out", file=sys.stderr)
+    return 2
+  if not estimate_only:
+    files.write_json(recorded, dataclasses.asdict(plan), indent=1)
   runner = Runner(out)
   started = time.perf_counter()
   exp = RealExperiment(plan, runner, out)

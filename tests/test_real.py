@@ -137,3 +137,11 @@ def test_real_flags_are_checked():
   assert proc.returncode == 2 and "go with --real" in proc.stderr
   proc = _demo("--real", "--smoke", "--reduced", timeout=60)
   assert proc.returncode == 2 and "pick one" in proc.stderr
+
+
+def test_a_folder_of_another_plan_is_refused_before_anything_runs(smoke):
+  out, _ = smoke
+  proc = _demo("--real", "--smoke", "--lr", "1e-3", "--out", str(out), timeout=120)
+  assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+  assert "another plan" in proc.stderr and "learning_rate" in proc.stderr
+  assert "Traceback" not in proc.stderr and "$ python" not in proc.stdout
