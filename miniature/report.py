@@ -227,7 +227,7 @@ def plots(res: dict, folder: str) -> list[str]:
   ax.set_xticks(windows, [str(w) for w in windows])
   ax.set_xlabel("evaluation window (tokens)")
   ax.set_ylabel("perplexity (held-out books)")
-  ax.set_title(f"Table 1 in miniature: base trained at {L}", fontsize=9)
+  ax.set_title(res.get("title", f"Table 1 in miniature: base trained at {L}"), fontsize=9)
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
   names.append(_save(fig, folder, "table1_perplexity_by_window.png"))

@@ -1,5 +1,5 @@
 """demo.py and the miniature: the committed base, the pipeline end to end at a tiny size, the
-findings' verdicts, and real-eval's prefix trick."""
+findings' verdicts."""
 
 from __future__ import annotations
 
@@ -171,37 +171,6 @@ def test_bad_step_list_is_a_clear_error(tmp_path):
   proc = _demo("--steps", "100,x", "--out", str(tmp_path / "o"), timeout=60)
   assert proc.returncode == 2
   assert "100,x" in proc.stderr
-
-
-def test_real_eval_prefix_perplexity_equals_one_window_of_eval(tmp_path):
-  """real-eval scores every window from one forward over the longest: equal to eval.py's
-  sliding-window definition for one window of W tokens (a document cut to W+1 tokens)."""
-  import pi_jax
-  from pi_jax import data as data_lib
-  from pi_jax.evals import perplexity as ppl_lib
-
-  doc = os.path.join(REPO, "data", "pg19_standin", "Psa_140.txt")
-  out = tmp_path / "real.json"
-  proc = _demo("real-eval", "--ckpt", BASE, "--data", doc, "--windows", "64,128,256",
-               "--scalings", "none,linear:2", "--passkey-lengths", "512",
-               "--passkey-scalings", "none", "--json", str(out), timeout=120)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  got = json.loads(out.read_text())
-
-  config, params = pi_jax.load_checkpoint(BASE)
-  tok = pi_jax.load_tokenizer(BASE)
-  docs = list(data_lib.iter_documents(doc))
-  for spec in ("none", "linear:2"):
-    cfg = config.with_rope_scaling(spec)
-    for w in (64, 128, 256):
-      documents = ppl_lib.tokenize_documents(tok, docs, w + 1)
-      (want,) = ppl_lib.evaluate_perplexity(cfg, params, documents, [w], w)
-      assert want.tokens == w
-      assert got["ppl"][cfg.rope_scaling.describe()][str(w)] == pytest.approx(
-          want.perplexity(), rel=1e-5)
-  (key,) = got["passkey"]["none"]["512"]["actual_k"]
-  assert abs(key - 256) < 40  # the key sits in the middle of the prompt
-  assert got["passkey"]["none"]["512"]["trials"] == 1
 
 
 def test_the_base_passkey_share_comes_from_its_summary_or_its_run(tmp_path):
