@@ -643,7 +643,7 @@ def run_harness(args) -> dict:
 def run_summarize(args) -> dict:
   import pi_jax
   from pi_jax import files
-  from pi_jax.evals import report, runtime, summarization
+  from pi_jax.evals import report, summarization
   try:
     import rouge_score  # noqa: F401
   except ImportError:

@@ -56,9 +56,8 @@ def _jax_side(length: int, weights: str, block_size: int | None, chunk: int, imp
   import jax.numpy as jnp
   from pi_jax import loss as loss_lib
   from pi_jax import model as model_lib
-  from pi_jax.config import ModelConfig
   from pi_jax.run import RunOptions
-  run = RunOptions(attention_impl=impl, attention_block_size=block_size)
+  options = RunOptions(attention_impl=impl, attention_block_size=block_size)
   if weights == "real":
     from convert import fetch
     from pi_jax.checkpoint import load_checkpoint
@@ -72,9 +71,10 @@ def _jax_side(length: int, weights: str, block_size: int | None, chunk: int, imp
 
   def fwd(params, tokens, targets, mask):
     if task == "logits":
-      logits = model_lib.forward(config, params, tokens, run=run)
+      logits = model_lib.forward(config, params, tokens, run=options)
       return logits, jnp.mean(jax.nn.logsumexp(logits, axis=-1))
-    return loss_lib.mean_loss(config, params, tokens, targets, mask, chunk=chunk, run=run)[0]
+    return loss_lib.mean_loss(config, params, tokens, targets, mask, chunk=chunk,
+                              run=options)[0]
 
   start = time.perf_counter()
   compiled = jax.jit(fwd).lower(params, tokens, targets, mask).compile()

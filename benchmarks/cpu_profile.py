@@ -18,7 +18,6 @@ reported: on a shared machine the CPU seconds are the steadier of the two. Parts
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -33,12 +32,10 @@ from pi_jax.run import RunOptions
 
 
 def _parts(args):
-  from pi_jax import attention as attn_lib
   from pi_jax import linear
   from pi_jax import loss as loss_lib
   from pi_jax import model as model_lib
   from pi_jax import rope
-  from pi_jax.config import ModelConfig
   config = common.smollm2_config()
   params = jax.jit(model_lib.init_params, static_argnums=0)(config, jax.random.key(0))
   layer = jax.tree.map(lambda x: x[0], params["layers"])

@@ -18,7 +18,6 @@ instead, per token:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 

@@ -167,7 +167,7 @@ class RealExperiment:
     ppl_ref, pk_ref = (_load(os.path.join(REPO, r)) for r in p.reference)
     s = ppl_ref["settings"]
     ppl_json = os.path.join(self.out, "evals", "base_check.perplexity.json")
-    self._eval(f"check_ppl", [
+    self._eval("check_ppl", [
         "eval.py", "perplexity", "--ckpt", self.base_ckpt, "--rope-scaling", "none",
         "--data", s["data"], "--windows", ",".join(map(str, s["windows"])),
         "--stride", str(s["stride"]), "--max-tokens", str(s["max_tokens"]), "--no-progress",

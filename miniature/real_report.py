@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from miniature.runner import Runner
+from miniature.runner import Runner, commands_table
 from pi_jax import files
 
 
@@ -109,49 +109,7 @@ def write_report(out: str, command: str, res: dict, runner: Runner, status: str,
       "Every number below was produced by the commands listed at the end.", "",
       *sizing_lines, ""]
   lines += markdown(res, out)
-  lines += ["## Commands", "", "| # | step | command | wall s | CPU s | load after |",
-            "|---|---|---|---|---|---|"]
-  for r in runner.records:
-    what = r["what"] + (" (an earlier run)" if r.get("earlier_run") else "")
-    lines.append(f"| {r['step']} | {what} | `{r['command']}` | {r['wall_s']} | "
-                 f"{r['cpu_s']} | {r.get('load_after', '')} |")
-  lines += ["", f"Total: {sum(r['wall_s'] for r in runner.records):.0f} s wall in the commands. "
-            "Logs: `logs/`. Times of steps that ran beside other work (load > 4) are not "
-            "benchmarks.", ""]
-  path = os.path.join(out, "report.md")
-  files.write_text(path, "\n".join(lines))
-  files.write_json(os.path.join(out, "results.json"),
-                   {"status": status, "command": command, "results": res,
-                    "findings": findings(res), "commands": runner.records},
-                   indent=1, default=str)
-  return path
-
-
-def write_report(out: str, command: str, res: dict, runner: Runner, status: str,
-                 sizing_lines: list[str], wall_s: float) -> str:
-  import datetime
-  import platform
-  earlier = [r for r in runner.records if r.get("earlier_run")]
-  lines = [
-      f"# pi_jax: Position Interpolation on a real model (`--{res['plan']['name']}`)", "",
-      f"Written by `{command}` at "
-      f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; status: "
-      f"**{status}**; wall time {wall_s:.0f} s in this invocation on {os.cpu_count()} CPU "
-      f"core(s) ({platform.machine()}, {platform.system()}) and {res.get('device', 'cpu')}"
-      + (f"; {len(earlier)} of its {len(runner.records)} commands ran in an earlier "
-         "invocation into the same folder" if earlier else "") + ".", "",
-      "Every number below was produced by the commands listed at the end.", "",
-      *sizing_lines, ""]
-  lines += markdown(res, out)
-  lines += ["## Commands", "", "| # | step | command | wall s | CPU s | load after |",
-            "|---|---|---|---|---|---|"]
-  for r in runner.records:
-    what = r["what"] + (" (an earlier run)" if r.get("earlier_run") else "")
-    lines.append(f"| {r['step']} | {what} | `{r['command']}` | {r['wall_s']} | "
-                 f"{r['cpu_s']} | {r.get('load_after', '')} |")
-  lines += ["", f"Total: {sum(r['wall_s'] for r in runner.records):.0f} s wall in the commands. "
-            "Logs: `logs/`. Times of steps that ran beside other work (load > 4) are not "
-            "benchmarks.", ""]
+  lines += ["## Commands", ""] + commands_table(runner.records)
   path = os.path.join(out, "report.md")
   files.write_text(path, "\n".join(lines))
   files.write_json(os.path.join(out, "results.json"),

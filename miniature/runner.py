@@ -80,3 +80,20 @@ def _children_cpu() -> float:
 
 def _loadavg() -> float:
   return round(os.getloadavg()[0], 2)
+
+
+def commands_table(records: list[dict]) -> list[str]:
+  """A report's table of the commands that made it (wall and CPU time, the load after each), and
+  the total; steps that ran beside other work (load > 4) are flagged as no benchmark."""
+  lines = ["| # | step | command | wall s | CPU s | load after |", "|---|---|---|---|---|---|"]
+  for r in records:
+    what = r["what"] + (" (an earlier run)" if r.get("earlier_run") else "")
+    lines.append(f"| {r['step']} | {what} | `{r['command']}` | {r['wall_s']} | "
+                 f"{r['cpu_s']} | {r.get('load_after', '')} |")
+  busy = [r for r in records if (r.get("load_after") or 0) > 4]
+  total_cpu = sum(r["cpu_s"] for r in records)
+  lines += ["", f"Total: {sum(r['wall_s'] for r in records):.0f} s wall, {total_cpu:.0f} s "
+            "CPU (user + system, all cores) in the commands. Logs: `logs/`."
+            + (f" {len(busy)} step(s) ran beside other work (load > 4): their times are not "
+               "benchmarks." if busy else ""), ""]
+  return lines

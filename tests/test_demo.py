@@ -176,7 +176,7 @@ def test_bad_step_list_is_a_clear_error(tmp_path):
 def test_the_base_passkey_share_comes_from_its_summary_or_its_run(tmp_path):
   """The committed base records it in pretrain_summary.json; a run's final checkpoint in the
   run's run_config.json; anything else is unrecorded (the report says so, never 'None')."""
-  import demo
+  from miniature import demo_report
   from miniature.experiment import base_passkey_fraction
   assert base_passkey_fraction(BASE) == 0.5
   run = tmp_path / "run"
@@ -185,4 +185,4 @@ def test_the_base_passkey_share_comes_from_its_summary_or_its_run(tmp_path):
   assert base_passkey_fraction(str(run / "final")) == 0.25
   (tmp_path / "bare").mkdir()
   assert base_passkey_fraction(str(tmp_path / "bare")) is None
-  assert demo._share(None) == "an unrecorded share" and demo._share(0.5) == "0.5"
+  assert demo_report.share(None) == "an unrecorded share" and demo_report.share(0.5) == "0.5"
