@@ -453,3 +453,94 @@ def test_a_window_beyond_every_document_runs_at_the_documents_length():
   assert widths == [39]
   assert far.perplexity() == pytest.approx(near.perplexity(), rel=1e-6)
   assert far.window == 1 << 20
+
+
+# --- issue 29: a resume that does not match its checkpoints refuses before touching them --------
+
+def md5_run(work) -> dict[str, str]:
+  """md5_tree of a workdir but its lock file (which holds the last holder's PID)."""
+  return {k: v for k, v in md5_tree(work).items() if os.path.basename(k) != ".lock"}
+
+
+def test_a_rerun_with_another_model_is_refused_before_touching_its_checkpoints(tmp_path):
+  import re
+  from pi_jax.train import config as config_lib
+  from pi_jax.train import trainer as trainer_lib
+  from tests import train_utils as tu
+  work = tmp_path / "run"
+  run_train(work, QUICK)
+  before = md5_run(work)
+  r = run(train_cmd(work, QUICK + ["model.num_layers=3"]))
+  assert r.returncode == 2, r.stderr
+  assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+  assert ("holds checkpoints of another run setting (checkpoint 4): model.num_layers: 2 then, 3 "
+          "now. Nothing was changed. Use a new workdir") in r.stderr, r.stderr
+  base = config_lib.apply_overrides(config_lib.load_config_file(tu.TINY),
+                                    tu.QUICK + QUICK + [f"workdir={work}"])
+  for sets, message in [
+      (["param_dtype=bfloat16"], "model.param_dtype: 'float32' then, 'bfloat16' now"),
+      (["rope_scaling=linear:2"], "model.rope_scaling.kind: 'none' then, 'linear' now"),
+      (["max_position_embeddings=128"], "model.max_position_embeddings: 64 then, 128 now"),
+      (["grad_clip=1.0"], "grad_clip: None then, 1.0 now (clipping on or off")]:
+    with pytest.raises(ValueError, match=re.escape(message)):
+      trainer_lib.Trainer(config_lib.apply_overrides(base, sets))
+  assert md5_run(work) == before and not os.path.exists(work / "damaged_checkpoints")
+  # Run options may change; optimizer settings continue with a notice naming each change.
+  r = run_train(work, QUICK + ["steps=6", "learning_rate=1e-3", "remat=full"])
+  assert ("resuming with changed optimizer settings from step 4: learning_rate 0.003 -> 0.001, "
+          "steps 4 -> 6") in r.stderr, r.stderr
+  assert "resuming from step 4" in r.stderr and sorted(losses(work)) == list(range(6))
+
+
+def test_a_state_of_another_shape_is_not_taken_for_a_damaged_checkpoint(tmp_path):
+  """The second guard (no run_config.json, no model in the checkpoint: an older run): the
+  restore fails, but the arrays' shapes say why, and nothing is moved."""
+  from pi_jax.train import state as state_lib
+  work = tmp_path / "run"
+  run_train(work, QUICK)
+  os.remove(work / "run_config.json")
+  checkpoints = state_lib.RunCheckpoints(str(work), 3)
+  try:
+    step, meta = checkpoints.newest_meta()
+    assert step == 4 and meta["model"]["num_layers"] == 2
+  finally:
+    checkpoints.close()
+  import pi_jax.train.trainer as trainer_lib
+  original = trainer_lib.resume_lib.check_resume
+  before = md5_run(work)
+  from pi_jax.train import config as config_lib
+  from tests import train_utils as tu
+  config = config_lib.apply_overrides(config_lib.load_config_file(tu.TINY),
+                                      tu.QUICK + QUICK + [f"workdir={work}", "model.num_layers=3"])
+  trainer_lib.resume_lib.check_resume = lambda *a, **k: []
+  try:
+    with pytest.raises(ValueError, match=r"checkpoints/4 holds a train state of another shape "
+                       r"than this run's \(\d+ arrays, e.g. \[2, .*where this run has \d+, e.g. "
+                       r"\[3, .*Nothing was moved"):
+      trainer_lib.Trainer(config)
+  finally:
+    trainer_lib.resume_lib.check_resume = original
+  assert md5_run(work) == before and not os.path.exists(work / "damaged_checkpoints")
+
+
+@pytest.mark.parametrize("setting", ["learning_rate=nan", "learning_rate=inf", "b1=1.0",
+                                     "b2=-0.1", "eps=0", "grad_clip=0", "weight_decay=-1",
+                                     "final_lr_fraction=nan", "peak_tflops=-5"])
+def test_hyperparameters_that_cannot_work_are_refused(setting):
+  from pi_jax.train import config as config_lib
+  from tests import train_utils as tu
+  key = setting.split("=")[0]
+  with pytest.raises(ValueError, match=rf"^{key} must be"):
+    config_lib.apply_overrides(config_lib.load_config_file(tu.TINY), [setting])
+
+
+def test_a_non_finite_update_is_never_saved(tmp_path):
+  """lr 1e40 is a finite number, but its float32 update is not: the step is refused, no
+  checkpoint holds it, and the message names the last good one."""
+  work = tmp_path / "run"
+  r = run_train(work, ["steps=3", "checkpoint_every=1", "learning_rate=1e40", "warmup_steps=0"],
+                check=False)
+  assert r.returncode == 1, r.stderr
+  assert "non-finite parameter update at step 0" in r.stderr, r.stderr
+  assert "no checkpoint was saved before it" in r.stderr, r.stderr
+  assert not glob.glob(str(work / "checkpoints" / "[0-9]*"))

@@ -137,6 +137,12 @@ class RunCheckpoints:
         with _quiet_abandoned_reads():
           state, meta = self.restore(step, target)
       except Exception as e:  # orbax/tensorstore raise many types for a damaged file
+        mismatch = self.state_mismatch(step, target)
+        if mismatch:  # a good checkpoint of another run setting: not damaged, not to be moved
+          raise ValueError(
+              f"checkpoint {self.path(step)} holds a train state of another shape than this "
+              f"run's ({mismatch}): the run config changed since it was written. Nothing was "
+              "moved: use a new workdir, or restore the old settings to resume") from None
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
         moved = self._move_aside(step)
         log(f"skipping checkpoint {step} ({self.path(step)}): it does not load or verify: "
@@ -151,6 +157,43 @@ class RunCheckpoints:
                        f"{self.damaged_directory}); remove the workdir's checkpoints to start "
                        "over, or use a new workdir")
     return None, None, None
+
+  def newest_meta(self) -> tuple[int | None, dict | None]:
+    """(newest step, its `data` item) without reading the arrays; (step, None) when that item
+    does not read (a damaged checkpoint: restore_newest_good deals with it)."""
+    step = self.latest_step()
+    if step is None:
+      return None, None
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
+      return step, out["data"]
+    except Exception:  # orbax raises many types for a damaged item
+      return step, None
+
+  def state_mismatch(self, step: int, target: dict) -> str | None:
+    """How checkpoint `step`'s arrays differ from `target`'s (shapes, dtypes), or None when
+    they match or its metadata does not read (then it is damaged, not of another run)."""
+    import logging
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # orbax warns about an optional metadata file
+    try:
+      with ocp.StandardCheckpointer() as ckptr:
+        metadata = ckptr.metadata(os.path.join(self.path(step), "state"))
+      tree = getattr(metadata, "item_metadata", metadata)
+      saved = sorted((tuple(m.shape), str(m.dtype)) for m in jax.tree.leaves(tree))
+    except Exception:
+      return None
+    finally:
+      absl_logger.setLevel(level)
+    want = sorted((tuple(a.shape), str(a.dtype)) for a in jax.tree.leaves(target))
+    if saved == want:
+      return None
+    only_saved = [a for a in saved if a not in want]
+    only_want = [a for a in want if a not in saved]
+    show = lambda a: f"{list(a[0])} {a[1]}" if a else "nothing"
+    return (f"{len(saved)} arrays, e.g. {show(only_saved[0] if only_saved else None)}, where "
+            f"this run has {len(want)}, e.g. {show(only_want[0] if only_want else None)}")
 
   def _move_aside(self, step: int) -> str:
     import time

@@ -33,6 +33,7 @@ from pi_jax.config import ModelConfig
 from pi_jax.tokenizer import ByteTokenizer, load_tokenizer
 from pi_jax.train import metrics as metrics_lib
 from pi_jax.train import episodes, optim, pipeline
+from pi_jax.train import resume as resume_lib
 from pi_jax.train import state as state_lib
 from pi_jax.train.config import TrainConfig
 
@@ -220,7 +221,9 @@ def make_train_step(config: TrainConfig, model: ModelConfig, optimizer, sharding
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     new = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
            "opt_state": opt_state}
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A finite loss and gradient can still make a non-finite update (a huge learning rate):
+    # such a state is never kept, so never saved as "the last checkpoint".
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
     # Keep the old state on a bad step: the state is donated, so this is the only copy left.
     new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
     out = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state["step"]),
@@ -388,6 +391,9 @@ class Trainer:
     # Shapes and memory first: a model that cannot fit fails before anything big is read.
     model, _ = _load_model(config, self.mesh, fresh=False)
     self.model = _final_model_config(config, model)
+    if has_checkpoints:  # refuse a mismatch before a checkpoint is read, moved or overwritten
+      resume_lib.check_resume(config.workdir, _jsonable(config.to_dict()), self.model.to_dict(),
+                              *self.checkpoints.newest_meta(), log=self._log)
     specs = step_specs(config, self.model, self.mesh)
     self.optimizer, abstract, self.shardings = specs.optimizer, specs.abstract, specs.shardings
     check_state_fits(abstract, self.shardings)
@@ -539,10 +545,12 @@ class Trainer:
         seconds = time.perf_counter() - t0
         if not bool(out["ok"]):
           raise NonFiniteError(
-              f"non-finite {'loss' if not np.isfinite(out['loss']) else 'gradient'} at step "
+              f"non-finite {_what_failed(out)} at step "
               f"{step} (loss {float(out['loss'])}, grad_norm {float(out['grad_norm'])}); the step "
-              f"was not applied and nothing was saved after it; the last checkpoint is step "
-              f"{self.checkpoints.latest_step()} in {c.workdir}/checkpoints")
+              f"was not applied and nothing was saved after it; "
+              + (f"the last checkpoint is step {self.checkpoints.latest_step()} in "
+                 f"{c.workdir}/checkpoints" if self.checkpoints.latest_step() is not None
+                 else "no checkpoint was saved before it"))
         self.step = step + 1
         tokens_per_second = float(out["tokens"]) / seconds
         mfu = None
@@ -573,6 +581,12 @@ class Trainer:
     return {"status": status, "step": self.step, "workdir": c.workdir,
             "resumed_from": self.resumed_from, "signal": self._stop_requested,
             "final": os.path.join(c.workdir, "final") if status == "finished" else None}
+
+
+def _what_failed(out) -> str:
+  if not np.isfinite(out["loss"]):
+    return "loss"
+  return "gradient" if not np.isfinite(out["grad_norm"]) else "parameter update"
 
 
 def train(config: TrainConfig, callbacks: list[Callable[[StepInfo], None]] = ()) -> dict:
