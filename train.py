@@ -44,6 +44,11 @@ def main(argv=None) -> int:
     parser.error(str(e))
   if args.print_config:
     import json
+    from pi_jax.train import trainer as trainer_lib
+    try:
+      trainer_lib.validate_config(config, need_checkpoint=False)  # what the run would refuse
+    except (ValueError, FileNotFoundError) as e:
+      parser.error(str(e))
     print(json.dumps(config.to_dict(), indent=2, default=str))
     return 0
 
@@ -77,10 +82,17 @@ def main(argv=None) -> int:
   trainer.callbacks.extend(callbacks)
   try:
     summary = trainer.run()
-  except trainer_lib.NonFiniteError as e:
+  except (trainer_lib.NonFiniteError, trainer_lib.state_lib.CheckpointWriteError) as e:
     if bar is not None:
       bar.close()
     print(f"train.py: stopped: {e}", file=sys.stderr)
+    return 1
+  except OSError as e:  # metrics.jsonl, WORKDIR/final: a full disk, a folder gone read-only
+    if bar is not None:
+      bar.close()
+    print(f"train.py: stopped: cannot write {e.filename or config.workdir}: {e.strerror or e}; "
+          f"rerun the same command to resume from the last checkpoint in {config.workdir}",
+          file=sys.stderr)
     return 1
   except KeyboardInterrupt:
     if bar is not None:

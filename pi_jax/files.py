@@ -12,6 +12,7 @@ live one's.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import os
@@ -111,6 +112,26 @@ def atomic_file(path: str, mode: str = "w"):
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def normal_mode(path: str) -> None:
+  """Gives a file the mode a plain open() would (0666 less the umask): some writers (the
+  safetensors library) create theirs 0600, unreadable to the group that serves the model."""
+  mask = os.umask(0)
+  os.umask(mask)
+  os.chmod(path, 0o666 & ~mask)
+
+
+def disk_error(e: BaseException) -> str | None:
+  """'no space left on device' (or the OS's words) when `e` is a write failing for lack of
+  room or permission, whatever library raised it; None otherwise."""
+  text = str(e)
+  code = getattr(e, "errno", None)
+  if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text or "os error 28" in text:
+    return "no space left on device"
+  if code == errno.EROFS or "Read-only file system" in text or "os error 30" in text:
+    return "the file system is read-only"
+  return None
 
 
 def write_text(path: str, text: str) -> None:

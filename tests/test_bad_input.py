@@ -544,3 +544,111 @@ def test_a_non_finite_update_is_never_saved(tmp_path):
   assert "non-finite parameter update at step 0" in r.stderr, r.stderr
   assert "no checkpoint was saved before it" in r.stderr, r.stderr
   assert not glob.glob(str(work / "checkpoints" / "[0-9]*"))
+
+
+# --- issue 29: a config error, a bad workdir, a full disk: one line, nothing left behind --------
+
+@pytest.mark.parametrize("setting,message", [
+    ("rope_scaling=linera:4", "unknown RoPE scaling kind 'linera'"),
+    ("seq_len=128", "seq_len 128 exceeds the model's window 64"),
+    ("init_checkpoint=/nonexistent/ck", "/nonexistent/ck is not a pi_jax checkpoint")])
+def test_a_config_error_is_one_line_and_creates_no_workdir(tmp_path, capsys, setting, message):
+  sys.path.insert(0, REPO)
+  import train
+  from tests import train_utils as tu
+  work = tmp_path / "run"
+  args = ["--config", tu.TINY, "--no-progress", "--set", f"workdir={work}", "--set", setting]
+  assert train.main(args) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and message in err[0], err
+  assert not os.path.exists(work)
+  if "init_checkpoint" in setting:  # --print-config may come before the download
+    assert train.main(args + ["--print-config"]) == 0
+    return
+  with pytest.raises(SystemExit) as e:
+    train.main(args + ["--print-config"])
+  assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_workdir_that_is_a_file_or_cannot_be_written_is_one_line(tmp_path, capsys,
+                                                                    read_only_dir):
+  sys.path.insert(0, REPO)
+  import train
+  from tests import train_utils as tu
+  a_file = tmp_path / "notes.txt"
+  a_file.write_text("mine")
+  for work, message in [(a_file, f"workdir {a_file} is a file, not a folder"),
+                        (read_only_dir / "run", f"workdir {read_only_dir / 'run'} cannot be "
+                         "written"),
+                        (read_only_dir, f"workdir {read_only_dir} cannot be written")]:
+    assert train.main(["--config", tu.TINY, "--set", f"workdir={work}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+  assert a_file.read_text() == "mine"
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+  """A folder this process cannot write: mode 0555, or for root (which ignores modes) a
+  read-only tmpfs (skipped where mounting is not allowed)."""
+  folder = tmp_path / "ro"
+  folder.mkdir()
+  if os.geteuid() != 0:
+    os.chmod(folder, 0o555)
+    yield folder
+    os.chmod(folder, 0o755)
+    return
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
+                    capture_output=True).returncode:
+    pytest.skip("root cannot mount a read-only tmpfs here")
+  try:
+    yield folder
+  finally:
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+  """A 1 MiB tmpfs (too small for a tiny model's checkpoint): skipped where it cannot be mounted."""
+  folder = tmp_path / "full"
+  folder.mkdir()
+  if os.geteuid() != 0 or subprocess.run(
+      ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)],
+      capture_output=True).returncode:
+    pytest.skip("needs root to mount a small tmpfs")
+  try:
+    yield folder
+  finally:
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_disk_during_a_checkpoint_or_a_conversion_is_one_line(tmp_path, full_disk,
+                                                                      small_ckpt):
+  work = full_disk / "run"
+  r = run_train(work, QUICK, check=False)
+  assert r.returncode == 1, r.stderr
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1, r.stderr
+  assert (f"train.py: stopped: cannot write checkpoint 2 in {work}/checkpoints: no space left on "
+          "device. The last complete checkpoint: none. Free space") in lines[0], r.stderr
+  shutil.rmtree(work)
+  hf = tmp_path / "hf"
+  assert run([sys.executable, "-m", "convert.to_hf", small_ckpt, str(hf)]).returncode == 0
+  for cmd, src in [("convert.to_hf", small_ckpt), ("convert.to_pi_jax", str(hf))]:
+    r = run([sys.executable, "-m", cmd, src, str(full_disk / "out")])
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    errors = ["error:" + x for x in r.stderr.split("error:")[1:]]  # after tqdm's bar
+    assert len(errors) == 1 and len(errors[0].strip().splitlines()) == 1, r.stderr
+    assert (f"error: cannot write {full_disk / 'out'}: no space left on device; nothing was "
+            "written there") in errors[0], r.stderr
+    assert os.listdir(full_disk) == []
+
+
+def test_an_hf_export_is_readable_like_any_file(tmp_path, small_ckpt, capsys):
+  mask = os.umask(0o022)
+  try:
+    assert to_hf_cli([small_ckpt, str(tmp_path / "hf")], capsys)[0] == 0
+  finally:
+    os.umask(mask)
+  for name in os.listdir(tmp_path / "hf"):
+    assert os.stat(tmp_path / "hf" / name).st_mode & 0o777 == 0o644, name

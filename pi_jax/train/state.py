@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
 import sys
 import types
@@ -100,7 +101,28 @@ class RunCheckpoints:
         create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data"))
-    self._closed = False
+    self._closed = self._failed = False
+    # orbax logs a failed background write (a full disk) as several tracebacks before it
+    # raises; the raise becomes one CheckpointWriteError line here, so its logs are dropped.
+    self._filter = ckpt_lib.DropOrbaxErrors()
+    logging.getLogger("absl").addFilter(self._filter)
+    self._previous_hook = sys.unraisablehook
+    sys.unraisablehook = ckpt_lib.drop_event_loop_closed(self._previous_hook)
+
+  def _write_error(self, e: Exception, step) -> CheckpointWriteError:
+    self._failed = True
+    ckpt_lib.silence_failed_write_noise()
+    text = str(e)
+    if "No space left" in text or "os_error_code='28'" in text or getattr(e, "errno", 0) == 28:
+      reason = "no space left on device"
+    else:
+      reason = (text.splitlines()[0][:300] if text else type(e).__name__)
+    done = [s for s in self.all_steps() if step is None or s < step]
+    last = f"step {done[-1]}" if done else "none"
+    return CheckpointWriteError(
+        f"cannot write checkpoint {step if step is not None else ''} in {self.directory}: "
+        f"{reason}. The last complete checkpoint: {last}. Free space (or fix the folder) and "
+        "rerun the same command to resume from it")
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -114,8 +136,11 @@ class RunCheckpoints:
   def save(self, step: int, state: dict, data_meta: dict) -> None:
     meta = dict(data_meta, checksums=ckpt_lib.checksums(state),
                 checksum_format=ckpt_lib.CHECKSUM_FORMAT)
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(meta)), force=True)
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(meta)), force=True)
+    except Exception as e:  # this save, or the previous (async) one it waits for
+      raise self._write_error(e, self.latest_step_in_flight() or step) from None
 
   def restore(self, step: int, target: dict) -> tuple[dict, dict]:
     """(state, data meta) of checkpoint `step`, checksums verified when it has them."""
@@ -208,7 +233,16 @@ class RunCheckpoints:
     return dest
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      raise self._write_error(e, self.latest_step_in_flight()) from None
+
+  def latest_step_in_flight(self) -> int | None:
+    names = [n.split(".")[0] for n in os.listdir(self.directory) if "tmp" in n] if os.path.isdir(
+        self.directory) else []
+    steps = [int(n) for n in names if n.isdigit()]
+    return max(steps) if steps else None
 
   def close(self) -> None:
     """Waits for pending saves and stops orbax's threads; safe to call more than once."""
@@ -216,9 +250,18 @@ class RunCheckpoints:
       return
     self._closed = True
     try:
-      self.manager.wait_until_finished()
+      if not self._failed:
+        self.wait()
     finally:
-      self.manager.close()
+      with contextlib.suppress(Exception):
+        self.manager.close()  # its pending write already failed and was reported
+      logging.getLogger("absl").removeFilter(self._filter)
+      if not self._failed:
+        sys.unraisablehook = self._previous_hook
+
+
+class CheckpointWriteError(RuntimeError):
+  """A training checkpoint could not be written (a full disk, a folder gone read-only)."""
 
 
 def save_final(path: str, config: ModelConfig, params, tokenizer_files: dict[str, str]) -> str:

@@ -301,6 +301,35 @@ def abstract_model_config(config: TrainConfig) -> tuple[ModelConfig, str]:
   return _final_model_config(config, model), source
 
 
+def validate_config(config: TrainConfig, need_checkpoint: bool = True) -> ModelConfig | None:
+  """The run's final model config, or the error the run would stop with (unknown RoPE kind,
+  window too short, missing init_checkpoint); reads no parameter and creates nothing. Without
+  need_checkpoint (--print-config before a download), a missing init_checkpoint is checked
+  against the run config's model, or not at all when it names none (then None)."""
+  from pi_jax import checkpoint as ckpt_lib
+  from pi_jax.config import RopeScaling
+  if config.init_checkpoint and not ckpt_lib.is_checkpoint(config.init_checkpoint):
+    if need_checkpoint:
+      state_lib.load_init_config(config.init_checkpoint, {})  # FileNotFoundError naming it
+    RopeScaling.parse(config.rope_scaling)
+    if config.model is None:
+      return None
+    return _final_model_config(config, _model_from_config(config))
+  return _final_model_config(config, _load_model(config, None, fresh=False)[0])
+
+
+def check_workdir(workdir: str) -> None:
+  """One line, before the run, for a workdir that is a file or cannot be written."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"workdir {workdir} is a file, not a folder: choose another workdir")
+  if os.path.isdir(workdir):
+    if not os.access(workdir, os.W_OK | os.X_OK):
+      raise ValueError(f"workdir {workdir} cannot be written (permission denied): choose "
+                       "another workdir or fix its permissions")
+  else:
+    files.check_writable(workdir, what="workdir")
+
+
 # --- the run -----------------------------------------------------------------------------------
 
 class WorkdirInUseError(ValueError):
@@ -372,6 +401,8 @@ class Trainer:
     self._lock = self.checkpoints = self.writer = None
     if config.init_checkpoint:  # the run writes WORKDIR/final: never over its own input
       files.check_separate(config.workdir, [config.init_checkpoint], "workdir")
+    validate_config(config)  # a config error leaves no WORKDIR behind
+    check_workdir(config.workdir)
     os.makedirs(config.workdir, exist_ok=True)
     if self.is_main:
       self._lock = WorkdirLock(config.workdir)
