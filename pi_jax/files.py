@@ -38,6 +38,17 @@ def _alive(pid: int) -> bool:
   return True
 
 
+def temporary_name(path: str) -> str:
+  """The hidden sibling name a writer of `path` uses (`.NAME.tmp-PID-HEX8`)."""
+  return _tmp_name(path)
+
+
+def writer_is_dead(tmp: str) -> bool:
+  """Whether the temporary `tmp` (a `temporary_name`) belongs to a process that is gone."""
+  m = _TMP_RE.search(tmp)
+  return bool(m and m.group(1) and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))))
+
+
 def stale_temporaries(path: str) -> list[str]:
   """Hidden `.NAME.tmp-*` siblings of `path` whose writer is gone (this host's PIDs)."""
   parent, base = os.path.split(os.path.abspath(path))
