@@ -652,3 +652,22 @@ def test_an_hf_export_is_readable_like_any_file(tmp_path, small_ckpt, capsys):
     os.umask(mask)
   for name in os.listdir(tmp_path / "hf"):
     assert os.stat(tmp_path / "hf" / name).st_mode & 0o777 == 0o644, name
+
+
+def test_a_cpu_host_prints_no_tpu_runtime_noise(tmp_path):
+  """libtpu (a dev dependency, for compile-only checks) must stay silent on a CPU host, with
+  JAX_PLATFORMS unset as a newcomer has it."""
+  from pi_jax import platforms
+  if platforms.tpu_present():
+    pytest.skip("a TPU host: its TPU backend is wanted")
+  env = {k: v for k, v in subprocess_env().items() if k != "JAX_PLATFORMS"}
+  noise = ("host bounds", "worker hostname", "libtpu", "TPU_ACCELERATOR_TYPE")
+  probe = subprocess.run([sys.executable, "-c", "import pi_jax, jax; print(jax.devices())"],
+                         env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert probe.returncode == 0 and "CpuDevice" in probe.stdout, probe.stderr
+  r = subprocess.run(train_cmd(tmp_path / "run", ["steps=1", "max_docs=2", "eval_every=0",
+                                                  "eval_sequences=0", "tensorboard=false"]),
+                     env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr
+  for text in (probe.stderr, r.stderr):
+    assert not any(n in text for n in noise), text
