@@ -216,6 +216,8 @@ def test_gguf_block_count_below_the_blocks_present_is_refused(tmp_path, monkeypa
     ({"rope_parameters": {"rope_type": "linear", "factor": 1e300, "rope_theta": 1e4}},
      "factor 1e\\+300 is absurd"),
     ({"rope_scaling": {"rope_type": "linear", "factor": 4.0}}, "disagree"),
+    ({"rope_parameters": None, "rope_scaling": "linear"},
+     "config.json: rope_scaling must be an object like"),
 ])
 def test_hf_config_values_that_cannot_work_are_refused(tmp_path, change, message):
   from convert.assemble import ConversionError
@@ -226,6 +228,34 @@ def test_hf_config_values_that_cannot_work_are_refused(tmp_path, change, message
   json.dump(cfg, open(src / "config.json", "w"))
   with pytest.raises(ConversionError, match=message):
     convert(str(src), str(tmp_path / "out"))
+
+
+def test_rope_scaling_written_as_a_json_string_is_read():
+  from pi_jax.config import ModelConfig
+  hf = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "vocab_size": 100,
+        "num_hidden_layers": 1, "num_attention_heads": 4, "max_position_embeddings": 2048,
+        "rope_scaling": json.dumps({"rope_type": "linear", "factor": 4})}
+  scaling = ModelConfig.from_hf(hf).rope_scaling
+  assert (scaling.kind, scaling.factor, scaling.original_max_position_embeddings) == (
+      "linear", 4.0, 512)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("data:0,fsdp:-1", "axis data has size 0; sizes are positive"),
+    ("tensor:-3", "axis tensor has size -3")])
+def test_mesh_sizes_that_would_divide_by_zero_are_refused(spec, message):
+  from pi_jax import sharding
+  with pytest.raises(ValueError, match=rf"mesh spec '{spec}': {message}"):
+    sharding.make_mesh(spec)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("0xv5e-16", "0 slices; give at least 1"), ("v5e:0x4", "every axis of the chip grid"),
+    ("v5p:2x0x2", "every axis of the chip grid"), ("v5e-0", "0 chips is not a power of two")])
+def test_tpu_topologies_with_zero_chips_are_refused(text, message):
+  from pi_jax import tpu
+  with pytest.raises(ValueError, match=message):
+    tpu.parse_slice(text)
 
 
 def test_absurd_scaling_on_the_command_line_is_refused(capsys):
