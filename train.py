@@ -55,6 +55,8 @@ def main(argv=None) -> int:
   if args.compile_only:
     return _compile_only(config, args)
 
+  from pi_jax.data.sources import DataError
+  from pi_jax.data.store import StoreError
   from pi_jax.train import trainer as trainer_lib
   try:
     trainer = trainer_lib.Trainer(config)
@@ -86,6 +88,12 @@ def main(argv=None) -> int:
     if bar is not None:
       bar.close()
     print(f"train.py: stopped: {e}", file=sys.stderr)
+    return 1
+  except (StoreError, DataError) as e:  # a token store or document damaged under the run
+    if bar is not None:
+      bar.close()
+    print(f"train.py: stopped: {e}. Rerun the same command to resume from the last checkpoint in "
+          f"{config.workdir}/checkpoints once the data is whole again", file=sys.stderr)
     return 1
   except OSError as e:  # metrics.jsonl, WORKDIR/final: a full disk, a folder gone read-only
     if bar is not None:

@@ -515,3 +515,18 @@ def test_files_that_are_not_text_are_refused_and_undecodable_bytes_counted(tmp_p
                "--max-docs", "0", "--no-progress"]) == 2
   assert "--max-docs 0: a store needs at least one document" in capsys.readouterr().err
   assert not os.path.exists(tmp_path / "s3")
+
+
+def test_a_shard_damaged_under_a_run_stops_it_in_one_line(tmp_path, book_store):
+  damaged = str(tmp_path / "damaged")
+  shutil.copytree(book_store, damaged)
+  for shard in glob.glob(os.path.join(damaged, "tokens", "c", "*")):
+    size = os.path.getsize(shard)
+    with open(shard, "r+b") as f:  # every chunk's bytes, not the index at the end
+      f.write(b"\1" * (size // 2))
+  r = tu.run_train(tmp_path / "run", ["steps=2", f"data={damaged}", "eval_every=0",
+                                      "eval_sequences=0", "tensorboard=false"], check=False)
+  assert r.returncode in (1, 2), r.stderr
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+  assert f"token store {damaged}: cannot read tokens[" in lines[0], r.stderr
