@@ -701,3 +701,38 @@ def test_a_cpu_host_prints_no_tpu_runtime_noise(tmp_path):
   assert r.returncode == 0, r.stderr
   for text in (probe.stderr, r.stderr):
     assert not any(n in text for n in noise), text
+
+
+def test_plot_titles_and_labels_are_not_clipped(tmp_path, monkeypatch):
+  """Long titles (two checkpoints' paths) are wrapped and laid out inside the figure: every
+  title and axis label lies within the figure, and no two of them overlap."""
+  from pi_jax.evals import report
+  figures = []
+  real_save = report._save_figure
+  monkeypatch.setattr(report, "_save_figure", lambda fig, path: (figures.append(fig),
+                                                                 real_save(fig, path)))
+  long = ("passkey retrieval: runs/smollm2_135m_32k/final (linear:4) vs "
+          "checkpoints/smollm2-135m-instruct (none), 20 trials per cell")
+  cells = {str(n): {"k": [0, 1, 2, 3], "accuracy": [1, 0.5, 0.2, 0]} for n in (1024, 2048)}
+  runs = [{"rope_scaling": f"linear:{f} (ckpt runs/smollm2_135m_32k/final)", "lengths": cells}
+          for f in (1, 4)]
+  report.plot_passkey(runs, str(tmp_path / "passkey.png"), long)
+  report.plot_perplexity([{"rope_scaling": "linear:4 (runs/a/final)", "results": [
+      {"window": w, "perplexity": 10 + w / 1000} for w in (256, 512, 1024)]}],
+      str(tmp_path / "ppl.png"), long)
+  assert len(figures) == 2
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  for fig in figures:
+    canvas = FigureCanvasAgg(fig)  # the figure was closed: draw it again as it was saved
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    texts = [t for t in ([fig._suptitle] if fig._suptitle else []) if t.get_text()]
+    for ax in fig.axes:
+      texts += [t for t in (ax.title, ax.xaxis.label, ax.yaxis.label) if t.get_text()]
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    for t, box in zip(texts, boxes):
+      assert box.x0 >= -1 and box.y0 >= -1 and box.x1 <= fig.bbox.x1 + 1 and \
+          box.y1 <= fig.bbox.y1 + 1, t.get_text()
+    for i in range(len(boxes)):
+      for j in range(i + 1, len(boxes)):
+        assert not boxes[i].overlaps(boxes[j]), (texts[i].get_text(), texts[j].get_text())
