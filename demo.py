@@ -90,15 +90,20 @@ def real_eval(argv: list[str]) -> int:
   (the middle), scored by teacher forcing (eval.py passkey --mode score).
   """
   p = argparse.ArgumentParser(prog="demo.py real-eval", description=real_eval.__doc__.splitlines()[0])
-  p.add_argument("--ckpt", required=True)
+  p.add_argument("--ckpt", required=True, help="pi_jax checkpoint to evaluate (SmolLM2's)")
   p.add_argument("--data", required=True, help="data spec; its first document is used")
-  p.add_argument("--windows", required=True)
-  p.add_argument("--scalings", default="none")
-  p.add_argument("--passkey-lengths", default="")
-  p.add_argument("--passkey-scalings", default="none")
-  p.add_argument("--passkey-trials", type=int, default=1)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--json", required=True)
+  p.add_argument("--windows", required=True,
+                 help="comma-separated perplexity windows (tokens), e.g. 2048,4096,8192")
+  p.add_argument("--scalings", default="none",
+                 help="comma-separated RoPE scalings for perplexity (none, linear:4, ...)")
+  p.add_argument("--passkey-lengths", default="",
+                 help="comma-separated passkey prompt lengths (tokens); empty: no passkey")
+  p.add_argument("--passkey-scalings", default="none",
+                 help="comma-separated RoPE scalings for the passkey test")
+  p.add_argument("--passkey-trials", type=int, default=1,
+                 help="random keys per (length, scaling)")
+  p.add_argument("--seed", type=int, default=0, help="seed of the passkey keys and filler")
+  p.add_argument("--json", required=True, help="write the results here (JSON)")
   args = p.parse_args(argv)
   try:
     windows = sorted(_ints(args.windows))

@@ -736,3 +736,18 @@ def test_plot_titles_and_labels_are_not_clipped(tmp_path, monkeypatch):
     for i in range(len(boxes)):
       for j in range(i + 1, len(boxes)):
         assert not boxes[i].overlaps(boxes[j]), (texts[i].get_text(), texts[j].get_text())
+
+
+def test_every_flag_of_a_user_command_has_help():
+  """argparse prints a flag without help as its bare name: the user is left guessing."""
+  import ast
+  commands = ["train.py", "eval.py", "demo.py", "pi_jax/data/__main__.py",
+              "pi_jax/train/export.py", *sorted(glob.glob(os.path.join(REPO, "convert", "*.py")))]
+  missing = []
+  for path in commands:
+    path = os.path.join(REPO, path)
+    for node in ast.walk(ast.parse(open(path).read())):
+      if (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument"
+          and not any(k.arg == "help" for k in node.keywords)):
+        missing.append(f"{os.path.relpath(path, REPO)}:{node.lineno}")
+  assert not missing, missing
