@@ -116,8 +116,9 @@ def main(argv=None) -> int:
     reason = files.disk_error(e)
     if reason is None and not isinstance(e, (ConversionError, FileExistsError, ValueError)):
       raise
-    print(f"error: cannot write {args.out}: {reason}; nothing was written there (free space or "
-          "choose another OUT, then run again)" if reason else f"error: {e}", file=sys.stderr)
+    fix = "free space or choose another OUT" if "space" in str(reason) else "choose another OUT"
+    print(f"error: cannot write {args.out}: {reason}; nothing was written there ({fix}, then "
+          "run again)" if reason else f"error: {e}", file=sys.stderr)
     return 1
   config = checkpoint.load_config(out)
   print(f"wrote {out} in {time.time() - start:.1f}s: {config.num_layers} layers, "

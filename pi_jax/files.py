@@ -103,8 +103,17 @@ def atomic_directory(path: str):
         os.remove(path)
       os.replace(tmp, path)
   finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
+    _remove_tree(tmp)
+
+
+def _remove_tree(tmp: str, seconds: float = 5.0) -> None:
+  """Removes `tmp`, again while something still writes into it: after a failed orbax save
+  (a full disk) its abandoned background writes may create files for a moment longer."""
+  import time
+  deadline = time.monotonic() + seconds
+  while os.path.lexists(tmp) and time.monotonic() < deadline:
+    shutil.rmtree(tmp, ignore_errors=True)
+    time.sleep(0.1)  # gone for good, or recreated by a late write: the loop sees which
 
 
 @contextlib.contextmanager
