@@ -12,12 +12,17 @@ Optimizer settings (learning rate, schedule, AdamW constants, steps) may change 
 lower learning rate for the rest of a run is a normal decision. They continue, with a printed
 notice per changed setting, so no change goes unannounced. Gradient clipping switched on or off
 changes the optimizer state's structure and is refused like a model change.
+
+`check_workdir` is the other check before a run touches anything: a workdir that is a file or
+cannot be written is one line, not a traceback half-way through start-up.
 """
 
 from __future__ import annotations
 
 import json
 import os
+
+from pi_jax import files
 
 # ModelConfig fields that say how a run executes the model, not what the model is (issue 27
 # moves them to pi_jax.run.RunOptions): they may differ between a run and its resume.
@@ -95,3 +100,15 @@ def check_resume(workdir: str, config_dict: dict, model_dict: dict, checkpoint_s
         f"{', '.join(notices)} (the steps before keep the old values; the change is recorded in "
         f"{RUN_CONFIG})")
   return notices
+
+
+def check_workdir(workdir: str) -> None:
+  """One line, before the run, for a workdir that is a file or cannot be written."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"workdir {workdir} is a file, not a folder: choose another workdir")
+  if os.path.isdir(workdir):
+    if not os.access(workdir, os.W_OK | os.X_OK):
+      raise ValueError(f"workdir {workdir} cannot be written (permission denied): choose "
+                       "another workdir or fix its permissions")
+  else:
+    files.check_writable(workdir, what="workdir")

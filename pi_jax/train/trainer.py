@@ -318,18 +318,6 @@ def validate_config(config: TrainConfig, need_checkpoint: bool = True) -> ModelC
   return _final_model_config(config, _load_model(config, None, fresh=False)[0])
 
 
-def check_workdir(workdir: str) -> None:
-  """One line, before the run, for a workdir that is a file or cannot be written."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ValueError(f"workdir {workdir} is a file, not a folder: choose another workdir")
-  if os.path.isdir(workdir):
-    if not os.access(workdir, os.W_OK | os.X_OK):
-      raise ValueError(f"workdir {workdir} cannot be written (permission denied): choose "
-                       "another workdir or fix its permissions")
-  else:
-    files.check_writable(workdir, what="workdir")
-
-
 # --- the run -----------------------------------------------------------------------------------
 
 class WorkdirInUseError(ValueError):
@@ -402,7 +390,7 @@ class Trainer:
     if config.init_checkpoint:  # the run writes WORKDIR/final: never over its own input
       files.check_separate(config.workdir, [config.init_checkpoint], "workdir")
     validate_config(config)  # a config error leaves no WORKDIR behind
-    check_workdir(config.workdir)
+    resume_lib.check_workdir(config.workdir)
     os.makedirs(config.workdir, exist_ok=True)
     if self.is_main:
       self._lock = WorkdirLock(config.workdir)
