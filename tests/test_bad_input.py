@@ -751,3 +751,22 @@ def test_every_flag_of_a_user_command_has_help():
           and not any(k.arg == "help" for k in node.keywords)):
         missing.append(f"{os.path.relpath(path, REPO)}:{node.lineno}")
   assert not missing, missing
+
+
+def test_outputs_under_a_file_or_on_a_read_only_folder_are_one_line(tmp_path, small_ckpt, capsys,
+                                                                    read_only_dir):
+  from pi_jax.data.__main__ import main as data_main
+  a_file = tmp_path / "notes.txt"
+  a_file.write_text("mine")
+  for out, message in [(a_file / "hf", f"OUT {a_file / 'hf'} cannot be written: {a_file} is not "
+                        "a directory"),
+                       (read_only_dir / "hf", "read-only")]:
+    code, err = to_hf_cli([small_ckpt, str(out)], capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1, err
+    assert message in lines[0] or "cannot be written" in lines[0], err  # root: a ro mount
+    assert data_main(["prepare", "pg19_standin", str(out), "--tokenizer", "bytes",
+                      "--max-docs", "1", "--no-progress"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "cannot be written" in lines[0], lines
+  assert a_file.read_text() == "mine" and os.listdir(read_only_dir) == []
