@@ -151,8 +151,6 @@ def disk_error(e: BaseException) -> str | None:
     return "no space left on device"
   if code == errno.EROFS or "Read-only file system" in text or "os error 30" in text:
     return "the file system is read-only"
-  if code == errno.EACCES or "Permission denied" in text or "os error 13" in text:
-    return "permission denied"
   return None
 
 
