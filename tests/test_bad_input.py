@@ -770,3 +770,19 @@ def test_outputs_under_a_file_or_on_a_read_only_folder_are_one_line(tmp_path, sm
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "cannot be written" in lines[0], lines
   assert a_file.read_text() == "mine" and os.listdir(read_only_dir) == []
+
+
+def test_resume_check_reads_an_older_versions_record_as_this_version_does(tmp_path):
+  """A checkpoint's model record from an older version (a retired key, a field it did not have)
+  is not a difference; run options are not either; a real difference is."""
+  from pi_jax.config import ModelConfig
+  from pi_jax.train import resume
+  new = ModelConfig(vocab_size=258, hidden_size=32, intermediate_size=64, num_layers=2,
+                    num_heads=2, max_position_embeddings=64).to_dict()
+  old = {k: v for k, v in new.items() if k != "attention_block_size"}
+  old.update(scan_layers=True, remat="full", compute_dtype="bfloat16")
+  notices = []
+  assert resume.check_resume(str(tmp_path), {}, new, 4, {"model": old},
+                             log=notices.append) == [] and notices == []
+  with pytest.raises(resume.ResumeMismatchError, match=r"model.num_heads: 2 then, 4 now"):
+    resume.check_resume(str(tmp_path), {}, {**new, "num_heads": 4}, 4, {"model": old})

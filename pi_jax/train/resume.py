@@ -76,6 +76,12 @@ def check_resume(workdir: str, config_dict: dict, model_dict: dict, checkpoint_s
   optimizer settings that changed."""
   recorded = read_run_config(workdir)
   checkpoint_model = (checkpoint_meta or {}).get("model")
+  if checkpoint_model is not None:  # as this version reads it: retired keys out, defaults in
+    from pi_jax.config import ModelConfig
+    try:
+      checkpoint_model = ModelConfig.from_dict(checkpoint_model).to_dict()
+    except (TypeError, ValueError):
+      pass
   refused = []
   if checkpoint_model is not None:
     refused += model_differences(checkpoint_model, model_dict)
