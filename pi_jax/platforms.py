@@ -4,9 +4,9 @@ The dev install brings libtpu (for the compile-only TPU checks). jax then tries 
 first on every host, and on a CPU host libtpu prints a block of errors ("Failed to find host
 bounds", "unexpected worker hostname") before jax falls back to the CPU: it reads as a failure.
 So when JAX_PLATFORMS is unset, libtpu is installed and the host has no TPU device files, the
-backends are set to the ones the host has (`cuda,cpu` with an NVIDIA GPU, `rocm,cpu` with an AMD
-one, else `cpu`). A TPU host, or a JAX_PLATFORMS the user set, is left alone. Compile-only TPU
-work needs no TPU backend: it asks libtpu for a topology directly (pi_jax.tpu).
+backends are set to the ones the host has (`cuda,cpu` with an NVIDIA GPU and jax's CUDA plugin,
+`rocm,cpu` likewise, else `cpu`). A TPU host, or a JAX_PLATFORMS the user set, is left alone.
+Compile-only TPU work needs no TPU backend: it asks libtpu for a topology directly (pi_jax.tpu).
 """
 
 from __future__ import annotations
@@ -23,8 +23,13 @@ def tpu_present() -> bool:
 
 
 def host_platforms() -> str:
+  """The GPU backends whose device and jax plugin are both here, then the CPU."""
+  import pkgutil
   gpus = [("cuda", "/dev/nvidia[0-9]*"), ("rocm", "/dev/kfd")]
-  return ",".join([name for name, pattern in gpus if glob.glob(pattern)] + ["cpu"])
+  present = [(name, pattern) for name, pattern in gpus if glob.glob(pattern)]
+  plugins = {m.name for m in pkgutil.iter_modules() if m.name.startswith(("jax_cuda", "jax_rocm"))}
+  return ",".join([name for name, _ in present
+                   if any(p.startswith(f"jax_{name}") for p in plugins)] + ["cpu"])
 
 
 def quiet_cpu_host() -> str | None:
