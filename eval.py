@@ -102,10 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
                       "a bundled name (pg19_standin, proofpile_standin)")
   p.add_argument("--data-dir", default=None, help="tfds data_dir")
   p.add_argument("--windows", default="2048,4096,8192", help="comma-separated window sizes")
-  p.add_argument("--stride", type=int, default=256)
+  p.add_argument("--stride", type=int, default=256,
+                 help="tokens the window slides by; each is scored once, with up to W - stride "
+                      "tokens of context before it")
   p.add_argument("--max-tokens", type=int, default=None,
                  help="cut each document to its first N tokens (BOS included)")
-  p.add_argument("--max-docs", type=int, default=None)
+  p.add_argument("--max-docs", type=int, default=None,
+                 help="only the first N documents of --data (default: all)")
   p.add_argument("--skip-short", action="store_true",
                  help="drop documents shorter than the largest window + 1 (default: score whole)")
   p.add_argument("--per-window-mean", action="store_true",
@@ -132,10 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
                       "counted in tokens back from the END of the prompt (k=0: key just before "
                       "the question), not the depth %% from the start of needle-in-a-haystack "
                       "tools")
-  p.add_argument("--mode", default="generate", choices=("generate", "score"))
+  p.add_argument("--mode", default="generate", choices=("generate", "score"),
+                 help="generate: greedy-decode the answer and compare it (the paper's test); "
+                      "score: teacher-force the key's tokens and take the argmax (faster)")
   p.add_argument("--template", default="paper", choices=("paper", "mini"),
                  help="prompt text: the paper's, or the miniature's (no task line, key once)")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=int, default=0, help="seed of the random keys and filler")
 
   p = sub.add_parser("needle", help="RULER's needle families on your haystack text",
                      description="Needle-in-a-haystack retrieval beyond passkey (RULER, Hsieh et "
@@ -207,8 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("report", help="merge JSON files of one task into one table and plot",
                      formatter_class=HelpFormatter)
   p.add_argument("inputs", nargs="+", help="JSON files written by --json")
-  p.add_argument("--json", dest="json_out", default=None)
-  p.add_argument("--plot", default=None)
+  p.add_argument("--json", dest="json_out", default=None,
+                 help="write the merged results here (JSON)")
+  p.add_argument("--plot", default=None, help="write the merged plot here (PNG, or .pdf/.svg)")
   return parser
 
 

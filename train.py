@@ -50,12 +50,19 @@ def main(argv=None) -> int:
     parser.error(str(e))
   if args.print_config:
     import json
+    from pi_jax.train import setup as setup_lib
+    try:
+      setup_lib.validate_config(config, need_checkpoint=False)  # what the run would refuse
+    except (ValueError, FileNotFoundError) as e:
+      parser.error(str(e))
     print(json.dumps(config.to_dict(), indent=2, default=str))
     return 0
 
   if args.compile_only:
     return _compile_only(config, args)
 
+  from pi_jax.data.sources import DataError
+  from pi_jax.data.store import StoreError
   from pi_jax.train import trainer as trainer_lib
   try:
     trainer = trainer_lib.Trainer(config)
@@ -86,10 +93,23 @@ def main(argv=None) -> int:
   trainer.callbacks.extend(callbacks)
   try:
     summary = trainer.run()
-  except trainer_lib.NonFiniteError as e:
+  except (trainer_lib.NonFiniteError, trainer_lib.state_lib.CheckpointWriteError) as e:
     if bar is not None:
       bar.close()
     print(f"train.py: stopped: {e}", file=sys.stderr)
+    return 1
+  except (StoreError, DataError) as e:  # a token store or document damaged under the run
+    if bar is not None:
+      bar.close()
+    print(f"train.py: stopped: {e}. Rerun the same command to resume from the last checkpoint in "
+          f"{config.workdir}/checkpoints once the data is whole again", file=sys.stderr)
+    return 1
+  except OSError as e:  # metrics.jsonl, WORKDIR/final: a full disk, a folder gone read-only
+    if bar is not None:
+      bar.close()
+    print(f"train.py: stopped: cannot write {e.filename or config.workdir}: {e.strerror or e}; "
+          f"rerun the same command to resume from the last checkpoint in {config.workdir}",
+          file=sys.stderr)
     return 1
   except KeyboardInterrupt:
     if bar is not None:

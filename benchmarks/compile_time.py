@@ -57,10 +57,10 @@ def _this_repos_files():
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--preset", default="smollm2-135m")
-  p.add_argument("--seq", type=int, default=2048)
+  p.add_argument("--preset", default="smollm2-135m", help="model preset")
+  p.add_argument("--seq", type=int, default=2048, help="sequence length (tokens)")
   p.add_argument("--layers", default="2,10,30", help="comma-separated depths")
-  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--repeats", type=int, default=3, help="compiles per depth (median)")
   p.add_argument("--label", default="", help="a name for this checkout in the output")
   p.add_argument("--json", help="write the rows here")
   args = p.parse_args(argv)

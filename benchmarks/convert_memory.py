@@ -83,8 +83,10 @@ def write_random_hf(path: str, layers: int = 8, hidden: int = 1024, mlp: int = 2
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--skip-smollm2", action="store_true")
-  p.add_argument("--layers", type=int, default=8)
+  p.add_argument("--skip-smollm2", action="store_true",
+                 help="measure only the random LLaMA-shaped model, not SmolLM2-135M")
+  p.add_argument("--layers", type=int, default=8,
+                 help="layers of the random model converted")
   args = p.parse_args()
   rows = []
   with tempfile.TemporaryDirectory() as tmp:

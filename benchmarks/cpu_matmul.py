@@ -37,7 +37,7 @@ def _best(fn, repeats):
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--repeats", type=int, default=5, help="timed runs per shape (median)")
   p.add_argument("--xla-flags", default=None, help="XLA_FLAGS for this run")
   args = p.parse_args(argv)
   if args.xla_flags is not None:

@@ -104,9 +104,10 @@ def _parts(args):
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--length", type=int, default=8192)
-  p.add_argument("--repeats", type=int, default=3)
-  p.add_argument("--parts", default="dense,dense_xla,rope,attention,nll")
+  p.add_argument("--length", type=int, default=8192, help="sequence length (tokens)")
+  p.add_argument("--repeats", type=int, default=3, help="timed runs per part (median)")
+  p.add_argument("--parts", default="dense,dense_xla,rope,attention,nll",
+                 help="comma-separated parts of the forward to time")
   p.add_argument("--impls", default="cpu_flash:256,xla_blockwise:256",
                  help="attention impl:block_size entries, comma-separated")
   p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK,

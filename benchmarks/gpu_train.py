@@ -102,19 +102,19 @@ def _gib(x):
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama")
+  p.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama", help="model shape")
   p.add_argument("--lengths", default=None, help="comma-separated (default 8192,32768; smoke: 256)")
   p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
-  p.add_argument("--warmup", type=int, default=2)
-  p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile)")
+  p.add_argument("--batch", type=int, default=1, help="sequences per step")
   p.add_argument("--attention", default="auto", help="attention_impl (default: auto)")
-  p.add_argument("--block-size", type=int, default=512)
-  p.add_argument("--remat", default="full")
-  p.add_argument("--compute-dtype", default="bfloat16")
+  p.add_argument("--block-size", type=int, default=512, help="attention tile")
+  p.add_argument("--remat", default="full", help="remat policy (pi_jax.config)")
+  p.add_argument("--compute-dtype", default="bfloat16", help="activation dtype")
   p.add_argument("--chunk", type=int, default=2048, help="loss chunk (positions)")
   p.add_argument("--peak-tflops", type=float, default=None,
                  help="the device's peak dense bf16 TFLOP/s (default: looked up by device kind)")
-  p.add_argument("--json", default=None)
+  p.add_argument("--json", default=None, help="write the results here")
   args = p.parse_args(argv)
   lengths = [int(x) for x in (args.lengths or ("256" if args.shape == "smoke" else "8192,32768")).split(",")]
   rows = []

@@ -27,11 +27,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--config", required=True)
-  p.add_argument("--topology", required=True)
-  p.add_argument("--set", action="append", default=[])
+  p.add_argument("--config", required=True, help="run config (.py with get_config())")
+  p.add_argument("--topology", required=True, help="TPU slice, e.g. v5p-64")
+  p.add_argument("--set", action="append", default=[], help="KEY=VALUE override (repeatable)")
   p.add_argument("--top", type=int, default=12, help="largest buffers to print")
-  p.add_argument("--timeout", type=float, default=900)
+  p.add_argument("--timeout", type=float, default=900,
+                 help="seconds to wait for the compiler's buffer assignment")
   args = p.parse_args(argv)
   dump = tempfile.mkdtemp(prefix="hlo_memory_")
   cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config", args.config,

@@ -60,8 +60,9 @@ def step_over_model(model, length: int, remat: str) -> float:
 def main(argv=None) -> int:
   from pi_jax import presets
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--preset", default="llama-7b")
-  p.add_argument("--lengths", default="8192,16384,32768")
+  p.add_argument("--preset", default="llama-7b", help="model preset (pi_jax.presets)")
+  p.add_argument("--lengths", default="8192,16384,32768",
+                 help="comma-separated sequence lengths")
   p.add_argument("--remat", default="full,save_attention",
                  help="remat policies (offload variants count as their in-HBM twins)")
   args = p.parse_args(argv)

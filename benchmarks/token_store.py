@@ -232,11 +232,14 @@ def main(argv=None) -> int:
   parser.add_argument("--workers", type=int, default=None, help="prepare's processes (default: cores)")
   parser.add_argument("--workdir", default=None, help="where the corpus and stores go (default: a "
                       "temporary folder, removed after)")
-  parser.add_argument("--read-steps", type=int, default=20)
+  parser.add_argument("--read-steps", type=int, default=20,
+                      help="random batches read per store to time the reads")
   parser.add_argument("--devices", type=int, default=128, help="devices of the 64 x 32K step")
   parser.add_argument("--device-tflops", type=float, default=312.0,
                       help="peak bf16 TFLOP/s per device (A100: 312)")
-  parser.add_argument("--mfu", type=float, default=0.5)
+  parser.add_argument("--mfu", type=float, default=0.5,
+                      help="model FLOPs utilization assumed for the step the reads must keep "
+                      "up with")
   parser.add_argument("--quiet-load", type=float, default=0.25,
                       help="load average per core above which a part is marked noisy")
   parser.add_argument("--out", default=None, help="write the results as JSON here")

@@ -64,6 +64,7 @@ def write_safetensors(path: str, tensors) -> None:
       raise ValueError(f"{name}: shape {w.shape}, expected {tuple(shape)}")
     arrays[name] = w
   save_file(arrays, path, metadata={"format": "pt"})
+  files.normal_mode(path)  # the library creates it 0600
 
 
 def hf_config_dict(config: ModelConfig, dtype: str) -> dict:
@@ -152,17 +153,19 @@ def export(ckpt: str, out: str, *, force: bool = False, max_shard_size: str | in
       from tqdm import tqdm
       bar = tqdm(total=len(entries), desc=f"exporting {os.path.basename(out)}", unit="tensor",
                  file=sys.stderr)
-    for i, shard in enumerate(shards):
-      name = ("model.safetensors" if len(shards) == 1 else
-              f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
-      write_safetensors(os.path.join(tmp, name), shard)
-      for e in shard:
-        weight_map[e[0]] = name
-        total += int(np.prod(e[1])) * np.dtype(NUMPY_DTYPES[e[2]]).itemsize
+    try:
+      for i, shard in enumerate(shards):
+        name = ("model.safetensors" if len(shards) == 1 else
+                f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
+        write_safetensors(os.path.join(tmp, name), shard)
+        for e in shard:
+          weight_map[e[0]] = name
+          total += int(np.prod(e[1])) * np.dtype(NUMPY_DTYPES[e[2]]).itemsize
+        if bar:
+          bar.update(len(shard))
+    finally:  # before any error message: the bar's line ends first
       if bar:
-        bar.update(len(shard))
-    if bar:
-      bar.close()
+        bar.close()
     if len(shards) > 1:
       files.write_json(os.path.join(tmp, "model.safetensors.index.json"),
                        {"metadata": {"total_size": total}, "weight_map": weight_map})
@@ -197,8 +200,13 @@ def main(argv=None) -> int:
   try:
     out = export(args.ckpt, args.out, force=args.force, max_shard_size=args.max_shard_size,
                  dtype=args.dtype, progress=True)
-  except (ConversionError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
+  except Exception as e:  # a full disk, whichever library was writing
+    reason = files.disk_error(e)
+    if reason is None and not isinstance(e, (ConversionError, ValueError)):
+      raise
+    fix = "free space or choose another OUT" if "space" in str(reason) else "choose another OUT"
+    print(f"error: cannot write {args.out}: {reason}; nothing was written there ({fix}, then "
+          "run again)" if reason else f"error: {e}", file=sys.stderr)
     return 1
   print(f"wrote {out} in {time.time() - start:.1f}s")
   return 0

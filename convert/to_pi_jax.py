@@ -112,8 +112,13 @@ def main(argv=None) -> int:
   start = time.time()
   try:
     out = convert(args.src, args.out, args.rope_scaling, args.dtype, args.force, progress=True)
-  except (ConversionError, FileExistsError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
+  except Exception as e:  # a full disk, whichever library was writing
+    reason = files.disk_error(e)
+    if reason is None and not isinstance(e, (ConversionError, FileExistsError, ValueError)):
+      raise
+    fix = "free space or choose another OUT" if "space" in str(reason) else "choose another OUT"
+    print(f"error: cannot write {args.out}: {reason}; nothing was written there ({fix}, then "
+          "run again)" if reason else f"error: {e}", file=sys.stderr)
     return 1
   config = checkpoint.load_config(out)
   print(f"wrote {out} in {time.time() - start:.1f}s: {config.num_layers} layers, "

@@ -114,7 +114,8 @@ def publish_base(workdir: str, dest: str) -> None:
     if os.path.isfile(marker):
       os.remove(marker)
     files.write_json(os.path.join(tmp, "pretrain_summary.json"), summary, indent=1)
-    fig.savefig(os.path.join(tmp, "loss_curve.png"), dpi=110)
+    fig.savefig(os.path.join(tmp, "loss_curve.png"), dpi=110, bbox_inches="tight",
+                pad_inches=0.1)
     if os.path.isfile(readme):  # the hand-written description stays
       shutil.copy2(readme, os.path.join(tmp, "README.md"))
   plt.close(fig)

@@ -196,7 +196,7 @@ def _save(fig, folder: str, name: str) -> str:
   import os
   import matplotlib.pyplot as plt
   fig.tight_layout()
-  fig.savefig(os.path.join(folder, name), dpi=110)
+  fig.savefig(os.path.join(folder, name), dpi=110, bbox_inches="tight", pad_inches=0.1)
   plt.close(fig)
   return name
 

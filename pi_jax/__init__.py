@@ -1,5 +1,9 @@
 """pi_jax: extend the context window of LLaMA-family models by Position Interpolation, in JAX."""
 
+from pi_jax import platforms as _platforms
+
+_platforms.quiet_cpu_host()  # before jax starts a backend: no libtpu noise on a CPU host
+
 from pi_jax.checkpoint import load_checkpoint, save_checkpoint
 from pi_jax.config import ModelConfig, RopeScaling
 from pi_jax.generate import generate

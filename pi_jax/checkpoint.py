@@ -13,7 +13,9 @@ save never leaves a half-written CKPT. Restores go straight into the requested s
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -159,6 +161,61 @@ def read_checksums(path: str) -> dict[str, str] | None:
     raise ValueError(f"{file}: unreadable checksums (damaged?): {e}") from None
 
 
+class DropOrbaxErrors(logging.Filter):
+  """Drops orbax's own ERROR logs (with tracebacks) of a failed write: the caller turns the
+  exception into one line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+class _DropFailedWriteNoise(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "orbax" not in record.getMessage()
+
+
+def drop_event_loop_closed(previous):
+  """An unraisable hook that drops 'Event loop is closed' (orbax's write threads after their
+  loop is gone) and passes everything else to `previous`."""
+  def hook(unraisable):
+    if "Event loop is closed" not in str(unraisable.exc_value):
+      previous(unraisable)
+  return hook
+
+
+def silence_failed_write_noise() -> None:
+  """After a failed checkpoint write (reported in one line), orbax's abandoned write tasks
+  report it again when they are collected or when their event loop is gone, up to the
+  process's exit: asyncio's 'Task exception was never retrieved' and tensorstore callbacks'
+  'Event loop is closed'. Both are dropped from then on; nothing else is."""
+  if getattr(silence_failed_write_noise, "done", False):
+    return
+  silence_failed_write_noise.done = True
+  logging.getLogger("asyncio").addFilter(_DropFailedWriteNoise())
+  sys.unraisablehook = drop_event_loop_closed(sys.unraisablehook)
+
+
+@contextlib.contextmanager
+def quiet_failed_write():
+  """An orbax write whose failure (a full disk) its caller reports in one line: orbax's own
+  error logs are dropped while it runs, and its leftovers' noise after a failure."""
+  absl_logger, quiet = logging.getLogger("absl"), DropOrbaxErrors()
+  previous = sys.unraisablehook
+  absl_logger.addFilter(quiet)
+  sys.unraisablehook = drop_event_loop_closed(previous)
+  failed = False
+  try:
+    yield
+  except BaseException:
+    failed = True
+    raise
+  finally:
+    absl_logger.removeFilter(quiet)
+    sys.unraisablehook = previous
+    if failed:
+      silence_failed_write_noise()
+
+
 def save_checkpoint(path: str, config: ModelConfig, params, *, force: bool = False,
                     extra_files: dict[str, str] | None = None) -> str:
   """Saves `params` (jax or numpy arrays) and `config` to `path` atomically.
@@ -173,9 +230,10 @@ def save_checkpoint(path: str, config: ModelConfig, params, *, force: bool = Fal
     # Small OCDBT data files: tensorstore keeps a data file's bytes in memory until it is
     # written, so orbax's default (~2 GB files) adds up to a second model copy to peak host
     # memory (benchmarks/convert_memory.py). Restores read it like any orbax checkpoint.
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
-      ckptr.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(
-          params, ocdbt_target_data_file_size=OCDBT_FILE_BYTES))
+    with quiet_failed_write():
+      with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+        ckptr.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(
+            params, ocdbt_target_data_file_size=OCDBT_FILE_BYTES))
     for name, src in (extra_files or {}).items():
       dst = os.path.join(tmp, name)
       os.makedirs(os.path.dirname(dst), exist_ok=True)

@@ -141,6 +141,20 @@ class RopeScaling:
     return "none" if self.kind == "none" else f"{self.kind}:{self.factor:g}"
 
 
+def _rope_object(key: str, value) -> dict:
+  """An HF config's rope_scaling / rope_parameters as a dict: some tools write it as a JSON
+  string; anything else is one clear error."""
+  if isinstance(value, str):
+    try:
+      value = json.loads(value)
+    except json.JSONDecodeError:
+      pass
+  if not isinstance(value, dict):
+    raise ValueError(f"config.json: {key} must be an object like {{\"rope_type\": \"linear\", "
+                     f"\"factor\": 4}} (or null), got {value!r}; fix the model's config.json")
+  return value
+
+
 def rope_scaling_from_hf(params: dict | None, original: int | None = None) -> RopeScaling:
   """RopeScaling from a transformers `rope_parameters` / `rope_scaling` dict."""
   if not params:
@@ -283,6 +297,8 @@ class ModelConfig:
                        "compute something else")
     if hf.get("hidden_act", "silu") != "silu":
       raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (LLaMA uses silu)")
+    hf = {**hf, **{k: _rope_object(k, hf[k]) for k in ("rope_parameters", "rope_scaling")
+                   if hf.get(k) is not None}}
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if hf.get("rope_parameters") and hf.get("rope_scaling"):  # both forms: they must agree
       a = rope_scaling_from_hf(hf["rope_parameters"], hf.get("original_max_position_embeddings"))

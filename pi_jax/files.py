@@ -12,6 +12,7 @@ live one's.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import os
@@ -35,6 +36,17 @@ def _alive(pid: int) -> bool:
   except PermissionError:  # exists, owned by someone else
     return True
   return True
+
+
+def temporary_name(path: str) -> str:
+  """The hidden sibling name a writer of `path` uses (`.NAME.tmp-PID-HEX8`)."""
+  return _tmp_name(path)
+
+
+def writer_is_dead(tmp: str) -> bool:
+  """Whether the temporary `tmp` (a `temporary_name`) belongs to a process that is gone."""
+  m = _TMP_RE.search(tmp)
+  return bool(m and m.group(1) and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))))
 
 
 def stale_temporaries(path: str) -> list[str]:
@@ -91,8 +103,17 @@ def atomic_directory(path: str):
         os.remove(path)
       os.replace(tmp, path)
   finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
+    _remove_tree(tmp)
+
+
+def _remove_tree(tmp: str, seconds: float = 5.0) -> None:
+  """Removes `tmp`, again while something still writes into it: after a failed orbax save
+  (a full disk) its abandoned background writes may create files for a moment longer."""
+  import time
+  deadline = time.monotonic() + seconds
+  while os.path.lexists(tmp) and time.monotonic() < deadline:
+    shutil.rmtree(tmp, ignore_errors=True)
+    time.sleep(0.1)  # gone for good, or recreated by a late write: the loop sees which
 
 
 @contextlib.contextmanager
@@ -111,6 +132,26 @@ def atomic_file(path: str, mode: str = "w"):
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def normal_mode(path: str) -> None:
+  """Gives a file the mode a plain open() would (0666 less the umask): some writers (the
+  safetensors library) create theirs 0600, unreadable to the group that serves the model."""
+  mask = os.umask(0)
+  os.umask(mask)
+  os.chmod(path, 0o666 & ~mask)
+
+
+def disk_error(e: BaseException) -> str | None:
+  """'no space left on device' (or the OS's words) when `e` is a write failing for lack of
+  room or permission, whatever library raised it; None otherwise."""
+  text = str(e)
+  code = getattr(e, "errno", None)
+  if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text or "os error 28" in text:
+    return "no space left on device"
+  if code == errno.EROFS or "Read-only file system" in text or "os error 30" in text:
+    return "the file system is read-only"
+  return None
 
 
 def write_text(path: str, text: str) -> None:

@@ -59,6 +59,10 @@ def parse_mesh_spec(spec: str | dict | None) -> dict[str, int]:
   unknown = set(sizes) - set(MESH_AXES)
   if unknown:
     raise ValueError(f"mesh spec {spec!r}: unknown axes {sorted(unknown)}; known: {MESH_AXES}")
+  for name, size in sizes.items():  # 0 would divide by zero below; -2 means nothing
+    if size < 1 and size != -1:
+      raise ValueError(f"mesh spec {spec!r}: axis {name} has size {size}; sizes are positive "
+                       "(or -1: the devices the other axes leave)")
   if not sizes:
     sizes = {"fsdp": -1}  # no spec: plain FSDP over every device
   return {name: sizes.get(name, 1) for name in MESH_AXES}

@@ -90,6 +90,8 @@ def parse_slice(text: str) -> TpuSlice:
   m = re.fullmatch(r"(\d+)x(.+)", name)
   if m and not re.fullmatch(r"[\dx]+", name):
     slices, name = int(m.group(1)), m.group(2)
+    if slices < 1:
+      raise ValueError(f"TPU slice {text!r}: {slices} slices; give at least 1 (e.g. 2xv5p-128)")
   m = re.fullmatch(r"([a-z0-9]+):(\d+(?:x\d+){1,2})", name)
   if m:
     gen = _ALIASES.get(m.group(1))
@@ -97,6 +99,8 @@ def parse_slice(text: str) -> TpuSlice:
       raise ValueError(f"TPU topology {text!r}: unknown generation {m.group(1)!r}; "
                        f"known: {sorted(HBM_GIB)}")
     dims = m.group(2).split("x")
+    if any(int(d) < 1 for d in dims):
+      raise ValueError(f"TPU topology {text!r}: every axis of the chip grid needs at least 1 chip")
     if (len(dims) == 3) != (gen in THREE_D):
       raise ValueError(f"TPU topology {text!r}: {gen} chips form a "
                        f"{'3D' if gen in THREE_D else '2D'} grid")

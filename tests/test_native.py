@@ -2,6 +2,7 @@
 gradients, chosen by `auto` where they apply, and a clear error where they cannot build."""
 
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -195,3 +196,84 @@ def test_nll_terms_equal_xla_with_gradients(monkeypatch):
   assert "pi_logsumexp_pick" not in jax.jit(lambda l: terms(l, False)).lower(logits).as_text()
   assert abs(float(got - want)) < 1e-4
   assert rel_err(got_grad, want_grad) < 1e-5
+
+
+# --- the kernel cache heals itself (issue 29) ----------------------------------------------------
+
+@needs_native
+def test_a_damaged_cached_library_is_rebuilt_never_loaded(monkeypatch, tmp_path):
+  """A truncated library would kill the process with SIGBUS once loaded, a foreign one lacks the
+  symbols: neither matches the size and sha256 its build recorded, so both are rebuilt."""
+  import os
+  monkeypatch.setenv("PI_JAX_NATIVE_CACHE", str(tmp_path))
+  path = native._build()
+  good = open(path, "rb").read()
+  record = open(path + ".sha256").read()
+  assert native.verified(path) and record.split()[0] == str(len(good))
+  for damage in ("truncated", "empty", "foreign", "no_record"):
+    if damage == "truncated":
+      os.truncate(path, len(good) // 2)
+    elif damage == "empty":
+      open(path, "wb").close()
+    elif damage == "foreign":
+      open(path, "wb").write(b"\x7fELF" + bytes(len(good) - 4))
+    else:
+      os.remove(path + ".sha256")
+    assert not native.verified(path), damage
+    if damage in ("truncated", "foreign"):  # each rebuild costs a compile: two are enough
+      assert native._build() == path and native.verified(path)
+      assert os.path.getsize(path) == len(good)
+    else:
+      open(path, "wb").write(good)
+      open(path + ".sha256", "w").write(record)
+  assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(path),
+                                                 os.path.basename(path) + ".sha256"])
+
+
+@needs_native
+def test_a_foreign_library_with_a_matching_record_is_removed_not_used(monkeypatch, tmp_path):
+  import os
+  import scipy_openblas32
+  monkeypatch.setenv("PI_JAX_NATIVE_CACHE", str(tmp_path))
+  monkeypatch.setattr(native, "_build", lambda: str(tmp_path / "lib.so"))
+  foreign = [f for f in os.listdir(scipy_openblas32.get_lib_dir()) if ".so" in f][0]
+  shutil.copyfile(os.path.join(scipy_openblas32.get_lib_dir(), foreign), tmp_path / "lib.so")
+  open(tmp_path / "lib.so.sha256", "w").write(native._digest(str(tmp_path / "lib.so")))
+  ok, why = native._load.__wrapped__()
+  assert not ok and f"{tmp_path / 'lib.so'} is not pi_jax's kernel library" in why
+  assert "the next run rebuilds it" in why and os.listdir(tmp_path) == []
+
+
+def test_a_killed_build_leaves_no_temporary_for_long(tmp_path):
+  import os
+  import time
+  dead = tmp_path / ".pi_jax_cpu_kernels_0123456789abcdef.so.tmp-999999-0123abcd"
+  old = tmp_path / "tmpk2j3h4.so"  # an earlier version's unnamed temporary
+  live = tmp_path / f".pi_jax_cpu_kernels_0123456789abcdef.so.tmp-{os.getpid()}-0123abcd"
+  mine = tmp_path / "notes.txt"
+  for f in (dead, old, live, mine):
+    f.write_bytes(b"x")
+  an_hour_ago = time.time() - 3600
+  os.utime(old, (an_hour_ago, an_hour_ago))
+  os.utime(mine, (an_hour_ago, an_hour_ago))
+  native._clean_stale(str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == sorted([live.name, mine.name])
+
+
+@pytest.mark.parametrize("value,on", [("0", False), ("false", False), ("No", False),
+                                      ("OFF", False), ("1", True), ("true", True), ("yes", True),
+                                      ("on", True), ("maybe", False)])
+def test_pi_jax_native_takes_every_boolean_spelling(monkeypatch, value, on):
+  monkeypatch.setenv("PI_JAX_NATIVE", value)
+  got, why = native.enabled()
+  assert got == on
+  if value == "maybe":
+    assert "PI_JAX_NATIVE='maybe' is not a boolean" in why
+  elif not on:
+    assert why == f"disabled by PI_JAX_NATIVE={value}"
+
+
+def test_threads_without_sched_getaffinity(monkeypatch):
+  import os
+  monkeypatch.delattr(os, "sched_getaffinity")
+  assert native.threads() == max(1, os.cpu_count() or 1)

@@ -416,3 +416,117 @@ def test_two_processes_read_disjoint_rows_that_form_the_global_batch(tmp_path, b
       # Each process read exactly the rows it holds, nothing else.
       assert r["reads"] == (data.sampler.row_indices(step, rows) * 64).tolist()
       assert np.array_equal(r["global"], data.train_batch(step, slice(None)))
+
+
+# --- a store verifies what it reads; prepare writes only among its own files (issue 29) ---------
+
+def test_a_missing_or_altered_shard_is_an_error_never_zeros(tmp_path, book_store, capsys):
+  from pi_jax.data.__main__ import main
+  damaged = str(tmp_path / "missing")
+  shutil.copytree(book_store, damaged)
+  os.remove(os.path.join(damaged, "tokens", "c", "1"))
+  with pytest.raises(store_lib.StoreError, match=rf"token store {damaged}: shard file tokens/c/1 "
+                     r"is missing \(the store needs 2\)"):
+    data_lib.TokenStore(damaged)
+  assert main(["info", damaged]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "tokens/c/1 is missing" in err[0]
+  # A shard that goes missing after the store was opened: the read fails, it does not give zeros.
+  shutil.rmtree(damaged)
+  shutil.copytree(book_store, damaged)
+  store = data_lib.TokenStore(damaged)
+  os.remove(os.path.join(damaged, "tokens", "c", "1"))
+  with pytest.raises(store_lib.StoreError, match=r"cannot read tokens\[131072:131172\].*missing"):
+    store.slices([1 << 17], 100)
+  # Tokens rewritten with valid chunk checksums (another store's shard, a bad tool): only the
+  # stored token checksum sees it; `info --verify` recomputes it.
+  altered = str(tmp_path / "altered")
+  shutil.copytree(book_store, altered)
+  assert data_lib.TokenStore(altered).verify() is None
+  assert main(["info", "--verify", altered]) == 0
+  assert "checksum matches" in capsys.readouterr().err
+  tokens, _ = store_lib.open_arrays(altered, read_only=False)
+  value = int(tokens[1000:1001].read().result()[0])
+  tokens[1000:1001].write(np.asarray([(value + 1) % 256], tokens.dtype.numpy_dtype)).result()
+  with pytest.raises(store_lib.StoreError, match=rf"token store {altered}: the tokens' checksum "
+                     r"is .* the tokens were altered"):
+    data_lib.TokenStore(altered).verify()
+  assert main(["info", "--verify", altered]) == 2
+  assert "the tokens were altered" in capsys.readouterr().err
+
+
+def test_prepare_writes_only_among_files_it_created(tmp_path):
+  from tests.test_bad_input import md5_tree
+  docs = tmp_path / "docs"
+  docs.mkdir()
+  (docs / "a.txt").write_text("one document " * 50)
+  user = tmp_path / "mine"
+  (user / "documents").mkdir(parents=True)
+  (user / "documents" / "letter.txt").write_text("my letter")
+  (user / "tokens").mkdir()
+  (user / "tokens" / "keep.bin").write_bytes(b"\1\2\3")
+  a_file = tmp_path / "notes.txt"
+  a_file.write_text("notes")
+  before = md5_tree(tmp_path)
+  cases = [(str(user), rf"OUT {user} already holds files that are not a token store "
+                       r"\(documents, tokens\)"),
+           (str(docs), rf"OUT {docs} is the input {docs} itself"),
+           (str(docs / "store"), rf"OUT {docs / 'store'} lies inside the input {docs}"),
+           (str(a_file), rf"OUT {a_file} is a file, not a folder")]
+  for out, message in cases:
+    for restart in (False, True):
+      with pytest.raises(ValueError, match=message):
+        prepare_lib.prepare(str(docs), out, "bytes", workers=1, restart=restart, **SMALL)
+  assert md5_tree(tmp_path) == before
+  assert sorted(os.listdir(docs)) == ["a.txt"]
+  # Its own store, complete or interrupted, it may resume or replace.
+  store = str(tmp_path / "store")
+  prepare_lib.prepare(str(docs), store, "bytes", workers=1, **SMALL)
+  prepare_lib.prepare(str(docs), store, "bytes", workers=1, restart=True, **SMALL)
+  assert data_lib.TokenStore(store).num_documents == 1
+
+
+def test_files_that_are_not_text_are_refused_and_undecodable_bytes_counted(tmp_path, capsys):
+  from pi_jax.data.__main__ import main
+  folder = tmp_path / "in"
+  folder.mkdir()
+  (folder / "a.txt").write_text("plain text " * 20)
+  (folder / "b.txt.bz2").write_bytes(b"BZh91AY&SY" + bytes(range(200)))
+  with pytest.raises(data_lib.DataError, match=rf"{folder / 'b.txt.bz2'}: a compressed or "
+                     r"archive file, not text"):
+    prepare_lib.prepare(str(folder / "*"), str(tmp_path / "s1"), "bytes", workers=1, **SMALL)
+  os.remove(folder / "b.txt.bz2")
+  (folder / "c.bin").write_bytes(b"\x7fELF\x02\x01\x01\0\0\0" + bytes(range(256)))
+  with pytest.raises(data_lib.DataError, match=rf"{folder / 'c.bin'}: a binary file \(NUL bytes\)"):
+    prepare_lib.prepare(str(folder / "*"), str(tmp_path / "s1"), "bytes", workers=1, **SMALL)
+  assert not os.path.exists(tmp_path / "s1")
+  os.remove(folder / "c.bin")
+  (folder / "d.txt").write_bytes("caf\u00e9 na\u00efve ".encode("latin-1") * 10)
+  lines = []
+  summary = prepare_lib.prepare(str(folder / "*"), str(tmp_path / "s2"), "bytes", workers=1,
+                                **{**SMALL, "log": lines.append})
+  assert summary["undecodable"] == {"documents": 1, "bytes": 20, "examples": ["d.txt"]}
+  assert "warning: 20 bytes in 1 documents are not UTF-8" in lines[-1]
+  assert data_lib.TokenStore(str(tmp_path / "s2")).meta["undecodable"]["bytes"] == 20
+  # Elsewhere (evaluation reads documents too) the same file is a warning line.
+  list(data_lib.iter_documents(str(folder / "d.txt")))
+  assert "warning: d.txt: 20 bytes are not UTF-8" in capsys.readouterr().err
+  assert main(["prepare", str(folder), str(tmp_path / "s3"), "--tokenizer", "bytes",
+               "--max-docs", "0", "--no-progress"]) == 2
+  assert "--max-docs 0: a store needs at least one document" in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / "s3")
+
+
+def test_a_shard_damaged_under_a_run_stops_it_in_one_line(tmp_path, book_store):
+  damaged = str(tmp_path / "damaged")
+  shutil.copytree(book_store, damaged)
+  for shard in glob.glob(os.path.join(damaged, "tokens", "c", "*")):
+    size = os.path.getsize(shard)
+    with open(shard, "r+b") as f:  # every chunk's bytes, not the index at the end
+      f.write(b"\1" * (size // 2))
+  r = tu.run_train(tmp_path / "run", ["steps=2", f"data={damaged}", "eval_every=0",
+                                      "eval_sequences=0", "tensorboard=false"], check=False)
+  assert r.returncode in (1, 2), r.stderr
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+  assert f"token store {damaged}: cannot read tokens[" in lines[0], r.stderr

@@ -32,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.add_argument("--json", action="store_true", help="print the summary as JSON too")
   i = sub.add_parser("info", help="print what a token store holds")
-  i.add_argument("store")
+  i.add_argument("store", help="the token store directory (a local path or gs://...)")
+  i.add_argument("--verify", action="store_true",
+                 help="read every token and recompute the store's checksum (slow: the whole "
+                 "store; opening it only checks that every shard file is there)")
   return parser
 
 
@@ -46,6 +49,15 @@ def main(argv=None) -> int:
     if args.command == "info":
       store = store_lib.TokenStore(args.store)
       print(json.dumps(store.meta, indent=1, sort_keys=True))
+      if args.verify:
+        from tqdm import tqdm
+        with tqdm(total=store.num_tokens, unit=" tokens", unit_scale=True, file=sys.stderr,
+                  dynamic_ncols=True) as bar:
+          store.verify(progress=lambda done: bar.update(done - bar.n))
+        print(f"verified: {store.num_tokens} tokens read, checksum "
+              + ("matches" if store.meta.get("commits") else
+                 "not recorded by the prepare that made this store (every chunk's crc32c is fine)"),
+              file=sys.stderr)
       return 0
     kwargs = {}
     if args.shard_tokens:

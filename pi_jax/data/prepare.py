@@ -224,6 +224,37 @@ def _skip_committed(batches, progress: dict, out: str) -> None:
         f"{progress['documents']} documents differ); rerun with --restart to start over")
 
 
+def _cpu_count() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
+
+
+def check_out(out: str, spec: str, inputs: list[str]) -> None:
+  """Refuses an OUT that `prepare` would write among files it did not create: OUT holding (or
+  inside) the documents, or a folder of other files (the user's own `tokens/` or `documents/`
+  would be deleted by the store's arrays). Only a store, a store being prepared, or an empty or
+  new folder is written."""
+  from pi_jax import files
+  resolved = sources.resolve_spec(spec)
+  folders = [resolved] if os.path.isdir(resolved) else []
+  try:
+    files.check_separate(out, folders + inputs, what="OUT")
+  except ValueError as e:
+    raise ValueError(f"prepare: {e}") from None
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f"prepare: OUT {out} is a file, not a folder: choose a new folder")
+  if os.path.isdir(out) and not store_lib.looks_like_store(out):
+    own = sorted(os.listdir(out))
+    if own:
+      raise ValueError(f"prepare: OUT {out} already holds files that are not a token store "
+                       f"({', '.join(own[:3])}{', ...' if len(own) > 3 else ''}); prepare writes "
+                       "(and may replace) tokens/ and documents/ there: choose a new or empty "
+                       "folder")
+  files.check_writable(os.path.join(out, store_lib.META), what="OUT")
+
+
 def _disk_bytes(path: str) -> int | None:
   if store_lib.is_remote(path):
     return None
@@ -244,11 +275,15 @@ def prepare(spec: str, out: str, tokenizer: str, *, data_dir: str | None = None,
                      "documents")
   if chunk_tokens > shard_tokens or shard_tokens % chunk_tokens:
     raise ValueError(f"chunk_tokens {chunk_tokens} must divide shard_tokens {shard_tokens}")
-  workers = workers or len(os.sched_getaffinity(0))
+  if max_docs is not None and max_docs < 1:
+    raise ValueError(f"--max-docs {max_docs}: a store needs at least one document; leave it "
+                     "out to take them all")
+  workers = workers or _cpu_count()
   settings = _settings(spec, data_dir, max_docs, text_key, tok, tokenizer, shard_tokens,
                        chunk_tokens, batch_docs, batch_chars)
-  sources.spec_files(spec)  # a spec that names nothing fails here, before OUT is touched
+  inputs = sources.spec_files(spec)  # a spec that names nothing fails here, before OUT is touched
   if not store_lib.is_remote(out):
+    check_out(out, spec, inputs)
     os.makedirs(out, exist_ok=True)
 
   meta = store_lib.read_json(out, store_lib.META)
@@ -284,8 +319,16 @@ def prepare(spec: str, out: str, tokenizer: str, *, data_dir: str | None = None,
     documents_array = documents_array.resize(exclusive_max=[progress["documents"] + 1]).result()
 
   empties = _Empties()  # counted from the start again on a resume, like everything else
+  undecodable = {"documents": 0, "bytes": 0, "examples": []}
+
+  def count_undecodable(doc_id: str, count: int) -> None:
+    undecodable["documents"] += 1
+    undecodable["bytes"] += count
+    if len(undecodable["examples"]) < 5:
+      undecodable["examples"].append(doc_id)
+
   docs = sources.iter_documents(spec, data_dir=data_dir, max_docs=max_docs, text_key=text_key,
-                                on_empty=empties)
+                                on_empty=empties, on_undecodable=count_undecodable)
   batches = _batches(docs, batch_docs, batch_chars, empties)
   if resumed_from:
     log(f"{out}: resuming after {resumed_from} documents ({progress['tokens']} tokens); "
@@ -347,6 +390,7 @@ def prepare(spec: str, out: str, tokenizer: str, *, data_dir: str | None = None,
         drain(0)
     writer.commit()
     progress["empty"], progress["empty_examples"] = empties.snapshot()  # trailing ones too
+    progress["undecodable"] = undecodable
   except BaseException:
     bar.close()
     log(f"prepare stopped: {progress['documents']} documents ({progress['tokens']} tokens) are "
@@ -368,7 +412,8 @@ def prepare(spec: str, out: str, tokenizer: str, *, data_dir: str | None = None,
                         "eos_id": tok.eos_id, "add_bos": tok.add_bos},
           "source": {"spec": spec, "data_dir": data_dir, "max_docs": max_docs,
                      "text_key": text_key, "sha256": progress["source_sha"]},
-          "token_sha256": progress["token_sha"], "settings": settings,
+          "token_sha256": progress["token_sha"], "commits": progress["commits"],
+          "undecodable": progress.get("undecodable", {}), "settings": settings,
           "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
   store_lib.write_json(out, store_lib.META, meta)
   store_lib.delete_key(out, store_lib.PROGRESS)
@@ -383,7 +428,8 @@ def prepare(spec: str, out: str, tokenizer: str, *, data_dir: str | None = None,
 def _summary_of(meta: dict) -> dict:
   return {"store": None, "documents": meta["documents"], "tokens": meta["tokens"],
           "empty_documents_skipped": meta.get("empty_documents_skipped", 0),
-          "fingerprint": meta["fingerprint"], "dtype": meta["dtype"]}
+          "fingerprint": meta["fingerprint"], "dtype": meta["dtype"],
+          "undecodable": meta.get("undecodable", {})}
 
 
 def _summary_text(out: str, s: dict) -> str:
@@ -396,6 +442,11 @@ def _summary_text(out: str, s: dict) -> str:
                   if s["resumed_from_documents"] else ""))
   if s["empty_documents_skipped"]:
     lines.append(f"  skipped {s['empty_documents_skipped']:,} empty documents")
+  if s.get("undecodable", {}).get("bytes"):
+    u = s["undecodable"]
+    lines.append(f"  warning: {u['bytes']:,} bytes in {u['documents']:,} documents are not "
+                 f"UTF-8 and were stored as U+FFFD (first: {', '.join(u['examples'])}); "
+                 "convert those files to UTF-8 and prepare again (--restart) if that matters")
   if s["disk_bytes"] is not None:
     lines.append(f"  on disk: {s['disk_bytes'] / 2**20:,.1f} MiB "
                  f"({s['disk_bytes'] / max(s['tokens'], 1):.2f} bytes/token)")

@@ -23,11 +23,15 @@ import gzip
 import io
 import json
 import os
+import sys
 from typing import Callable, Iterator
 
 TEXT_SUFFIXES = (".txt", ".tex", ".md")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 RECORD_SUFFIXES = JSONL_SUFFIXES + (".parquet",)
+# Compressed or archive files other than the record formats above: never read as text.
+PACKED_SUFFIXES = (".gz", ".zst", ".bz2", ".xz", ".lz4", ".lzma", ".zip", ".tar", ".tgz", ".7z",
+                   ".rar", ".br", ".Z")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUNDLED = {
     "pg19_standin": os.path.join(REPO_ROOT, "data", "pg19_standin"),
@@ -56,17 +60,26 @@ def resolve_spec(spec: str) -> str:
   return path
 
 
+def _warn_undecodable(doc_id: str, count: int) -> None:
+  print(f"warning: {doc_id}: {count} bytes are not UTF-8; each reads as U+FFFD", file=sys.stderr)
+
+
 def iter_documents(spec: str, data_dir: str | None = None, max_docs: int | None = None,
-                   text_key: str = "text",
-                   on_empty: Callable[[str], None] | None = None) -> Iterator[tuple[str, str]]:
+                   text_key: str = "text", on_empty: Callable[[str], None] | None = None,
+                   on_undecodable: Callable[[str, int], None] | None = None
+                   ) -> Iterator[tuple[str, str]]:
   """(doc_id, text) of every document of `spec`, in order.
 
   on_empty: when given, documents with no text but whitespace are skipped and their ids passed to
   it (they do not count towards max_docs); otherwise they come back like any other.
+  on_undecodable(doc_id, count): a text file with `count` bytes that are not UTF-8 (read as
+  U+FFFD); by default a warning line on stderr. (Invalid UTF-8 in JSONL is an error: JSON is
+  UTF-8 by definition.)
   """
   spec = resolve_spec(spec)
+  on_undecodable = on_undecodable or _warn_undecodable
   count = 0
-  for doc_id, text in _iter(spec, data_dir, text_key):
+  for doc_id, text in _iter(spec, data_dir, text_key, on_undecodable):
     if max_docs is not None and count >= max_docs:
       return
     if on_empty is not None and not text.strip():
@@ -100,13 +113,45 @@ def spec_files(spec: str) -> list[str]:
     if not os.path.isfile(spec):
       raise FileNotFoundError(f"data spec {spec!r}: no such file")
     return [spec]
-  files = sorted(glob.glob(spec))
+  files = sorted(f for f in glob.glob(spec) if not os.path.isdir(f))
   if not files:
     raise FileNotFoundError(f"data spec {spec!r}: no such directory, file or glob match")
+  for f in files:
+    if f.endswith(PACKED_SUFFIXES) and not f.endswith(RECORD_SUFFIXES):
+      raise DataError(f"{f}: a compressed or archive file, not text (pi_jax reads compressed "
+                      f"{', '.join(JSONL_SUFFIXES[1:])} only): decompress it, or narrow the data "
+                      f"spec {spec!r} to the text files")
+    if not f.endswith(TEXT_SUFFIXES + RECORD_SUFFIXES):  # a glob's other files: look at them
+      _check_not_binary(f, _head(f), spec)
   return files
 
 
-def _iter(spec: str, data_dir: str | None, text_key: str):
+def _head(path: str) -> bytes:
+  try:
+    with open(path, "rb") as f:
+      return f.read(1 << 16)
+  except OSError as e:
+    raise DataError(f"{path}: cannot read: {e}") from None
+
+
+def _check_not_binary(path: str, head: bytes, spec: str) -> None:
+  if b"\0" in head:  # text has no NUL bytes; binaries and UTF-16 do
+    raise DataError(f"{path}: a binary file (NUL bytes), not UTF-8 text: narrow the data "
+                    f"spec {spec!r} to the text files")
+
+
+def _undecodable_bytes(data: bytes) -> int:
+  count = 0
+  while True:
+    try:
+      data.decode("utf-8")
+      return count
+    except UnicodeDecodeError as e:
+      count += e.end - e.start
+      data = data[e.end:]
+
+
+def _iter(spec: str, data_dir: str | None, text_key: str, on_undecodable):
   if spec.startswith("tfds:"):
     yield from _iter_tfds(spec, data_dir)
     return
@@ -117,10 +162,14 @@ def _iter(spec: str, data_dir: str | None, text_key: str):
       yield from _iter_parquet(file, text_key)
     else:
       try:
-        with open(file, encoding="utf-8", errors="replace") as f:
-          text = f.read()
+        with open(file, "rb") as f:
+          data = f.read()
       except OSError as e:
         raise DataError(f"{file}: cannot read: {e}") from None
+      _check_not_binary(file, data[:1 << 16], spec)
+      text = data.decode("utf-8", errors="replace")
+      if "\ufffd" in text and (bad := _undecodable_bytes(data)):
+        on_undecodable(os.path.basename(file), bad)
       yield os.path.basename(file), text
 
 

@@ -19,6 +19,7 @@ with it), reads and writes local disk and GCS with the same code, and its zarr3 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -107,10 +108,13 @@ def looks_like_store(path: str) -> bool:
                                      for k in (META, PROGRESS))
 
 
-def _array_spec(path: str, name: str) -> dict:
+def _array_spec(path: str, name: str, strict: bool = False) -> dict:
   spec = kvstore_spec(path)
   spec["path"] = spec["path"] + name + "/"
-  return {"driver": "zarr3", "kvstore": spec}
+  out = {"driver": "zarr3", "kvstore": spec}
+  if strict:  # a missing shard or inner chunk is an error, never zarr's fill value (zeros)
+    out["fill_missing_data_reads"] = False
+  return out
 
 
 def _codecs(chunk: int) -> list[dict]:
@@ -153,17 +157,48 @@ def open_arrays(path: str, read_only: bool = True):
   ts = _ts()
   context = _context(read_only)
   try:
-    return tuple(ts.open(_array_spec(path, name), open=True, read=True, write=not read_only,
-                         context=context).result() for name in (TOKENS, DOCUMENTS))
+    return tuple(ts.open(_array_spec(path, name, strict=read_only), open=True, read=True,
+                         write=not read_only, context=context).result()
+                 for name in (TOKENS, DOCUMENTS))
   except ValueError as e:  # tensorstore's NOT_FOUND / DATA_LOSS / FAILED_PRECONDITION
     raise StoreError(f"token store {path}: cannot open its arrays: {e}") from None
+
+
+def _shard_files(path: str, name: str) -> dict[str, int]:
+  """{file name: size} of the shard files of array `name` (`c/0`, `c/1`, ...)."""
+  if not is_remote(path):
+    folder = os.path.join(path, name, "c")
+    if not os.path.isdir(folder):
+      return {}
+    return {f"c/{f}": os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)}
+  prefix = f"{name}/c/"
+  kv = _kvstore(path)
+  keys = kv.list(_ts().KvStore.KeyRange(prefix, prefix[:-1] + "0")).result()
+  return {k.decode()[len(name) + 1:]: 1 for k in keys}  # sizes: the reads' checksums see them
+
+
+def check_shards(path: str, array, name: str) -> None:
+  """Every shard file the array's shape needs is there and not empty: a missing one would
+  read as zeros (zarr's fill value) with lenient reads, and as an error in the middle of a run
+  with strict ones. One directory listing, whatever the corpus size."""
+  shard = int(array.chunk_layout.write_chunk.shape[0])
+  needed = -(-int(array.shape[0]) // shard)
+  files = _shard_files(path, name)
+  for i in range(needed):
+    size = files.get(f"c/{i}")
+    if not size:
+      what = "is missing" if size is None else "is empty"
+      raise StoreError(f"token store {path}: shard file {name}/c/{i} {what} (the store needs "
+                       f"{needed}); the store is damaged: prepare it again (--restart)")
 
 
 class TokenStore:
   """A complete token store, opened for reading: metadata plus on-demand slices of the stream.
 
-  Opening reads two small JSON files, whatever the corpus size; nothing is cached, so host
-  memory holds only what a read returns.
+  Opening reads two small JSON files and lists the shard files (a missing one is an error here,
+  not zeros later), whatever the corpus size; every read checks the crc32c of each chunk it
+  touches and refuses a missing chunk; `verify()` recomputes the stored token checksum.
+  Nothing is cached, so host memory holds only what a read returns.
   """
 
   def __init__(self, path: str):
@@ -187,6 +222,8 @@ class TokenStore:
       raise StoreError(f"token store {path}: arrays hold {self._tokens.shape[0]} tokens and "
                        f"{self._documents.shape[0] - 1} documents, {META} says {meta['tokens']} "
                        f"and {meta['documents']}; the store is damaged, prepare it again")
+    check_shards(self.path, self._tokens, TOKENS)
+    check_shards(self.path, self._documents, DOCUMENTS)
 
   @property
   def num_tokens(self) -> int:
@@ -234,6 +271,40 @@ class TokenStore:
     if not parts:
       return np.zeros((0, length), np.int32)
     return np.stack(parts).astype(np.int32)
+
+  def verify(self, progress=None) -> None:
+    """Reads the whole store and recomputes its token checksum (store.json's token_sha256, a
+    chain of one sha256 per `prepare` commit); raises StoreError naming what differs.
+    progress(done_tokens) is called after each commit's tokens. Stores written before commits
+    were recorded are read in full (every chunk's crc32c) but their checksum is not recomputed.
+    """
+    offsets = self.document_offsets(0, self.num_documents + 1)
+    if offsets[0] != 0 or offsets[-1] != self.num_tokens or np.any(np.diff(offsets) <= 0):
+      raise StoreError(f"token store {self.path}: documents/ does not cut tokens/ into "
+                       "documents (offsets not increasing from 0 to the token count); the store "
+                       "is damaged: prepare it again (--restart)")
+    commits = self.meta.get("commits")
+    bounds = [0] + [int(offsets[d]) for d in commits] if commits else None
+    if bounds is None:
+      bounds = list(range(0, self.num_tokens, 1 << 24)) + [self.num_tokens]
+    chain, max_id = "0" * 64, 0
+    dtype = np.dtype(self.meta["dtype"])
+    for a, b in zip(bounds[:-1], bounds[1:]):
+      digest = hashlib.sha256()
+      for c in range(a, b, 1 << 24):  # at most 16M tokens in memory
+        part = self.tokens(c, min(b, c + (1 << 24)))
+        max_id = max(max_id, int(part.max()))
+        digest.update(part.astype(dtype).tobytes())
+      chain = hashlib.sha256(bytes.fromhex(chain) + digest.digest()).hexdigest()
+      if progress is not None:
+        progress(b)
+    if commits and chain != self.meta.get("token_sha256"):
+      raise StoreError(f"token store {self.path}: the tokens' checksum is {chain[:16]}..., "
+                       f"{META} says {str(self.meta.get('token_sha256'))[:16]}...: the tokens "
+                       "were altered; the store is damaged: prepare it again (--restart)")
+    if max_id != self.meta.get("max_id", max_id):
+      raise StoreError(f"token store {self.path}: largest token id {max_id}, {META} says "
+                       f"{self.meta.get('max_id')}; the store is damaged: prepare it again")
 
   def check_tokenizer(self, tokenizer, used_by: str, tokenizer_arg: str) -> None:
     """Raises unless the store was made with a tokenizer that encodes like `tokenizer` (the

@@ -191,7 +191,7 @@ def plot_perplexity(runs: list[dict], path: str, title: str) -> None:
     ax.set_yscale("log")
   ax.set_xlabel("evaluation window (tokens)")
   ax.set_ylabel("perplexity")
-  ax.set_title(title, fontsize=9)
+  ax.set_title(wrap(title, 6, 9), fontsize=9)
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
@@ -203,8 +203,9 @@ def plot_passkey(runs: list[dict], path: str, title: str) -> None:
   """One heatmap per scaling: rows = prompt length, columns = depth index (k grid)."""
   import numpy as np
   plt = _pyplot()
-  fig, axes = plt.subplots(1, len(runs), figsize=(3.5 * len(runs) + 1, 3.4), squeeze=False)
-  fig.subplots_adjust(bottom=0.2, top=0.82, wspace=0.3)
+  # constrained: the (wrapped) titles, suptitle and colorbar get their room, none overlaps
+  fig, axes = plt.subplots(1, len(runs), figsize=(3.5 * len(runs) + 1, 3.4), squeeze=False,
+                           layout="constrained")
   for ax, run in zip(axes[0], runs):
     lengths = list(run["lengths"])
     depths = max(len(s["k"]) for s in run["lengths"].values())
@@ -219,14 +220,22 @@ def plot_passkey(runs: list[dict], path: str, title: str) -> None:
     ax.set_xlabel("k / L (key distance from the end)")
     if ax is axes[0][0]:
       ax.set_ylabel("prompt length L (tokens)")
-    ax.set_title(run["rope_scaling"], fontsize=9)
+    ax.set_title(wrap(run["rope_scaling"], 3.0, 9), fontsize=9)
   fig.colorbar(im, ax=axes[0].tolist(), label="accuracy")
-  fig.suptitle(title, fontsize=9)
+  fig.suptitle(wrap(title, 3.5 * len(runs) + 1, 9), fontsize=9)
   _save_figure(fig, path)
   plt.close(fig)
+
+
+def wrap(text: str, width_inches: float, fontsize: float) -> str:
+  """`text` broken into lines that fit `width_inches` at `fontsize` points (a character is
+  about 0.6 em wide): long titles (two checkpoints' paths) are wrapped, never clipped."""
+  import textwrap
+  return textwrap.fill(str(text), max(10, int(width_inches * 72 / (0.6 * fontsize))))
 
 
 def _save_figure(fig, path: str) -> None:
   fmt = os.path.splitext(path)[1].lstrip(".").lower() or "png"
   with files.atomic_file(path, "wb") as f:
-    fig.savefig(f, dpi=120, format=fmt)
+    # tight: the saved area grows to every title and label, none is cut at the figure's edge
+    fig.savefig(f, dpi=120, format=fmt, bbox_inches="tight", pad_inches=0.1)

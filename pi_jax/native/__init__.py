@@ -7,13 +7,16 @@ wheel): `causal_attention` (flash attention over the lower triangle), `matmul`, 
 `logsumexp_pick` (the two terms of the next-token NLL from a chunk's logits).
 
 The library is compiled once per source, jax version and CPU (g++ -O3 -march=native, ~3 s) into
-$PI_JAX_NATIVE_CACHE (default ~/.cache/pi_jax/native) and loaded with ctypes. `available()`
+$PI_JAX_NATIVE_CACHE (default ~/.cache/pi_jax/native), its size and sha256 recorded beside it,
+and loaded with ctypes only when it matches that record (a damaged cache rebuilds itself).
+PI_JAX_NATIVE=0/false/no/off turns the kernels off. `available()`
 says whether that worked; where it did not (no g++, no scipy-openblas32), `unavailable_reason()`
 says why and pi_jax falls back to its XLA implementations.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -21,7 +24,7 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -37,14 +40,34 @@ TARGETS = {"pi_causal_attention": "PiCausalAttention", "pi_matmul": "PiMatmul",
            "pi_logsumexp_pick": "PiLogSumExpPick"}
 
 
+# A build killed before its rename leaves its temporary; one this old is nobody's any more.
+STALE_SECONDS = 600
+_OFF, _ON = ("0", "false", "no", "off"), ("1", "true", "yes", "on", "")
+
+
 def cache_dir() -> str:
   return os.environ.get("PI_JAX_NATIVE_CACHE",
                         os.path.join(os.path.expanduser("~"), ".cache", "pi_jax", "native"))
 
 
+def enabled() -> tuple[bool, str | None]:
+  """PI_JAX_NATIVE, parsed once here: (on?, why off). Unset, 1/true/yes/on: on; 0/false/no/off:
+  off; anything else is off too, with the reason naming the value."""
+  value = os.environ.get("PI_JAX_NATIVE", "1").strip().lower()
+  if value in _ON:
+    return True, None
+  if value in _OFF:
+    return False, f"disabled by PI_JAX_NATIVE={os.environ['PI_JAX_NATIVE']}"
+  return False, (f"PI_JAX_NATIVE={os.environ['PI_JAX_NATIVE']!r} is not a boolean (1/true/yes/on "
+                 "or 0/false/no/off); the kernels stay off")
+
+
 def threads() -> int:
   """Worker threads per kernel call: the cores this process may run on."""
-  return max(1, len(os.sched_getaffinity(0)))
+  try:
+    return max(1, len(os.sched_getaffinity(0)))
+  except AttributeError:  # not Linux
+    return max(1, os.cpu_count() or 1)
 
 
 def _cpu_signature() -> str:
@@ -57,8 +80,45 @@ def _cpu_signature() -> str:
   return "".join(lines)
 
 
+def _digest(path: str) -> str:
+  with open(path, "rb") as f:
+    return f"{os.fstat(f.fileno()).st_size} {hashlib.sha256(f.read()).hexdigest()}"
+
+
+def verified(path: str) -> bool:
+  """Whether `path` is the library its build recorded in `path.sha256` (size and sha256).
+
+  Never dlopen an unverified file: a truncated library kills the process with SIGBUS when a
+  page past its end is touched, an empty one fails to load, a foreign one lacks the symbols."""
+  try:
+    with open(path + ".sha256") as f:
+      recorded = f.read().strip()
+    return bool(recorded) and _digest(path) == recorded
+  except OSError:
+    return False
+
+
+def _clean_stale(folder: str) -> None:
+  """Removes temporaries of builds that died: `.NAME.tmp-PID-HEX` whose PID is gone, and any
+  build temporary older than STALE_SECONDS (also the unnamed `tmp*.so` of earlier versions)."""
+  from pi_jax import files
+  now = time.time()
+  for name in os.listdir(folder):
+    full = os.path.join(folder, name)
+    ours = name.startswith(".pi_jax_cpu_kernels_") and ".tmp-" in name
+    if not ours and not (name.startswith("tmp") and name.endswith(".so")):
+      continue
+    with contextlib.suppress(OSError):
+      if (ours and files.writer_is_dead(full)) or now - os.path.getmtime(full) > STALE_SECONDS:
+        os.remove(full)
+
+
 def _build() -> str:
-  """Compiles cpu_kernels.cc (once per key) and returns the library's path."""
+  """Compiles cpu_kernels.cc (once per key) and returns the library's path, verified.
+
+  The library is compiled to a temporary name, its size and sha256 written atomically to
+  `NAME.sha256`, and then renamed into place: a library whose record is missing or differs
+  (a killed build, a truncated or foreign file) is built again, never loaded."""
   try:
     import scipy_openblas32 as openblas
   except ImportError as e:
@@ -72,13 +132,18 @@ def _build() -> str:
   key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), jax.__version__.encode(),
                                    openblas.__version__.encode(), compiler.encode(),
                                    _cpu_signature().encode()])).hexdigest()[:16]
-  os.makedirs(cache_dir(), exist_ok=True)
-  path = os.path.join(cache_dir(), f"pi_jax_cpu_kernels_{key}.so")
-  if os.path.isfile(path):
+  folder = cache_dir()
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError as e:
+    raise RuntimeError(f"cannot create the kernel cache {folder}: {e.strerror}") from None
+  path = os.path.join(folder, f"pi_jax_cpu_kernels_{key}.so")
+  if verified(path):
     return path
+  _clean_stale(folder)
+  from pi_jax import files
   lib_dir = openblas.get_lib_dir()
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
-  os.close(fd)
+  tmp = files.temporary_name(path)
   cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{openblas.get_include_dir()}",
          SOURCE, "-o", tmp, f"-L{lib_dir}", f"-l{openblas.get_library()}",
          f"-Wl,-rpath,{lib_dir}", "-lpthread"]
@@ -86,25 +151,39 @@ def _build() -> str:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
       raise RuntimeError(f"compiling {SOURCE} failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
-    os.replace(tmp, path)  # atomic: a concurrent build of the same key writes the same bytes
+    digest = _digest(tmp)
+    files.write_text(path + ".sha256", digest + "\n")
+    os.replace(tmp, path)  # atomic; a concurrent build of the same key may win: checked below
+  except OSError as e:
+    raise RuntimeError(f"cannot write the kernel library into {folder}: {e.strerror}") from None
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+  if not verified(path):  # two builds raced and their bytes differ: the next call builds again
+    raise RuntimeError(f"{path} changed while it was being installed (a concurrent build); "
+                       "the next run builds it again")
   return path
 
 
 @functools.cache
 def _load() -> tuple[bool, str]:
   """(True, path) once the kernels are registered with XLA, else (False, why not)."""
-  if os.environ.get("PI_JAX_NATIVE", "1") == "0":
-    return False, "disabled by PI_JAX_NATIVE=0"
+  on, why = enabled()
+  if not on:
+    return False, why
   try:
     path = _build()
     lib = ctypes.cdll.LoadLibrary(path)
+    symbols = {target: getattr(lib, symbol) for target, symbol in TARGETS.items()}
   except (RuntimeError, OSError) as e:
     return False, str(e)
-  for target, symbol in TARGETS.items():
-    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+  except AttributeError as e:  # verified, yet not our library (its record was replaced too)
+    for stale in (path, path + ".sha256"):
+      with contextlib.suppress(OSError):
+        os.remove(stale)
+    return False, f"{path} is not pi_jax's kernel library ({e}); removed: the next run rebuilds it"
+  for target, fn in symbols.items():
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(fn), platform="cpu")
   return True, path
 
 

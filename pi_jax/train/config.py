@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 import typing
 from typing import Any
@@ -104,8 +105,24 @@ class TrainConfig:
       raise ValueError(f"grad_accum {self.grad_accum} must divide global_batch {self.global_batch}")
     if not 0.0 <= self.warmup_start_fraction <= 1.0:
       raise ValueError(f"warmup_start_fraction must be in [0, 1], got {self.warmup_start_fraction}")
+    for name in ("learning_rate", "weight_decay", "b1", "b2", "eps", "grad_clip",
+                 "warmup_start_fraction", "final_lr_fraction", "passkey_fraction", "peak_tflops"):
+      value = getattr(self, name)
+      if value is None and name in ("grad_clip", "peak_tflops"):
+        continue
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     if self.learning_rate < 0:
       raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}")
+    if self.weight_decay < 0:
+      raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+    for name in ("b1", "b2"):  # Adam's moment decays: 1 would never forget, > 1 diverges
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+    for name in ("eps", "grad_clip", "peak_tflops"):
+      if getattr(self, name) is not None and getattr(self, name) <= 0:
+        raise ValueError(f"{name} must be > 0, got {getattr(self, name)}"
+                         + (" (null: no clipping)" if name == "grad_clip" else ""))
     if self.lr_decay not in ("constant", "cosine", "linear"):
       raise ValueError(f"lr_decay must be constant, cosine or linear, got {self.lr_decay!r}")
     if not 0.0 <= self.final_lr_fraction <= 1.0:

@@ -119,3 +119,19 @@ def abstract_model_config(config: TrainConfig) -> tuple[ModelConfig, str]:
     raise ValueError(f"init_checkpoint {config.init_checkpoint!r} is not a pi_jax checkpoint and "
                      "the run config names no model: set model=PRESET for a compile-only run")
   return final_model_config(config, model), source
+
+
+def validate_config(config: TrainConfig, need_checkpoint: bool = True) -> ModelConfig | None:
+  """The run's final model config, or the error the run would stop with (unknown RoPE kind,
+  window too short, missing init_checkpoint); reads no parameter and creates nothing. Without
+  need_checkpoint (--print-config before a download), a missing init_checkpoint is checked
+  against the run config's model, or not at all when it names none (then None)."""
+  from pi_jax.config import RopeScaling
+  if config.init_checkpoint and not ckpt_lib.is_checkpoint(config.init_checkpoint):
+    if need_checkpoint:
+      state_lib.load_init_config(config.init_checkpoint)  # FileNotFoundError naming it
+    RopeScaling.parse(config.rope_scaling)
+    if config.model is None:
+      return None
+    return final_model_config(config, _model_from_config(config))
+  return final_model_config(config, load_model(config, None, fresh=False)[0])

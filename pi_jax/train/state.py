@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
 import sys
 import types
@@ -102,7 +103,28 @@ class RunCheckpoints:
         create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data"))
-    self._closed = False
+    self._closed = self._failed = False
+    # orbax logs a failed background write (a full disk) as several tracebacks before it
+    # raises; the raise becomes one CheckpointWriteError line here, so its logs are dropped.
+    self._filter = ckpt_lib.DropOrbaxErrors()
+    logging.getLogger("absl").addFilter(self._filter)
+    self._previous_hook = sys.unraisablehook
+    sys.unraisablehook = ckpt_lib.drop_event_loop_closed(self._previous_hook)
+
+  def _write_error(self, e: Exception, step) -> CheckpointWriteError:
+    self._failed = True
+    ckpt_lib.silence_failed_write_noise()
+    text = str(e)
+    if "No space left" in text or "os_error_code='28'" in text or getattr(e, "errno", 0) == 28:
+      reason = "no space left on device"
+    else:
+      reason = (text.splitlines()[0][:300] if text else type(e).__name__)
+    done = [s for s in self.all_steps() if step is None or s < step]
+    last = f"step {done[-1]}" if done else "none"
+    return CheckpointWriteError(
+        f"cannot write checkpoint {step if step is not None else ''} in {self.directory}: "
+        f"{reason}. The last complete checkpoint: {last}. Free space (or fix the folder) and "
+        "rerun the same command to resume from it")
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -116,8 +138,11 @@ class RunCheckpoints:
   def save(self, step: int, state: dict, data_meta: dict) -> None:
     meta = dict(data_meta, checksums=ckpt_lib.checksums(state),
                 checksum_format=ckpt_lib.CHECKSUM_FORMAT)
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(meta)), force=True)
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(meta)), force=True)
+    except Exception as e:  # this save, or the previous (async) one it waits for
+      raise self._write_error(e, self.latest_step_in_flight() or step) from None
 
   def restore(self, step: int, target: dict) -> tuple[dict, dict]:
     """(state, data meta) of checkpoint `step`, checksums verified when it has them."""
@@ -139,6 +164,12 @@ class RunCheckpoints:
         with _quiet_abandoned_reads():
           state, meta = self.restore(step, target)
       except Exception as e:  # orbax/tensorstore raise many types for a damaged file
+        mismatch = self.state_mismatch(step, target)
+        if mismatch:  # a good checkpoint of another run setting: not damaged, not to be moved
+          raise ValueError(
+              f"checkpoint {self.path(step)} holds a train state of another shape than this "
+              f"run's ({mismatch}): the run config changed since it was written. Nothing was "
+              "moved: use a new workdir, or restore the old settings to resume") from None
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
         moved = self._move_aside(step)
         log(f"skipping checkpoint {step} ({self.path(step)}): it does not load or verify: "
@@ -154,6 +185,43 @@ class RunCheckpoints:
                        "over, or use a new workdir")
     return None, None, None
 
+  def newest_meta(self) -> tuple[int | None, dict | None]:
+    """(newest step, its `data` item) without reading the arrays; (step, None) when that item
+    does not read (a damaged checkpoint: restore_newest_good deals with it)."""
+    step = self.latest_step()
+    if step is None:
+      return None, None
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
+      return step, out["data"]
+    except Exception:  # orbax raises many types for a damaged item
+      return step, None
+
+  def state_mismatch(self, step: int, target: dict) -> str | None:
+    """How checkpoint `step`'s arrays differ from `target`'s (shapes, dtypes), or None when
+    they match or its metadata does not read (then it is damaged, not of another run)."""
+    import logging
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # orbax warns about an optional metadata file
+    try:
+      with ocp.StandardCheckpointer() as ckptr:
+        metadata = ckptr.metadata(os.path.join(self.path(step), "state"))
+      tree = getattr(metadata, "item_metadata", metadata)
+      saved = sorted((tuple(m.shape), str(m.dtype)) for m in jax.tree.leaves(tree))
+    except Exception:
+      return None
+    finally:
+      absl_logger.setLevel(level)
+    want = sorted((tuple(a.shape), str(a.dtype)) for a in jax.tree.leaves(target))
+    if saved == want:
+      return None
+    only_saved = [a for a in saved if a not in want]
+    only_want = [a for a in want if a not in saved]
+    show = lambda a: f"{list(a[0])} {a[1]}" if a else "nothing"
+    return (f"{len(saved)} arrays, e.g. {show(only_saved[0] if only_saved else None)}, where "
+            f"this run has {len(want)}, e.g. {show(only_want[0] if only_want else None)}")
+
   def _move_aside(self, step: int) -> str:
     import time
     os.makedirs(self.damaged_directory, exist_ok=True)
@@ -167,7 +235,16 @@ class RunCheckpoints:
     return dest
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      raise self._write_error(e, self.latest_step_in_flight()) from None
+
+  def latest_step_in_flight(self) -> int | None:
+    names = [n.split(".")[0] for n in os.listdir(self.directory) if "tmp" in n] if os.path.isdir(
+        self.directory) else []
+    steps = [int(n) for n in names if n.isdigit()]
+    return max(steps) if steps else None
 
   def close(self) -> None:
     """Waits for pending saves and stops orbax's threads; safe to call more than once."""
@@ -175,9 +252,18 @@ class RunCheckpoints:
       return
     self._closed = True
     try:
-      self.manager.wait_until_finished()
+      if not self._failed:
+        self.wait()
     finally:
-      self.manager.close()
+      with contextlib.suppress(Exception):
+        self.manager.close()  # its pending write already failed and was reported
+      logging.getLogger("absl").removeFilter(self._filter)
+      if not self._failed:
+        sys.unraisablehook = self._previous_hook
+
+
+class CheckpointWriteError(RuntimeError):
+  """A training checkpoint could not be written (a full disk, a folder gone read-only)."""
 
 
 def save_final(path: str, config: ModelConfig, params, tokenizer_files: dict[str, str]) -> str:

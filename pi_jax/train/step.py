@@ -61,7 +61,9 @@ def make_train_step(config: TrainConfig, model: ModelConfig, optimizer, sharding
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     new = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
            "opt_state": opt_state}
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A finite loss and gradient can still make a non-finite update (a huge learning rate):
+    # such a state is never kept, so never saved as "the last checkpoint".
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
     # Keep the old state on a bad step: the state is donated, so this is the only copy left.
     new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
     out = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state["step"]),

@@ -24,6 +24,7 @@ from pi_jax import dispatch, files, memory
 from pi_jax import sharding as sharding_lib
 from pi_jax.train import metrics as metrics_lib
 from pi_jax.train import pipeline, setup
+from pi_jax.train import resume as resume_lib
 from pi_jax.train import state as state_lib
 from pi_jax.train import step as step_lib
 from pi_jax.train.config import TrainConfig
@@ -57,6 +58,8 @@ class Trainer:
     self._lock = self.checkpoints = self.writer = None
     if config.init_checkpoint:  # the run writes WORKDIR/final: never over its own input
       files.check_separate(config.workdir, [config.init_checkpoint], "workdir")
+    setup.validate_config(config)  # a config error leaves no WORKDIR behind
+    resume_lib.check_workdir(config.workdir)
     os.makedirs(config.workdir, exist_ok=True)
     if self.is_main:
       self._lock = WorkdirLock(config.workdir)
@@ -77,6 +80,10 @@ class Trainer:
     model, _ = setup.load_model(config, self.mesh, fresh=False)
     self.model = setup.final_model_config(config, model)
     self.param_dtype = setup.param_dtype(config)
+    if has_checkpoints:  # refuse a mismatch before a checkpoint is read, moved or overwritten
+      resume_lib.check_resume(config.workdir, _jsonable(config.to_dict()), self.model.to_dict(),
+                              *self.checkpoints.newest_meta(), param_dtype=self.param_dtype,
+                              log=self._log)
     with jax.set_mesh(self.mesh):
       self.kernels = dispatch.choose(config.run)  # what the traced steps will use
     specs = step_lib.step_specs(config, self.model, self.mesh, self.param_dtype)
@@ -171,6 +178,7 @@ class Trainer:
     return {"step": step, "seed": self.config.seed, "global_batch": self.config.global_batch,
             "data": self.config.data,
             "data_fingerprint": self.data.fingerprint(), "model": self.model.to_dict(),
+            "param_dtype": self.param_dtype,
             "data_store": self.data.store_meta() if hasattr(self.data, "store_meta") else None}
 
   def save(self) -> None:
@@ -232,10 +240,12 @@ class Trainer:
         seconds = time.perf_counter() - t0
         if not bool(out["ok"]):
           raise NonFiniteError(
-              f"non-finite {'loss' if not np.isfinite(out['loss']) else 'gradient'} at step "
+              f"non-finite {_what_failed(out)} at step "
               f"{step} (loss {float(out['loss'])}, grad_norm {float(out['grad_norm'])}); the step "
-              f"was not applied and nothing was saved after it; the last checkpoint is step "
-              f"{self.checkpoints.latest_step()} in {c.workdir}/checkpoints")
+              f"was not applied and nothing was saved after it; "
+              + (f"the last checkpoint is step {self.checkpoints.latest_step()} in "
+                 f"{c.workdir}/checkpoints" if self.checkpoints.latest_step() is not None
+                 else "no checkpoint was saved before it"))
         self.step = step + 1
         tokens_per_second = float(out["tokens"]) / seconds
         mfu = None
@@ -266,6 +276,12 @@ class Trainer:
     return {"status": status, "step": self.step, "workdir": c.workdir,
             "resumed_from": self.resumed_from, "signal": self._stop_requested,
             "final": os.path.join(c.workdir, "final") if status == "finished" else None}
+
+
+def _what_failed(out) -> str:
+  if not np.isfinite(out["loss"]):
+    return "loss"
+  return "gradient" if not np.isfinite(out["grad_norm"]) else "parameter update"
 
 
 def train(config: TrainConfig, callbacks: list[Callable[[StepInfo], None]] = ()) -> dict:
