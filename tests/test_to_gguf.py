@@ -1,0 +1,258 @@
+"""GGUF export (convert.to_gguf): round trips, RoPE keys, tokenizer, bad input.
+
+Fast tests use tiny models with a tiny byte-level BPE tokenizer; the llama.cpp oracle tests
+(tests/test_to_gguf_llama_cpp.py, slow) load real exports in llama.cpp itself.
+"""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import hf_logits, make_hf_model, rel_err
+from convert.assemble import ConversionError
+from convert.to_gguf import export, rope_metadata
+from convert.to_pi_jax import convert
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Matrix input dims multiples of 32 (Q8_0 blocks); vocab = the tiny tokenizer's size.
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+TEXT = ("Position interpolation extends the context window of rotary models. 12345 + 678 = 13023. "
+        "The quick brown fox jumps over the lazy dog; <|im_start|> tokens are special.\n") * 20
+# Not kept by GGUF -> pi_jax -> GGUF: the name is no part of a pi_jax checkpoint; the import
+# rebuilds the tokenizer through transformers, whose GGUF converter drops the Digits step of the
+# SmolLM pre-tokenizer (the re-export then names what the checkpoint holds: plain GPT-2).
+UNKEPT = {"general.name", "tokenizer.ggml.pre"}
+
+
+def write_tiny_tokenizer(folder, vocab=300):
+  """A byte-level BPE tokenizer.json (SmolLM-style digits split) with two special tokens."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                               pre_tokenizers.ByteLevel(add_prefix_space=False)])
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>", "<|im_start|>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator([TEXT], trainer)
+  os.makedirs(folder, exist_ok=True)
+  tok.save(os.path.join(folder, "tokenizer.json"))
+  with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+    json.dump({"bos_token": "<|im_start|>", "eos_token": "<|endoftext|>",
+               "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}, f)
+  return tok.get_vocab_size()
+
+
+def tiny_checkpoint(tmp_path, name="ck", rope_parameters=None, **overrides):
+  """(pi_jax checkpoint path, torch model) of a tiny LLaMA with the tiny tokenizer."""
+  hf = tmp_path / f"hf-{name}"
+  vocab = write_tiny_tokenizer(str(hf))
+  model = make_hf_model(hf, rope_parameters=rope_parameters,
+                        **{**TINY, "vocab_size": vocab, "bos_token_id": 1, "eos_token_id": 0,
+                           **overrides})
+  write_tiny_tokenizer(str(hf))  # save_pretrained may have rewritten the folder
+  ckpt = str(tmp_path / name)
+  convert(str(hf), ckpt)
+  return ckpt, model
+
+
+def read_gguf(path):
+  """({key: value}, {tensor name: (type name, raw bytes)}) of a GGUF file."""
+  from gguf import GGUFReader
+  r = GGUFReader(path)
+  fields = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+  tensors = {t.name: (t.tensor_type.name, bytes(np.ascontiguousarray(t.data).tobytes()),
+                      tuple(int(x) for x in t.shape)) for t in r.tensors}
+  return fields, tensors
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("gguf")
+  ckpt, model = tiny_checkpoint(tmp, rope_parameters={"rope_type": "linear", "factor": 4.0})
+  return tmp, ckpt, model
+
+
+def test_round_trip_gguf_pi_jax_gguf_is_bitwise(tiny):
+  tmp, ckpt, _ = tiny
+  a = export(ckpt, str(tmp / "a.gguf"))
+  ckpt2 = str(tmp / "from-gguf")
+  convert(a, ckpt2)
+  b = export(ckpt2, str(tmp / "b.gguf"))
+  fa, ta = read_gguf(a)
+  fb, tb = read_gguf(b)
+  assert ta.keys() == tb.keys() and len(ta) == 3 + 9 * TINY["num_hidden_layers"]
+  for name in ta:
+    assert ta[name] == tb[name], name
+  assert {k: v for k, v in fa.items() if k not in UNKEPT} == \
+      {k: v for k, v in fb.items() if k not in UNKEPT}
+  assert (fa["tokenizer.ggml.pre"], fb["tokenizer.ggml.pre"]) == ("smollm", "gpt-2")
+
+
+def test_export_metadata_and_tensors_match_the_hf_model(tiny):
+  """Independent of the import: every tensor against transformers' own weights."""
+  import gguf
+  from convert.gguf_source import permute_for_gguf
+  tmp, ckpt, model = tiny
+  path = export(ckpt, str(tmp / "meta.gguf"), force=True)
+  fields, tensors = read_gguf(path)
+  cfg = model.config
+  assert fields["general.architecture"] == "llama"
+  assert fields["llama.context_length"] == 64  # the window (HF: max_position_embeddings)
+  assert fields["llama.rope.scaling.type"] == "linear"
+  assert fields["llama.rope.scaling.factor"] == 4.0
+  assert fields["llama.rope.scaling.original_context_length"] == 64 // 4
+  assert fields["llama.attention.head_count"] == 4 and fields["llama.attention.head_count_kv"] == 2
+  assert fields["llama.block_count"] == 2 and fields["llama.vocab_size"] == cfg.vocab_size
+  assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "smollm"
+  assert fields["tokenizer.ggml.bos_token_id"] == 1 and fields["tokenizer.ggml.eos_token_id"] == 0
+  assert "{{ m['content'] }}" in fields["tokenizer.chat_template"]
+  tok = json.load(open(os.path.join(ckpt, "tokenizer", "tokenizer.json")))
+  vocab = tok["model"]["vocab"]
+  assert fields["tokenizer.ggml.tokens"][vocab["Ġthe"]] == "Ġthe"
+  types = fields["tokenizer.ggml.token_type"]
+  assert types[0] == types[1] == gguf.TokenType.CONTROL and types[vocab["Ġthe"]] == 1
+  merges = [" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]]
+  assert fields["tokenizer.ggml.merges"] == merges
+  sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+  want = {"token_embd.weight": sd["model.embed_tokens.weight"],
+          "output.weight": sd["lm_head.weight"],
+          "blk.1.attn_q.weight": permute_for_gguf(sd["model.layers.1.self_attn.q_proj.weight"], 4),
+          "blk.0.attn_k.weight": permute_for_gguf(sd["model.layers.0.self_attn.k_proj.weight"], 2),
+          "blk.0.attn_v.weight": sd["model.layers.0.self_attn.v_proj.weight"],
+          "blk.1.ffn_down.weight": sd["model.layers.1.mlp.down_proj.weight"],
+          "blk.1.ffn_norm.weight": sd["model.layers.1.post_attention_layernorm.weight"]}
+  for name, w in want.items():
+    kind, raw, shape = tensors[name]
+    assert kind == "F32" and shape == tuple(reversed(w.shape)), name
+    assert raw == np.ascontiguousarray(w, np.float32).tobytes(), name
+
+
+@pytest.mark.parametrize("dtype,tol", [("f16", 2e-3), ("bf16", 1e-2), ("q8_0", 2e-2)])
+def test_reduced_precision_exports_reimport_within_error(tiny, dtype, tol):
+  """f16/bf16/q8_0 files load back (our import dequantizes them) with logits close to HF's."""
+  import pi_jax
+  tmp, ckpt, model = tiny
+  path = export(ckpt, str(tmp / f"{dtype}.gguf"), dtype=dtype, force=True)
+  _, tensors = read_gguf(path)
+  matrix_type = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}[dtype]
+  assert tensors["blk.0.ffn_gate.weight"][0] == matrix_type
+  assert tensors["blk.0.attn_norm.weight"][0] == "F32"
+  back = str(tmp / f"from-{dtype}")
+  convert(path, back, force=True)
+  config, params = pi_jax.load_checkpoint(back)
+  tokens = np.random.default_rng(0).integers(0, config.vocab_size, (1, 48))
+  got = pi_jax.forward(config, params, tokens)
+  err = rel_err(got, hf_logits(model, tokens))
+  assert err < tol, (dtype, err)
+
+
+def test_rope_keys_per_kind():
+  import transformers
+  from pi_jax.config import ModelConfig
+  base = ModelConfig(vocab_size=32, hidden_size=64, intermediate_size=96, num_layers=1,
+                     num_heads=4, num_kv_heads=2, max_position_embeddings=1024,
+                     rope_theta=500000.0)
+  keys, freqs, warns = rope_metadata(base.with_rope_scaling("yarn:4"))
+  assert keys["rope.scaling.type"] == "yarn" and keys["rope.scaling.factor"] == 4.0
+  assert keys["rope.scaling.original_context_length"] == 1024 and freqs is None and not warns
+  assert keys["rope.scaling.attn_factor"] == pytest.approx(1.0)  # llama.cpp adds 1+0.1·ln 4
+  assert (keys["rope.scaling.yarn_beta_fast"], keys["rope.scaling.yarn_beta_slow"]) == (32, 1)
+  explicit = base.with_rope_scaling({"kind": "yarn", "factor": 4, "attention_factor": 1.5,
+                                     "beta_fast": 16})
+  keys, _, warns = rope_metadata(explicit)
+  assert keys["rope.scaling.attn_factor"] * (1 + 0.1 * np.log(4)) == pytest.approx(1.5)
+  assert "--yarn-beta-fast 16" in warns[0]
+  keys, _, _ = rope_metadata(base.with_rope_scaling("ntk:4"))
+  assert keys["rope.freq_base"] == pytest.approx(500000.0 * 4 ** (16 / 14))
+  # llama3: rope_freqs = base / scaled frequency, scaled as transformers computes it.
+  l3 = base.with_rope_scaling({"kind": "llama3", "factor": 8, "low_freq_factor": 1,
+                               "high_freq_factor": 4})
+  keys, freqs, _ = rope_metadata(l3)
+  hf = transformers.LlamaConfig(**{**l3.to_hf()})
+  fn = transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS["llama3"]
+  inv, _ = fn(hf, "cpu")
+  want = 1.0 / 500000.0 ** (np.arange(0, 16, 2) / 16) / inv.numpy()
+  np.testing.assert_allclose(freqs, want, rtol=1e-5)
+  assert "rope.scaling.type" not in keys
+  for spec, word in (("dynamic:4", "dynamic NTK"),
+                     ({"kind": "longrope", "factor": 4, "original_max_position_embeddings": 1024,
+                       "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}, "LongRoPE")):
+    with pytest.raises(ConversionError, match=word):
+      rope_metadata(base.with_rope_scaling(spec))
+
+
+def test_bad_input(tiny, tmp_path):
+  _, ckpt, _ = tiny
+  out = tmp_path / "x.gguf"
+  out.write_bytes(b"old")
+  with pytest.raises(ConversionError, match="already exists; pass --force"):
+    export(ckpt, str(out))
+  with pytest.raises(ConversionError, match="lies inside the input"):
+    export(ckpt, os.path.join(ckpt, "model.gguf"))
+  with pytest.raises(ConversionError, match="lies inside the input"):
+    export(ckpt, os.path.join(ckpt, "config.json"), force=True)
+  with pytest.raises(ConversionError, match="is the input"):
+    export(ckpt, ckpt, force=True)
+  with pytest.raises(ConversionError, match="is a directory"):
+    export(ckpt, str(tmp_path), force=True)
+  with pytest.raises(ConversionError, match="--dtype 'q4'"):
+    export(ckpt, str(tmp_path / "y.gguf"), dtype="q4")
+  with pytest.raises(ConversionError, match="not a pi_jax checkpoint"):
+    export(str(tmp_path / "nothing"), str(tmp_path / "y.gguf"))
+  assert out.read_bytes() == b"old"
+
+
+def test_checkpoint_without_tokenizer_is_refused(tiny, tmp_path):
+  import shutil
+  _, ckpt, _ = tiny
+  bare = str(tmp_path / "bare")
+  shutil.copytree(ckpt, bare)
+  shutil.rmtree(os.path.join(bare, "tokenizer"))
+  with pytest.raises(ConversionError, match=r"no tokenizer .*tokenizer.json or tokenizer.model"):
+    export(bare, str(tmp_path / "t.gguf"))
+  assert not os.path.exists(tmp_path / "t.gguf")
+
+
+def test_failed_export_leaves_nothing(tiny, tmp_path, monkeypatch):
+  import convert.to_gguf as to_gguf
+  _, ckpt, _ = tiny
+  out = tmp_path / "f.gguf"
+  calls = []
+
+  def failing(w, qtype):
+    calls.append(1)
+    if len(calls) == 5:
+      raise OSError("disk full")
+    return real(w, qtype)
+
+  real = to_gguf._encode
+  monkeypatch.setattr(to_gguf, "_encode", failing)
+  with pytest.raises(OSError, match="disk full"):
+    export(ckpt, str(out))
+  assert os.listdir(tmp_path) == []
+  out.write_bytes(b"old")
+  calls.clear()
+  with pytest.raises(OSError, match="disk full"):
+    export(ckpt, str(out), force=True)
+  assert out.read_bytes() == b"old" and glob.glob(str(tmp_path / ".*")) == []
+
+
+def test_cli(tiny, tmp_path):
+  _, ckpt, _ = tiny
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  run = lambda *a: subprocess.run([sys.executable, "-m", "convert.to_gguf", *a], cwd=ROOT,
+                                  capture_output=True, text=True, env=env)
+  r = run("--help")
+  assert r.returncode == 0 and "--dtype" in r.stdout and "--force" in r.stdout
+  r = run(ckpt, str(tmp_path / "c.gguf"), "--dtype", "q8_0")
+  assert r.returncode == 0, r.stderr
+  assert "wrote" in r.stdout and os.path.getsize(tmp_path / "c.gguf") > 0
+  r = run(ckpt, str(tmp_path / "c.gguf"))
+  assert r.returncode == 1 and "Traceback" not in r.stderr
+  assert r.stderr.strip().splitlines()[-1].startswith("error:") and "--force" in r.stderr
