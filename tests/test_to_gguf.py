@@ -258,6 +258,28 @@ def test_cli(tiny, tmp_path):
   assert r.stderr.strip().splitlines()[-1].startswith("error:") and "--force" in r.stderr
 
 
+@pytest.mark.slow
+def test_smollm2_round_trip_keeps_tensors_and_the_source_metadata(tmp_path):
+  """SmolLM2 (imported from its Q4_1 GGUF): export f32 -> import -> export is bitwise, and the
+  export carries every key of the original file that pi_jax understands."""
+  from convert import fetch
+  a = export(fetch.smollm2_checkpoint(), str(tmp_path / "a.gguf"))
+  convert(a, str(tmp_path / "ck"))
+  b = export(str(tmp_path / "ck"), str(tmp_path / "b.gguf"))
+  fa, ta = read_gguf(a)
+  fb, tb = read_gguf(b)
+  assert ta == tb and len(ta) == 2 + 9 * 30
+  assert {k: v for k, v in fa.items() if k != "general.name"} == \
+      {k: v for k, v in fb.items() if k != "general.name"}
+  source, _ = read_gguf(fetch.smollm2_gguf())
+  # Not understood (provenance, the Q4_1 file type) or lost by the import (see UNKEPT).
+  skip = {"general.type", "general.name", "general.organization", "general.finetune",
+          "general.basename", "general.size_label", "general.license", "general.languages",
+          "general.file_type", "general.quantization_version", "tokenizer.ggml.pre"}
+  assert {k: v for k, v in source.items() if k not in skip} == \
+      {k: v for k, v in fa.items() if k not in skip}
+
+
 # --- llama.cpp as the oracle (slow) -------------------------------------------------------------
 
 LLAMA_CPP_VERSION = "0.3.36"
