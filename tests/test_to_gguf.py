@@ -78,8 +78,15 @@ def tiny(tmp_path_factory):
   return tmp, ckpt, model
 
 
-def test_round_trip_gguf_pi_jax_gguf_is_bitwise(tiny):
+@pytest.mark.parametrize("rope", ["linear", "yarn"])
+def test_round_trip_gguf_pi_jax_gguf_is_bitwise(tiny, rope):
   tmp, ckpt, _ = tiny
+  if rope == "yarn":
+    tmp = tmp / "yarn"
+    tmp.mkdir()
+    ckpt, _ = tiny_checkpoint(tmp, rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+        "attention_factor": 1.25, "beta_fast": 16.0, "beta_slow": 2.0})
   a = export(ckpt, str(tmp / "a.gguf"))
   ckpt2 = str(tmp / "from-gguf")
   convert(a, ckpt2)
@@ -92,6 +99,9 @@ def test_round_trip_gguf_pi_jax_gguf_is_bitwise(tiny):
   assert {k: v for k, v in fa.items() if k not in UNKEPT} == \
       {k: v for k, v in fb.items() if k not in UNKEPT}
   assert (fa["tokenizer.ggml.pre"], fb["tokenizer.ggml.pre"]) == ("smollm", "gpt-2")
+  if rope == "yarn":
+    assert fa["llama.rope.scaling.yarn_beta_fast"] == 16.0
+    assert fa["llama.rope.scaling.attn_factor"] == pytest.approx(1.25 / (1 + 0.1 * np.log(4)))
 
 
 def test_export_metadata_and_tensors_match_the_hf_model(tiny):
