@@ -253,6 +253,31 @@ def test_failed_export_leaves_nothing(tiny, tmp_path, monkeypatch):
   assert out.read_bytes() == b"old" and glob.glob(str(tmp_path / ".*")) == []
 
 
+def test_numpy_checksum_equals_the_checkpoint_checksum():
+  """The export verifies arrays with a blockwise numpy sum32x2; the oracle is pi_jax's own."""
+  import jax.numpy as jnp
+  import ml_dtypes
+  from convert.to_gguf import numpy_checksum
+  from pi_jax import checkpoint
+  rng = np.random.default_rng(0)
+  for dtype in (np.float32, ml_dtypes.bfloat16, np.float16, np.int32, np.bool_):
+    x = (rng.standard_normal((3, 70, 33)) * 100).astype(dtype)
+    want = checkpoint.checksums({"x": jnp.asarray(x)})["['x']"]
+    assert numpy_checksum(x) == numpy_checksum(x, rows=1000) == want, dtype
+
+
+def test_damaged_checkpoint_is_refused(tiny, tmp_path):
+  import shutil
+  _, ckpt, _ = tiny
+  bad = str(tmp_path / "bad")
+  shutil.copytree(ckpt, bad)
+  sums = json.load(open(os.path.join(bad, "checksums.json")))
+  sums["arrays"]["['layers']['wq']"] = "0" * 16
+  json.dump(sums, open(os.path.join(bad, "checksums.json"), "w"))
+  with pytest.raises(ConversionError, match=r"\['layers'\]\['wq'\] does not match the checksum"):
+    export(bad, str(tmp_path / "d.gguf"))
+  assert not os.path.exists(tmp_path / "d.gguf")
+
 def test_cli(tiny, tmp_path):
   _, ckpt, _ = tiny
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
