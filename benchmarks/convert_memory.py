@@ -46,7 +46,10 @@ import jax, orbax.checkpoint, numpy, gguf, tqdm  # the baseline
 import convert.to_gguf
 from pi_jax import checkpoint, model
 def peak():
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+  # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forking parent.
+  for line in open("/proc/self/status"):
+    if line.startswith("VmHWM:"):
+      return int(line.split()[1]) * 1024
 base = peak()
 src, out, dtype = sys.argv[1:4]
 convert.to_gguf.export(src, out, dtype=dtype)

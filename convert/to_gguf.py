@@ -30,6 +30,7 @@ from pi_jax import files
 from pi_jax.config import ModelConfig
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
+QUANT_ROWS = 1024
 ARCH = "llama"
 # HF name -> GGUF name, from the import's map (one table, two directions).
 _HF_TO_GGUF = {hf: gg for gg, hf in GLOBAL_NAMES.items()}
@@ -248,7 +249,12 @@ def _encode(w: np.ndarray, qtype) -> np.ndarray:
     return np.ascontiguousarray(w, np.float32)
   if qtype == Q.F16:
     return np.ascontiguousarray(w, np.float16)
-  return quants.quantize(np.ascontiguousarray(w, np.float32), qtype)
+  # In row blocks: gguf's quantizers make several full-size temporaries (rows are independent).
+  out = np.empty(quants.quant_shape_to_byte_shape(w.shape, qtype), np.uint8)
+  for r in range(0, w.shape[0], QUANT_ROWS):
+    out[r:r + QUANT_ROWS] = quants.quantize(np.ascontiguousarray(w[r:r + QUANT_ROWS], np.float32),
+                                            qtype)
+  return out
 
 
 def _tensor_plan(config: ModelConfig, dtype: str, rope_freqs):

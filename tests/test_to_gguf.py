@@ -266,6 +266,14 @@ def test_numpy_checksum_equals_the_checkpoint_checksum():
     assert numpy_checksum(x) == numpy_checksum(x, rows=1000) == want, dtype
 
 
+def test_blockwise_quantization_equals_gguf_whole_tensor():
+  from gguf import GGMLQuantizationType as Q
+  from gguf import quants
+  from convert.to_gguf import QUANT_ROWS, _encode
+  w = np.random.default_rng(1).standard_normal((2 * QUANT_ROWS + 37, 64)).astype(np.float32)
+  for qtype in (Q.Q8_0, Q.BF16):
+    assert np.array_equal(_encode(w, qtype), quants.quantize(w, qtype)), qtype
+
 def test_damaged_checkpoint_is_refused(tiny, tmp_path):
   import shutil
   _, ckpt, _ = tiny
