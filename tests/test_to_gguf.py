@@ -466,7 +466,7 @@ def test_llama_cpp_runs_reduced_precision_exports_within_error(smollm2_linear4, 
 def test_llama_cpp_matches_pi_jax_for_yarn_llama3_ntk(tmp_path, spec):
   ckpt = scaled_smollm2(tmp_path, spec)
   tokens = real_tokens(ckpt, 1280)
-  want, _, _ = pi_jax_logits(ckpt, tokens)
+  want, config, _ = pi_jax_logits(ckpt, tokens)
   path = export(ckpt, str(tmp_path / "x.gguf"))
   got, _ = llama_cpp_logits(path, tokens)
   err = rel_err(got, want)
@@ -474,6 +474,6 @@ def test_llama_cpp_matches_pi_jax_for_yarn_llama3_ntk(tmp_path, spec):
   plain = scaled_smollm2(tmp_path, "none")
   unscaled, _, _ = pi_jax_logits(plain, tokens)
   off = rel_err(got, unscaled)
-  print(f"SmolLM2 {spec} f32 GGUF in llama.cpp vs pi_jax, 1280 tokens (original window 1024): "
-        f"max rel err {err:.2e}; vs no scaling {off:.2e}")
+  print(f"SmolLM2 {spec} f32 GGUF in llama.cpp vs pi_jax, 1280 tokens (original window "
+        f"{config.original_window}): max rel err {err:.2e}; vs no scaling {off:.2e}")
   assert err <= 1e-3 and off > 20 * err
