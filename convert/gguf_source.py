@@ -9,6 +9,7 @@ conversion time, so loading it later needs only the `tokenizers` package.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -143,6 +144,14 @@ class GGUFSource:
       original = a("rope.scaling.original_context_length")
       if original:
         rope["original_max_position_embeddings"] = int(original)
+      if kind == "yarn":
+        # llama.cpp multiplies attn_factor by YaRN's own 1 + 0.1·ln(factor) (convert/to_gguf.py).
+        attn = a("rope.scaling.attn_factor")
+        if attn is not None and float(attn) != 1.0:
+          rope["attention_factor"] = float(attn) * (1.0 + 0.1 * math.log(float(factor)))
+        for key in ("beta_fast", "beta_slow"):
+          if a(f"rope.scaling.yarn_{key}") is not None:
+            rope[key] = float(a(f"rope.scaling.yarn_{key}"))
       hf["rope_scaling"] = rope
     try:
       self._config = ModelConfig.from_hf(hf)

@@ -65,9 +65,13 @@ def _check_command(command: str) -> None:
     r = subprocess.run(["make", "-n", *args[1:]], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return
+  if args[0] in ("llama-cli", "llama-server"):  # llama.cpp's programs (not installed here)
+    assert args[args.index("-m") + 1].endswith(".gguf") and int(args[args.index("-c") + 1]) > 0
+    return
   assert args[0] == "python", f"unknown program in README: {command}"
   args = args[1:]
-  if args[:2] in (["-m", "convert.to_pi_jax"], ["-m", "convert.to_hf"], ["-m", "pi_jax.data"]):
+  if args[:2] in (["-m", "convert.to_pi_jax"], ["-m", "convert.to_hf"], ["-m", "convert.to_gguf"],
+                  ["-m", "pi_jax.data"]):
     import importlib
     module = args[1] + (".__main__" if args[1] == "pi_jax.data" else "")
     importlib.import_module(module).build_parser().parse_args(args[2:])
