@@ -235,6 +235,16 @@ class TokenStore:
       return np.zeros((0, length), np.int32)
     return np.stack(parts).astype(np.int32)
 
+  def ranges(self, starts, lengths) -> list[np.ndarray]:
+    """[tokens[s:s + n] as int32 for each (s, n)], read concurrently (packed documents)."""
+    pairs = [(int(s), int(n)) for s, n in zip(starts, lengths)]
+    for s, n in pairs:
+      if s < 0 or s + n > self.num_tokens:
+        raise IndexError(f"token store {self.path}: slice [{s}:{s + n}] is outside its "
+                         f"{self.num_tokens} tokens")
+    futures = [(self._tokens[s:s + n].read(), (s, s + n)) for s, n in pairs]
+    return [p.astype(np.int32) for p in self._read(self._tokens, TOKENS, futures)]
+
   def check_tokenizer(self, tokenizer, used_by: str, tokenizer_arg: str) -> None:
     """Raises unless the store was made with a tokenizer that encodes like `tokenizer` (the
     run's: `used_by` says whose, `tokenizer_arg` is the --tokenizer that would make it)."""
