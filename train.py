@@ -52,6 +52,8 @@ def main(argv=None) -> int:
 
   if args.compile_only:
     return _compile_only(config, args)
+  if config.stages:
+    return _train_stages(config, args)
 
   from pi_jax.train import trainer as trainer_lib
   try:
@@ -106,20 +108,70 @@ def main(argv=None) -> int:
   return 0
 
 
+def _train_stages(config, args) -> int:
+  """A run config with stages: each in turn, in one workdir (pi_jax/train/stages.py)."""
+  from pi_jax.train import stages
+  from pi_jax.train import trainer as trainer_lib
+  bar = None
+  callbacks = []
+  if not args.no_progress:
+    from tqdm import tqdm
+    bar = tqdm(total=stages.total_steps(config), unit="step", dynamic_ncols=True)
+
+    def progress(info):
+      bar.n = info.step + 1
+      bar.set_postfix(loss=f"{info.record['loss']:.4f}", seq_len=info.trainer.config.seq_len)
+      bar.refresh()
+    callbacks.append(progress)
+  log = lambda m: print(f"train.py: {m}", file=sys.stderr, flush=True)
+  try:
+    summary = stages.train_stages(config, callbacks, log=log)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"train.py: error: {e}", file=sys.stderr)
+    return 2
+  except trainer_lib.NonFiniteError as e:
+    print(f"train.py: stopped: {e}", file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    print(f"train.py: stopped by a second Ctrl-C without saving; rerun the same command to "
+          f"resume from the last complete checkpoint in {config.workdir}/checkpoints",
+          file=sys.stderr)
+    return 130
+  finally:
+    if bar is not None:
+      bar.close()
+  if summary["status"] == "preempted":
+    print(f"{summary['signal']}: saved checkpoint at step {summary['step']} in "
+          f"{config.workdir}; rerun the same command to resume")
+  else:
+    print(f"done: step {summary['step']}; final checkpoint {summary['final']}")
+  return 0
+
+
 def _compile_only(config, args) -> int:
-  """0 if the step fits the slice's HBM, 1 if not (with the numbers), 2 on a bad config."""
+  """0 if the step fits the slice's HBM, 1 if not (with the numbers), 2 on a bad config. A
+  staged run config: every stage, after the stages are checked (nothing compiled before)."""
   import json
   from pi_jax.train import aot
   try:
-    record = aot.compile_train_step(config, args.topology)
+    if config.stages:
+      from pi_jax.train import stages
+      configs = [p.config for p in stages.check(config)]
+    else:
+      configs = [config]
+    records = []
+    for i, c in enumerate(configs):
+      records.append(aot.compile_train_step(c, args.topology))
+      if len(configs) > 1:
+        print(f"stage {i + 1}/{len(configs)}: seq_len {c.seq_len}")
+      print(aot.format_record(records[-1]))
   except (ValueError, FileNotFoundError, RuntimeError) as e:
     print(f"train.py: error: {e}", file=sys.stderr)
     return 2
-  print(aot.format_record(record))
   if args.json_out:
     with open(args.json_out, "w") as f:
-      json.dump(record, f, indent=2)
-  return 0 if record["fits"] else 1
+      json.dump(records[0] if len(records) == 1 else records, f, indent=2)
+  return 0 if all(r["fits"] for r in records) else 1
 
 
 if __name__ == "__main__":

@@ -97,6 +97,8 @@ class DocumentRows:
 
   def __init__(self, source, seq_len: int, eval_sequences: int = 0):
     self.source, self.seq_len = source, seq_len
+    self.store = getattr(source, "store", None)  # what a checkpoint records (TrainData)
+    self.num_tokens = int(np.sum(source.lengths))
     self.plan = plan_rows(source.lengths, seq_len, source.prompt_length)
     total = self.plan.num_rows
     if total - eval_sequences < 1:
