@@ -227,6 +227,9 @@ def _parse_value(text: str, annotation, key: str):
     raise ValueError(f"--set {key}={text}: a ModelConfig is set field by field (model.FIELD=...)")
   if annotation is RunOptions:
     raise ValueError(f"--set {key}={text}: run options are set field by field (run.FIELD=...)")
+  if key == "stages":
+    raise ValueError(f"--set {key}={text}: stages are given in the run config file "
+                     "(stages=(Stage(steps=..., seq_len=...), ...); docs/training.md)")
   try:
     return run_lib.parse_value(text, annotation, key)
   except ValueError as e:
