@@ -187,3 +187,15 @@ def test_bad_settings_are_one_line():
     TrainConfig(document_positions="reset")
   with pytest.raises(ValueError, match="needs packing=concat"):
     TrainConfig(packing="documents", passkey_fraction=0.5)
+
+
+def test_train_py_with_documents_packing_and_eval(tmp_path):
+  """train.py end to end: packing=documents trains, evaluates its held-out packed rows, and a
+  rerun resumes (the data fingerprint of packed rows matches)."""
+  from tests.train_utils import losses, run_train
+  sets = ["packing=documents", "steps=2", "eval_sequences=4", "eval_every=2", "global_batch=4"]
+  run_train(tmp_path, sets)
+  assert sorted(losses(tmp_path)) == [0, 1]
+  proc = run_train(tmp_path, sets[:1] + ["steps=3"] + sets[2:])
+  assert "resuming from step 2" in proc.stderr
+  assert sorted(losses(tmp_path)) == [0, 1, 2]
