@@ -88,9 +88,50 @@ def test_stage_configs_and_schedule():
      "stage 2 \\(seq_len 32\\): the window shrinks from 64"),
     ((Stage(steps=1, seq_len=64), Stage(steps=1, seq_len=128, rope_scaling="linear:4")),
      "stage 2 \\(seq_len 128\\): rope_scaling linear:4 makes a window of 256 .* use linear:2"),
-    ((Stage(steps=1, seq_len=128),), "seq_len 128 exceeds the model's window 64"),
+    ((Stage(steps=1, seq_len=128),),
+     "stage 1 \\(seq_len 128\\): seq_len 128 exceeds the model's window 64"),
 ])
 def test_bad_stages_are_refused_before_compiling(tmp_path, bad, message):
   with pytest.raises(ValueError, match=message):
     stages.train_stages(_config(tmp_path).replace(stages=bad))
   assert not os.path.exists(tmp_path / "checkpoints")
+
+
+_STAGED_CONFIG = """
+from pi_jax.run import RunOptions
+from pi_jax.train.config import Stage, load_config_file
+
+def get_config():
+  return load_config_file({tiny!r}).replace(
+      workdir="runs/staged", mesh="fsdp:-1", packing="documents",
+      run=RunOptions(compute_dtype="bfloat16", remat="full"), stages={stages})
+"""
+
+
+@pytest.mark.parametrize("bad", [False, True])
+def test_compile_only_checks_every_stage(tmp_path, bad):
+  """--compile-only compiles each stage (documents packed: segment ids through splash) for a
+  v5e 2x2; a bad stage list exits 2 with the reason, before any compile."""
+  import subprocess
+  import sys
+
+  from pi_jax import tpu
+  from tests.test_aot import _env
+  if not tpu.libtpu_available():
+    pytest.fail("libtpu is not installed: pip install -r requirements-dev.txt")
+  staged = ("(Stage(steps=2, seq_len=64), Stage(steps=2, seq_len=256, rope_scaling='linear:4'))"
+            if not bad else "(Stage(steps=2, seq_len=64), Stage(steps=2, seq_len=32))")
+  path = tmp_path / "staged.py"
+  path.write_text(_STAGED_CONFIG.format(tiny=TINY, stages=staged))
+  proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(TINY), "..", "train.py"),
+                         "--config", str(path), "--compile-only", "--topology", "v5e:2x2"],
+                        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
+  if bad:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "stage 2 (seq_len 32): the window shrinks from 64" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    return
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "stage 1/2: seq_len 64" in proc.stdout and "stage 2/2: seq_len 256" in proc.stdout
+  assert proc.stdout.count("fits") >= 2
+  assert not (tmp_path / "runs").exists()

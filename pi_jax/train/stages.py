@@ -79,7 +79,10 @@ def check(config: TrainConfig, base_model=None) -> list[PlannedStage]:
       raise ValueError(f"{name}: the window shrinks from {previous}; stages go from short to "
                        "long windows")
     previous = p.config.seq_len
-    model = setup.final_model_config(p.config, base_model)
+    try:
+      model = setup.final_model_config(p.config, base_model)
+    except ValueError as e:
+      raise ValueError(f"{name}: {e}") from None
     factor = model.rope_scaling.factor if model.rope_scaling.kind != "none" else 1.0
     if factor > 1 and round(factor * trained) != p.config.seq_len:
       raise ValueError(f"{name}: rope_scaling {p.config.rope_scaling} makes a window of "
