@@ -135,3 +135,25 @@ def test_compile_only_checks_every_stage(tmp_path, bad):
   assert "stage 1/2: seq_len 64" in proc.stdout and "stage 2/2: seq_len 256" in proc.stdout
   assert proc.stdout.count("fits") >= 2
   assert not (tmp_path / "runs").exists()
+
+
+def test_train_py_killed_after_a_boundary_and_rerun(tmp_path, uninterrupted):
+  """train.py with the staged config, SIGKILLed once step 3 (stage 2's first) is logged: the
+  newest checkpoint is stage 1's last step; the rerun starts stage 2 from it and the losses are
+  the uninterrupted run's."""
+  import signal
+  import subprocess
+
+  from tests.train_utils import interrupt_after_steps, subprocess_env, train_cmd
+  workdir = tmp_path / "run"
+  config = tmp_path / "staged.py"
+  config.write_text("from tests.test_stages import _config\n\n"
+                    f"def get_config():\n  return _config({str(workdir)!r})\n")
+  cmd = train_cmd(workdir, config=str(config))
+  interrupt_after_steps(cmd, workdir, signal.SIGKILL, str(tmp_path), steps=4, timeout=600)
+  proc = subprocess.run(cmd, env=subprocess_env(1), capture_output=True, text=True, timeout=600,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "stage 2/3" in proc.stderr and "resuming from step 3" in proc.stderr
+  assert "stage 1/3" not in proc.stderr
+  assert losses(workdir) == uninterrupted
