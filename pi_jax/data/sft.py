@@ -190,27 +190,15 @@ def encode_file(path: str, checkpoint: str, tokenizer=None):
 
 # --- the store ---------------------------------------------------------------------------------
 
-def _mask_spec(path: str) -> dict:
-  spec = store_lib.kvstore_spec(path)
-  spec["path"] = spec["path"] + MASK + "/"
-  return {"driver": "zarr3", "kvstore": spec}
-
-
 def open_mask(store):
   """The loss_mask/ array of an SFT TokenStore, for reading."""
-  import tensorstore as ts
-  try:
-    return ts.open(_mask_spec(store.path), open=True, read=True,
-                   context=ts.Context({"cache_pool": {"total_bytes_limit": 0}})).result()
-  except ValueError as e:
-    raise store_lib.StoreError(f"token store {store.path}: cannot open {MASK}/: {e}") from None
+  return store_lib.open_side_array(store.path, MASK)
 
 
 def prepare_sft(path: str, out: str, checkpoint: str, *, max_examples: int | None = None,
                 progress_bar: bool = True, log=print) -> dict:
   """Renders and tokenizes the SFT file `path` with `checkpoint`'s chat template and tokenizer
   into the token store `out` (local: written under a temporary name, then renamed)."""
-  import tensorstore as ts
   from tqdm import tqdm
 
   from pi_jax.data.prepare import token_dtype
@@ -243,10 +231,7 @@ def prepare_sft(path: str, out: str, checkpoint: str, *, max_examples: int | Non
   n = len(ids_T)
   shard = 1 << 24
   tokens, documents = store_lib.create_arrays(work, dtype, shard, min(1 << 16, shard))
-  mask = ts.open({**_mask_spec(work), "metadata": {
-      "shape": [n], "data_type": "uint8",
-      "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [shard]}},
-      "codecs": store_lib._codecs(1 << 16)}}, create=True, delete_existing=True).result()
+  mask = store_lib.create_side_array(work, MASK, "uint8", n, shard, min(1 << 16, shard))
   tokens = tokens.resize(exclusive_max=[n]).result()
   documents = documents.resize(exclusive_max=[len(lengths) + 1]).result()
   for w in (tokens[0:n].write(ids_T.astype(dtype)), mask[0:n].write(flags_T),

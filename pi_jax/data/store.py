@@ -159,6 +159,25 @@ def open_arrays(path: str, read_only: bool = True):
     raise StoreError(f"token store {path}: cannot open its arrays: {e}") from None
 
 
+def create_side_array(path: str, name: str, dtype: str, length: int, shard: int, chunk: int):
+  """A fresh array `name/` [length] beside tokens/ (one value per token, e.g. an SFT store's
+  loss mask), sharded and checksummed like tokens/."""
+  return _ts().open({**_array_spec(path, name), "metadata": {
+      "shape": [length], "data_type": dtype,
+      "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [shard]}},
+      "codecs": _codecs(chunk)}}, create=True, delete_existing=True,
+      context=_context(read_only=False)).result()
+
+
+def open_side_array(path: str, name: str):
+  """The array `name/` of a store, for reading."""
+  try:
+    return _ts().open(_array_spec(path, name), open=True, read=True,
+                      context=_context(read_only=True)).result()
+  except ValueError as e:
+    raise StoreError(f"token store {path}: cannot open {name}/: {e}") from None
+
+
 class TokenStore:
   """A complete token store, opened for reading: metadata plus on-demand slices of the stream.
 
