@@ -199,3 +199,17 @@ def test_train_py_with_documents_packing_and_eval(tmp_path):
   proc = run_train(tmp_path, sets[:1] + ["steps=3"] + sets[2:])
   assert "resuming from step 2" in proc.stderr
   assert sorted(losses(tmp_path)) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("mesh", ["data:2,fsdp:2,tensor:2", "data:2,fsdp:2,sequence:2"])
+def test_documents_on_eight_devices_match_one(tmp_path, mesh):
+  """packing=documents sharded over 8 fake devices (the ring with segment ids under a sequence
+  axis) gives the one-device losses."""
+  from tests.train_utils import losses, run_train
+  sets = ["packing=documents", "steps=4", "checkpoint_every=100"]
+  run_train(tmp_path / "one", sets)
+  run_train(tmp_path / "eight", sets + [f"mesh={mesh}"], devices=8)
+  want, got = losses(tmp_path / "one"), losses(tmp_path / "eight")
+  assert sorted(got) == sorted(want) == [0, 1, 2, 3]
+  np.testing.assert_allclose([got[k] for k in range(4)], [want[k] for k in range(4)], rtol=1e-5)
+  assert want[3] < want[0] - 0.1
