@@ -141,3 +141,17 @@ def test_checkpoint_without_a_chat_template_is_named(smollm2, tmp_path):
   assert proc.returncode == 2
   assert f"checkpoint {folder} has no chat template" in proc.stderr
   assert "Traceback" not in proc.stderr and not os.path.exists(tmp_path / "out")
+
+
+def test_prepare_sft_refuses_an_existing_store_unless_restart(smollm2, tmp_path):
+  path = _write_jsonl(tmp_path / "x.jsonl", EXAMPLES[:2])
+  out = str(tmp_path / "store")
+  sft.prepare_sft(path, out, smollm2, progress_bar=False, log=lambda m: None)
+  with pytest.raises(Exception, match="already holds a token store; pass --restart"):
+    sft.prepare_sft(path, out, smollm2, progress_bar=False, log=lambda m: None)
+  _write_jsonl(tmp_path / "x.jsonl", EXAMPLES[:3])
+  summary = sft.prepare_sft(path, out, smollm2, restart=True, progress_bar=False,
+                            log=lambda m: None)
+  assert summary["examples"] == 3 and not os.path.exists(out + ".partial")
+  from pi_jax.data import TokenStore
+  assert TokenStore(out).num_documents == 3

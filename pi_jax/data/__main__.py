@@ -54,8 +54,14 @@ def main(argv=None) -> int:
       return 0
     if args.format == "sft":
       from pi_jax.data import sft
+      for flag, value in (("--data-dir", args.data_dir), ("--workers", args.workers),
+                          ("--shard-tokens", args.shard_tokens),
+                          ("--text-key", args.text_key != "text" or None)):
+        if value:
+          raise ValueError(f"{flag} does not apply to --format sft (one JSONL/Parquet file, "
+                           "tokenized in this process)")
       summary = sft.prepare_sft(args.spec, args.out, args.tokenizer, max_examples=args.max_docs,
-                                progress_bar=not args.no_progress)
+                                restart=args.restart, progress_bar=not args.no_progress)
       if args.json:
         print(json.dumps(summary, sort_keys=True))
       return 0

@@ -196,9 +196,10 @@ def open_mask(store):
 
 
 def prepare_sft(path: str, out: str, checkpoint: str, *, max_examples: int | None = None,
-                progress_bar: bool = True, log=print) -> dict:
+                restart: bool = False, progress_bar: bool = True, log=print) -> dict:
   """Renders and tokenizes the SFT file `path` with `checkpoint`'s chat template and tokenizer
-  into the token store `out` (local: written under a temporary name, then renamed)."""
+  into the token store `out` (local: written under a temporary name, then renamed; restart
+  replaces a store already there once the new one is complete)."""
   from tqdm import tqdm
 
   from pi_jax.data.prepare import token_dtype
@@ -207,9 +208,9 @@ def prepare_sft(path: str, out: str, checkpoint: str, *, max_examples: int | Non
   template, special = load_chat_template(checkpoint)
   encoder = ChatEncoder(template, tok, special)
   remote = store_lib.is_remote(out)
-  if not remote and os.path.exists(os.path.join(out, store_lib.META)):
-    raise store_lib.StoreError(f"{out} already holds a token store; choose another OUT or "
-                               "remove it")
+  if not restart and store_lib.read_json(out, store_lib.META) is not None:
+    raise store_lib.StoreError(f"{out} already holds a token store; pass --restart to replace "
+                               "it, or choose another OUT")
   work = out if remote else out.rstrip("/") + ".partial"
   if not remote and os.path.exists(work):
     shutil.rmtree(work)
@@ -251,8 +252,8 @@ def prepare_sft(path: str, out: str, checkpoint: str, *, max_examples: int | Non
           "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
   store_lib.write_json(work, store_lib.META, meta)
   if not remote:
-    if os.path.isdir(out) and not os.listdir(out):
-      os.rmdir(out)
+    if os.path.isdir(out) and (restart or not os.listdir(out)):
+      shutil.rmtree(out)
     os.replace(work, out)
   summary = {"store": out, "examples": len(lengths), "tokens": n,
              "completion_tokens": meta["completion_tokens"], "fingerprint": meta["fingerprint"]}
