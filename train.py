@@ -60,6 +60,8 @@ def main(argv=None) -> int:
 
   if args.compile_only:
     return _compile_only(config, args)
+  if config.stages:
+    return _train_stages(config, args)
 
   from pi_jax.data.sources import DataError
   from pi_jax.data.store import StoreError
@@ -129,46 +131,102 @@ def main(argv=None) -> int:
   return 0
 
 
+def _train_stages(config, args) -> int:
+  """A run config with stages: each in turn, in one workdir (pi_jax/train/stages.py)."""
+  from pi_jax.train import stages
+  from pi_jax.train import trainer as trainer_lib
+  bar = None
+  callbacks = []
+  if not args.no_progress:
+    from tqdm import tqdm
+    bar = tqdm(total=stages.total_steps(config), unit="step", dynamic_ncols=True)
+
+    def progress(info):
+      bar.n = info.step + 1
+      bar.set_postfix(loss=f"{info.record['loss']:.4f}", seq_len=info.trainer.config.seq_len)
+      bar.refresh()
+    callbacks.append(progress)
+  log = lambda m: print(f"train.py: {m}", file=sys.stderr, flush=True)
+  try:
+    summary = stages.train_stages(config, callbacks, log=log)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"train.py: error: {e}", file=sys.stderr)
+    return 2
+  except trainer_lib.NonFiniteError as e:
+    print(f"train.py: stopped: {e}", file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    print(f"train.py: stopped by a second Ctrl-C without saving; rerun the same command to "
+          f"resume from the last complete checkpoint in {config.workdir}/checkpoints",
+          file=sys.stderr)
+    return 130
+  finally:
+    if bar is not None:
+      bar.close()
+  if summary["status"] == "preempted":
+    print(f"{summary['signal']}: saved checkpoint at step {summary['step']} in "
+          f"{config.workdir}; rerun the same command to resume")
+  else:
+    print(f"done: step {summary['step']}; final checkpoint {summary['final']}")
+  return 0
+
+
 def _compile_only(config, args) -> int:
   """0 if the step fits (the slice given, or the smallest of several / `auto`), 1 if not (with
-  the numbers and the levers that would make it fit), 2 on a bad config."""
+  the numbers and the levers that would make it fit), 2 on a bad config. A staged run config:
+  every stage, after the stages are checked (nothing compiled before)."""
   import json
-  from pi_jax import tpu
-  from pi_jax.train import aot, plan
   try:
-    names = plan.candidates(args.topology)
-    if len(names) == 1 and args.topology.strip() not in ("auto",) + tuple(tpu.HBM_GIB):
-      slice_ = tpu.parse_slice(names[0])
-      floor = plan.floor_bytes(config, slice_.chips)
-      if floor > slice_.hbm_bytes_per_chip:  # hopeless: no compile needed to know
-        record = {"fits": False, "topology": names[0], "per_chip_bytes": None,
-                  "floor_bytes": floor, "hbm_bytes_per_chip": slice_.hbm_bytes_per_chip}
-        print(f"{slice_.describe()}: DOES NOT FIT, without compiling: the state, gradients and "
-              f"saved layer inputs alone are {floor / tpu.GiB:.1f} GiB per chip")
-      else:
-        record = aot.compile_train_step(config, names[0])
-        print(aot.format_record(record))
+    if config.stages:
+      from pi_jax.train import stages
+      configs = [p.config for p in stages.check(config)]
     else:
-      print(f"planner: {len(names)} candidate slices, smallest total HBM first", flush=True)
-      record = plan.smallest_slice(config, names, lambda m: print(f"  {m}", flush=True))
-      if record["fits"]:
-        print(aot.format_record(record))
+      configs = [config]
+    records = []
+    for i, c in enumerate(configs):
+      if len(configs) > 1:
+        print(f"stage {i + 1}/{len(configs)}: seq_len {c.seq_len}")
+      records.append(_plan_one(c, args.topology))
   except (ValueError, FileNotFoundError, RuntimeError) as e:
     print(f"train.py: error: {e}", file=sys.stderr)
     return 2
+  if args.json_out:
+    with open(args.json_out, "w") as f:
+      json.dump(records[0] if len(records) == 1 else records, f, indent=2)
+  return 0 if all(r["fits"] for r in records) else 1
+
+
+def _plan_one(config, topology: str) -> dict:
+  """The record of one step on `topology` (a slice, or the planner's smallest fit among
+  several), printed with the levers when it does not fit."""
+  from pi_jax import tpu
+  from pi_jax.train import aot, plan
+  names = plan.candidates(topology)
+  if len(names) == 1 and topology.strip() not in ("auto",) + tuple(tpu.HBM_GIB):
+    slice_ = tpu.parse_slice(names[0])
+    floor = plan.floor_bytes(config, slice_.chips)
+    if floor > slice_.hbm_bytes_per_chip:  # hopeless: no compile needed to know
+      record = {"fits": False, "topology": names[0], "per_chip_bytes": None,
+                "floor_bytes": floor, "hbm_bytes_per_chip": slice_.hbm_bytes_per_chip}
+      print(f"{slice_.describe()}: DOES NOT FIT, without compiling: the state, gradients and "
+            f"saved layer inputs alone are {floor / tpu.GiB:.1f} GiB per chip")
+    else:
+      record = aot.compile_train_step(config, names[0])
+      print(aot.format_record(record))
+  else:
+    print(f"planner: {len(names)} candidate slices, smallest total HBM first", flush=True)
+    record = plan.smallest_slice(config, names, lambda m: print(f"  {m}", flush=True))
+    if record["fits"]:
+      print(aot.format_record(record))
   if not record["fits"]:
-    largest = tpu.parse_slice(names[-1])
     slice_ = tpu.parse_slice(record.get("topology") or names[-1])
     if len(names) > 1:
-      print(f"no candidate fits (largest tried: {largest.describe()})")
+      print(f"no candidate fits (largest tried: {tpu.parse_slice(names[-1]).describe()})")
     print("levers (on paper, pi_jax.memory):")
     for line in plan.levers(config, slice_.chips, slice_.hbm_bytes_per_chip,
                             record.get("per_chip_bytes")):
       print(f"  - {line}")
-  if args.json_out:
-    with open(args.json_out, "w") as f:
-      json.dump(record, f, indent=2)
-  return 0 if record["fits"] else 1
+  return record
 
 
 if __name__ == "__main__":

@@ -44,11 +44,13 @@ class Kernels:
   native_matmul: bool
   platform: str
 
-  def attend(self, q_BLNH, k_BLKH, v_BLKH, *, interpret: bool = False):
-    """Causal self-attention over a whole sequence (or a prefill of an empty cache)."""
+  def attend(self, q_BLNH, k_BLKH, v_BLKH, *, segment_ids_BL=None, interpret: bool = False):
+    """Causal self-attention over a whole sequence (or a prefill of an empty cache); with
+    segment ids int [B, L], only within each segment (packed documents)."""
     return attn_lib.attention(q_BLNH, k_BLKH, v_BLKH, impl=self.attention,
                               block_size=self.block_size,
-                              kv_heads_in_turn=self.platform == "cpu", interpret=interpret)
+                              kv_heads_in_turn=self.platform == "cpu",
+                              segment_ids_BL=segment_ids_BL, interpret=interpret)
 
   def attend_cached(self, q_BLNH, k_BSKH, v_BSKH, *, offset, length):
     """Decoding: new queries at positions offset.. attend to the first `length` cached keys."""

@@ -92,7 +92,7 @@ class DecoderLayer(nnx.Module):
     self.w_down = _param(rngs, normal_init, (f, d), ("mlp", "embed"), dt)
 
   def attention(self, x_BLD, cos, sin, kernels: dispatch.Kernels, cache_kv=None,
-                cache_index=None):
+                cache_index=None, segment_ids_BL=None):
     """Pre-norm attention sublayer: (output [B, L, D], updated (k, v) cache or None)."""
     config = self.config
     dt, native = x_BLD.dtype, kernels.native_matmul
@@ -112,7 +112,7 @@ class DecoderLayer(nnx.Module):
       v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BLKH.astype(v_cache.dtype), start, 1)
       new_cache = (k_cache, v_cache)
     if cache_index is None:  # a full sequence (or a prefill into an empty cache): causal attention
-      o_BLNH = kernels.attend(q_BLNH, k_BLKH, v_BLKH)
+      o_BLNH = kernels.attend(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL=segment_ids_BL)
     else:  # decoding: the new queries attend to everything cached so far
       o_BLNH = kernels.attend_cached(q_BLNH, new_cache[0].astype(dt), new_cache[1].astype(dt),
                                      offset=cache_index, length=cache_index + q_BLNH.shape[1])
@@ -129,9 +129,10 @@ class DecoderLayer(nnx.Module):
     return project(act_BLF, self.w_down[...].astype(dt), native=native)
 
   def __call__(self, x_BLD, cos, sin, kernels: dispatch.Kernels, cache_kv=None,
-               cache_index=None):
+               cache_index=None, segment_ids_BL=None):
     """(x + attention + MLP [B, L, D] in x's dtype, updated (k, v) cache or None)."""
-    a_BLD, new_kv = self.attention(x_BLD, cos, sin, kernels, cache_kv, cache_index)
+    a_BLD, new_kv = self.attention(x_BLD, cos, sin, kernels, cache_kv, cache_index,
+                                   segment_ids_BL)
     x_BLD = shard(x_BLD + a_BLD, ("batch", "length", "act_embed"))
     x_BLD = shard(x_BLD + self.mlp(x_BLD, kernels), ("batch", "length", "act_embed"))
     return x_BLD, new_kv
@@ -213,13 +214,24 @@ class Llama(nnx.Module):
 
   def hidden_states(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None,
                     cache: dict | None = None, cache_index: jax.Array | int | None = None,
-                    *, run: RunOptions | None = None):
+                    segment_ids_BL: jax.Array | None = None, *,
+                    run: RunOptions | None = None):
     """See `hidden_states`."""
     config, run = self.config, run or RunOptions()
     kernels = dispatch.choose(run)
     check_token_ids(tokens_BL, config.vocab_size)  # outside jit; a no-op on traced ids
     dt = jnp.dtype(run.compute_dtype)
     b, l = tokens_BL.shape
+    if segment_ids_BL is not None:
+      if cache is not None:
+        raise ValueError("segment ids are for training and scoring whole rows; generation (a KV "
+                         "cache) runs one document per row")
+      if tuple(segment_ids_BL.shape) != (b, l):
+        raise ValueError(f"segment ids of shape {tuple(segment_ids_BL.shape)} do not match the "
+                         f"tokens {(b, l)}")
+      segment_ids_BL = shard(segment_ids_BL.astype(jnp.int32), ("batch", "length"))
+      if positions_BL is None:
+        positions_BL = positions_from_segments(segment_ids_BL)
     if positions_BL is None:
       start = 0 if cache_index is None else cache_index
       positions_BL = jnp.broadcast_to(start + jnp.arange(l, dtype=jnp.int32), (b, l))
@@ -232,7 +244,7 @@ class Llama(nnx.Module):
       layer = nnx.merge(layer_def, layer_params)  # this layer's [Y] slice as a DecoderLayer
       # The one activation remat keeps per layer (the "offload" policy moves it to host memory).
       x_BLD = checkpoint_name(x_BLD, "layer_input")
-      return layer(x_BLD, cos, sin, kernels, cache_kv, cache_index)
+      return layer(x_BLD, cos, sin, kernels, cache_kv, cache_index, segment_ids_BL)
 
     layer_fn = _remat(layer_fn, run.remat)
     cache_xs = None if cache is None else (cache["k"], cache["v"])
@@ -256,10 +268,13 @@ class Llama(nnx.Module):
                          native=dispatch.choose(run).native_matmul)
     return shard(logits_BLV, ("batch", "length", "act_vocab"))
 
-  def __call__(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None, *,
+  def __call__(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None,
+               segment_ids_BL: jax.Array | None = None, *,
                run: RunOptions | None = None) -> jax.Array:
-    """Logits float32 [B, L, V] for int32 tokens [B, L]; positions default to 0..L-1."""
-    return self.logits_from_hidden(self.hidden_states(tokens_BL, positions_BL, run=run), run=run)
+    """Logits float32 [B, L, V] for int32 tokens [B, L]; see `forward`."""
+    return self.logits_from_hidden(
+        self.hidden_states(tokens_BL, positions_BL, segment_ids_BL=segment_ids_BL, run=run),
+        run=run)
 
 
 # --- what the modules declare, derived without allocating -------------------------------------
@@ -328,19 +343,32 @@ def init_params(config: ModelConfig, key: jax.Array, param_dtype: str = "float32
 
 # --- the functional API: plain parameter dicts in, arrays out ---------------------------------
 
+def positions_from_segments(segment_ids_BL: jax.Array) -> jax.Array:
+  """int32 [B, L]: each token's offset from the first token of its run of equal segment ids, so
+  RoPE positions restart at 0 with every packed document (before PI's scaling, as for a
+  document alone)."""
+  b, l = segment_ids_BL.shape
+  index_BL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+  starts_BL = jnp.concatenate([jnp.ones((b, 1), bool),
+                               segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1]], axis=1)
+  start_BL = jax.lax.cummax(jnp.where(starts_BL, index_BL, 0), axis=1)
+  return index_BL - start_BL
+
+
 def hidden_states(config: ModelConfig, params: Params, tokens_BL: jax.Array,
                   positions_BL: jax.Array | None = None, cache: dict | None = None,
-                  cache_index: jax.Array | int | None = None, *,
+                  cache_index: jax.Array | int | None = None,
+                  segment_ids_BL: jax.Array | None = None, *,
                   run: RunOptions | None = None):
   """Final-normed hidden states [B, L, D] in the run's compute dtype.
 
   With `cache` ({'k','v': [Y, B, S, K, H]}) also returns the updated cache: cache_index None
   means a prefill of an empty cache from position 0; an index means decode after that many
-  cached tokens. run: how to compute (pi_jax.run.RunOptions; None: float32, kernels chosen
-  for the backend).
+  cached tokens. segment_ids_BL: see `forward` (not with a cache). run: how to compute
+  (pi_jax.run.RunOptions; None: float32, kernels chosen for the backend).
   """
   return Llama.from_params(config, params).hidden_states(tokens_BL, positions_BL, cache,
-                                                         cache_index, run=run)
+                                                         cache_index, segment_ids_BL, run=run)
 
 
 def logits_from_hidden(config: ModelConfig, params: Params, h_BLD: jax.Array, *,
@@ -350,9 +378,16 @@ def logits_from_hidden(config: ModelConfig, params: Params, h_BLD: jax.Array, *,
 
 
 def forward(config: ModelConfig, params: Params, tokens_BL: jax.Array,
-            positions_BL: jax.Array | None = None, *, run: RunOptions | None = None) -> jax.Array:
-  """Logits float32 [B, L, V] for int32 tokens [B, L]; positions default to 0..L-1."""
-  return Llama.from_params(config, params)(tokens_BL, positions_BL, run=run)
+            positions_BL: jax.Array | None = None,
+            segment_ids_BL: jax.Array | None = None, *,
+            run: RunOptions | None = None) -> jax.Array:
+  """Logits float32 [B, L, V] for int32 tokens [B, L]; positions default to 0..L-1.
+
+  segment_ids_BL (int [B, L]): packed documents. A token attends only to earlier tokens with the
+  same id, and positions (when not given) restart at each run of equal ids
+  (`positions_from_segments`); given positions win.
+  """
+  return Llama.from_params(config, params)(tokens_BL, positions_BL, segment_ids_BL, run=run)
 
 
 def init_cache(config: ModelConfig, batch: int, max_length: int, dtype=None) -> dict:

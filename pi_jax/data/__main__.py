@@ -1,4 +1,4 @@
-"""python -m pi_jax.data prepare SPEC OUT --tokenizer CKPT | info STORE"""
+"""python -m pi_jax.data prepare SPEC OUT --tokenizer CKPT [--format sft] | info STORE"""
 
 from __future__ import annotations
 
@@ -17,11 +17,16 @@ def build_parser() -> argparse.ArgumentParser:
                      "Rerunning an interrupted prepare resumes it.")
   p.add_argument("spec", help="the documents: a data spec")
   p.add_argument("out", help="the store directory to write (then: train.py --set data=OUT)")
+  p.add_argument("--format", choices=("text", "sft"), default="text",
+                 help="text: documents (default). sft: one .jsonl/.parquet file of "
+                 "{prompt, completion} or {messages} rows, rendered with the checkpoint's chat "
+                 "template, loss on the completions only (train with --set packing=documents)")
   p.add_argument("--tokenizer", required=True,
                  help="checkpoint or tokenizer folder whose tokenizer the trained model uses; "
                  "`bytes` for the byte tokenizer of randomly initialized models")
   p.add_argument("--data-dir", default=None, help="tensorflow-datasets data_dir for tfds: specs")
-  p.add_argument("--max-docs", type=int, default=None, help="only the first N documents")
+  p.add_argument("--max-docs", type=int, default=None,
+                 help="only the first N documents (SFT: examples)")
   p.add_argument("--text-key", default="text", help="JSONL field / Parquet column of the text")
   p.add_argument("--workers", type=int, default=None,
                  help="tokenizer processes (default: one per CPU core; 1: in this process)")
@@ -58,6 +63,19 @@ def main(argv=None) -> int:
               + ("matches" if store.meta.get("commits") else
                  "not recorded by the prepare that made this store (every chunk's crc32c is fine)"),
               file=sys.stderr)
+      return 0
+    if args.format == "sft":
+      from pi_jax.data import sft
+      for flag, value in (("--data-dir", args.data_dir), ("--workers", args.workers),
+                          ("--shard-tokens", args.shard_tokens),
+                          ("--text-key", args.text_key != "text" or None)):
+        if value:
+          raise ValueError(f"{flag} does not apply to --format sft (one JSONL/Parquet file, "
+                           "tokenized in this process)")
+      summary = sft.prepare_sft(args.spec, args.out, args.tokenizer, max_examples=args.max_docs,
+                                restart=args.restart, progress_bar=not args.no_progress)
+      if args.json:
+        print(json.dumps(summary, sort_keys=True))
       return 0
     kwargs = {}
     if args.shard_tokens:

@@ -191,6 +191,24 @@ def check_shards(path: str, array, name: str) -> None:
       raise StoreError(f"token store {path}: shard file {name}/c/{i} {what} (the store needs "
                        f"{needed}); the store is damaged: prepare it again (--restart)")
 
+def create_side_array(path: str, name: str, dtype: str, length: int, shard: int, chunk: int):
+  """A fresh array `name/` [length] beside tokens/ (one value per token, e.g. an SFT store's
+  loss mask), sharded and checksummed like tokens/."""
+  return _ts().open({**_array_spec(path, name), "metadata": {
+      "shape": [length], "data_type": dtype,
+      "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [shard]}},
+      "codecs": _codecs(chunk)}}, create=True, delete_existing=True,
+      context=_context(read_only=False)).result()
+
+
+def open_side_array(path: str, name: str):
+  """The array `name/` of a store, for reading."""
+  try:
+    return _ts().open(_array_spec(path, name, strict=True), open=True, read=True,
+                      context=_context(read_only=True)).result()
+  except ValueError as e:
+    raise StoreError(f"token store {path}: cannot open {name}/: {e}") from None
+
 
 class TokenStore:
   """A complete token store, opened for reading: metadata plus on-demand slices of the stream.
@@ -305,6 +323,16 @@ class TokenStore:
     if max_id != self.meta.get("max_id", max_id):
       raise StoreError(f"token store {self.path}: largest token id {max_id}, {META} says "
                        f"{self.meta.get('max_id')}; the store is damaged: prepare it again")
+
+  def ranges(self, starts, lengths) -> list[np.ndarray]:
+    """[tokens[s:s + n] as int32 for each (s, n)], read concurrently (packed documents)."""
+    pairs = [(int(s), int(n)) for s, n in zip(starts, lengths)]
+    for s, n in pairs:
+      if s < 0 or s + n > self.num_tokens:
+        raise IndexError(f"token store {self.path}: slice [{s}:{s + n}] is outside its "
+                         f"{self.num_tokens} tokens")
+    futures = [(self._tokens[s:s + n].read(), (s, s + n)) for s, n in pairs]
+    return [p.astype(np.int32) for p in self._read(self._tokens, TOKENS, futures)]
 
   def check_tokenizer(self, tokenizer, used_by: str, tokenizer_arg: str) -> None:
     """Raises unless the store was made with a tokenizer that encodes like `tokenizer` (the

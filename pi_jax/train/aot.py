@@ -114,8 +114,8 @@ def compile_train_step(config: TrainConfig, topology: str) -> dict:
   mesh = _mesh_for_spec(config.mesh, slice_)
   config = step_lib.batch_config_for_mesh(config, mesh)
   specs = step_lib.step_specs(config, model, mesh, config.run.param_dtype or "float32")
-  rows = jax.ShapeDtypeStruct((config.global_batch, config.seq_len + 1), jax.numpy.int32,
-                              sharding=specs.batch_sharding)
+  rows = jax.ShapeDtypeStruct((config.global_batch, *step_lib.row_shape(config)),
+                              jax.numpy.int32, sharding=specs.batch_sharding)
   t0 = time.perf_counter()
   with jax.set_mesh(mesh):
     step = step_lib.make_train_step(config, model, specs.optimizer, specs.shardings,

@@ -25,6 +25,26 @@ _MOVED_TO_RUN = ("param_dtype", "compute_dtype", "remat", "attention_impl")
 
 
 @dataclasses.dataclass(frozen=True)
+class Stage:
+  """One stage of a staged-length run (pi_jax.train.stages): `steps` optimizer steps at window
+  seq_len with RoPE scaling rope_scaling (e.g. linear:4; None keeps the model's). None for
+  global_batch, learning_rate, warmup_steps: the run config's."""
+
+  steps: int
+  seq_len: int
+  rope_scaling: str | None = None
+  global_batch: int | None = None
+  learning_rate: float | None = None
+  warmup_steps: int | None = None
+
+  def __post_init__(self):
+    for name in ("steps", "seq_len", "global_batch"):
+      value = getattr(self, name)
+      if value is not None and (not isinstance(value, int) or value < 1):
+        raise ValueError(f"stage {name} must be a positive integer, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Everything a run needs. Defaults follow the paper's fine-tuning recipe (PI §3.1)."""
 
@@ -43,6 +63,13 @@ class TrainConfig:
   data_dir: str | None = None
   max_docs: int | None = None
   seq_len: int = 2048
+  # concat: documents joined by EOS into one stream cut in rows (the paper's recipe; attention
+  # and positions run through document boundaries). documents: documents packed whole into rows
+  # with segment ids, each attending to itself only (pi_jax.data.packing); SFT stores need it.
+  packing: str = "concat"
+  # With packing=documents: restart (positions from 0 at each document) or continue (0..L-1
+  # through the row, as concat).
+  document_positions: str = "restart"
   eval_sequences: int = 0  # packed sequences held out of training for eval_loss
   # A random init trains on bytes unless `tokenizer` names a tokenizer folder (or checkpoint).
   tokenizer: str | None = None
@@ -84,6 +111,9 @@ class TrainConfig:
   eval_every: int = 0  # 0: never
   peak_tflops: float | None = None  # per device, for MFU when the device kind is not known
   tensorboard: bool = True
+  # Staged lengths (e.g. 2K -> 8K -> 32K in one workdir; pi_jax.train.stages): with stages, the
+  # run trains each in turn and `steps` is their sum.
+  stages: tuple[Stage, ...] = ()
 
   def __post_init__(self):
     for name in ("steps", "seq_len", "global_batch", "grad_accum", "checkpoint_every",
@@ -131,6 +161,14 @@ class TrainConfig:
       raise ValueError(f"passkey_fraction must be in [0, 1], got {self.passkey_fraction}")
     if self.distributed not in ("auto", "on", "off"):
       raise ValueError(f"distributed must be auto, on or off, got {self.distributed!r}")
+    if self.packing not in ("concat", "documents"):
+      raise ValueError(f"packing must be concat or documents, got {self.packing!r}")
+    if self.document_positions not in ("restart", "continue"):
+      raise ValueError(f"document_positions must be restart or continue, got "
+                       f"{self.document_positions!r}")
+    if self.packing == "documents" and self.passkey_fraction > 0:
+      raise ValueError("passkey_fraction > 0 mixes concat rows into the batch; it needs "
+                       "packing=concat")
     if self.eval_every and not self.eval_sequences:
       raise ValueError("eval_every > 0 needs eval_sequences > 0 (held-out packed sequences)")
 
@@ -163,6 +201,7 @@ class TrainConfig:
     if isinstance(self.model, ModelConfig):
       d["model"] = self.model.to_dict()
     d["run"] = self.run.to_dict()
+    d["stages"] = [dataclasses.asdict(s) for s in self.stages]
     return d
 
   @classmethod
@@ -176,6 +215,9 @@ class TrainConfig:
                  run=RunOptions.from_dict(run))
     if isinstance(config.model, dict):
       config = config.replace(model=ModelConfig.from_dict(config.model))
+    if config.stages:
+      config = config.replace(stages=tuple(s if isinstance(s, Stage) else Stage(**s)
+                                           for s in config.stages))
     return config
 
 
@@ -202,6 +244,9 @@ def _parse_value(text: str, annotation, key: str):
     raise ValueError(f"--set {key}={text}: a ModelConfig is set field by field (model.FIELD=...)")
   if annotation is RunOptions:
     raise ValueError(f"--set {key}={text}: run options are set field by field (run.FIELD=...)")
+  if key == "stages":
+    raise ValueError(f"--set {key}={text}: stages are given in the run config file "
+                     "(stages=(Stage(steps=..., seq_len=...), ...); docs/training.md)")
   try:
     return run_lib.parse_value(text, annotation, key)
   except ValueError as e:

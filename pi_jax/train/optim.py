@@ -14,6 +14,9 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
   Step s (0-based) uses peak · (f + (1 - f) · s / W) for s < W and the peak afterwards.
   With lr_decay cosine or linear, steps W..steps-1 go from the peak to final_lr_fraction × peak.
   """
+  if config.stages:  # one schedule over the whole staged run: each stage's from its first step
+    from pi_jax.train import stages
+    return stages.learning_rate_schedule(config)
   peak = config.learning_rate
   if config.warmup_steps == 0:
     warmup = optax.constant_schedule(peak)

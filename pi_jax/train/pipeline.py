@@ -15,17 +15,35 @@ Where the stream lives: in memory (`PackedSequences`, a data spec of documents t
 start-up) or in a token store (`StoreSequences`, made once by `python -m pi_jax.data prepare`):
 the same rows either way, but a store is read row by row, so start-up time and host memory do
 not grow with the corpus and each process reads only its own rows.
+
+packing=documents replaces the stream by documents packed whole into rows with segment ids and
+target flags (pi_jax.data.packing.DocumentRows, rows int32 [3, seq_len + 1]); an SFT store
+(`prepare --format sft`) is always read that way. Sampling is the same.
 """
 
 from __future__ import annotations
 
 import hashlib
+import sys
 
 import jax
 import numpy as np
 
 from pi_jax import data as data_lib
+from pi_jax.data import packing as packing_lib
 from pi_jax.tokenizer import ByteTokenizer
+
+
+def tokenize_documents(spec: str, tokenizer, data_dir: str | None = None,
+                       max_docs: int | None = None) -> list[np.ndarray]:
+  """Each document of `spec` tokenized with the tokenizer's EOS after it: [int32 [n_d]] (what
+  packing=documents packs; empty documents are skipped as for the stream)."""
+  if tokenizer.eos_id is None:
+    raise ValueError("the tokenizer has no EOS token; packing needs one after each document")
+  eos = [tokenizer.eos_id]
+  docs = data_lib.iter_documents(spec, data_dir=data_dir, max_docs=max_docs,
+                                 on_empty=lambda doc_id: None)
+  return [np.asarray(tokenizer.encode(text) + eos, np.int32) for _, text in docs]
 
 
 def tokenize_and_join(spec: str, tokenizer, data_dir: str | None = None,
@@ -176,8 +194,13 @@ class TrainData:
 def load_train_data(config, tokenizer, vocab_size: int) -> TrainData:
   """The run config's data spec, checked against the tokenizer and vocabulary, packed and
   sampled: a token store is opened for reading by row, documents are tokenized now."""
+  if config.packing == "documents":
+    return _load_documents(config, tokenizer, vocab_size)
   if data_lib.is_token_store(config.data):
     store = data_lib.TokenStore(config.data)
+    if store.meta.get("kind") == "sft":
+      raise ValueError(f"token store {config.data} holds SFT examples (prompt/completion): "
+                       "train on it with --set packing=documents")
     if config.init_checkpoint:
       store.check_tokenizer(tokenizer, f"init_checkpoint {config.init_checkpoint}",
                             config.init_checkpoint)
@@ -193,6 +216,31 @@ def load_train_data(config, tokenizer, vocab_size: int) -> TrainData:
     raise ValueError(f"data {config.data!r}: token id {tokens.max()} >= vocab_size {vocab_size}")
   packed = PackedSequences(tokens, config.seq_len, config.eval_sequences)
   return TrainData(packed, config.global_batch, config.seed)
+
+
+def _load_documents(config, tokenizer, vocab_size: int) -> TrainData:
+  """packing=documents: the data spec's documents (or a store's) packed whole into rows."""
+  if data_lib.is_token_store(config.data):
+    store = data_lib.TokenStore(config.data)
+    what = f"init_checkpoint {config.init_checkpoint}" if config.init_checkpoint else (
+        "the byte tokenizer of a random init")
+    store.check_tokenizer(tokenizer, what, config.init_checkpoint or "bytes")
+    if store.meta["max_id"] >= vocab_size:
+      raise ValueError(f"token store {config.data}: token id {store.meta['max_id']} >= "
+                       f"vocab_size {vocab_size}")
+    source = packing_lib.StoreDocuments(store, config.max_docs)
+  else:
+    docs = tokenize_documents(config.data, tokenizer, config.data_dir, config.max_docs)
+    top = max((int(d.max()) for d in docs), default=0)
+    if top >= vocab_size:
+      raise ValueError(f"data {config.data!r}: token id {top} >= vocab_size {vocab_size}")
+    source = packing_lib.InMemoryDocuments(docs)
+  rows = packing_lib.DocumentRows(source, config.seq_len, config.eval_sequences)
+  if rows.plan.skipped or rows.plan.truncated:
+    print(f"pi_jax.train: {config.data}: {rows.plan.skipped} SFT example(s) skipped (the prompt "
+          f"alone fills a row of {config.seq_len}+1 tokens), {rows.plan.truncated} cut to the "
+          "row (their completions' tails are not trained)", file=sys.stderr, flush=True)
+  return TrainData(rows, config.global_batch, config.seed)
 
 
 def resume_mismatch(where: str, meta: dict, data) -> str:
@@ -240,8 +288,9 @@ def process_rows(sharding: jax.sharding.Sharding, global_shape: tuple[int, ...])
   return slice(lo, hi)
 
 
-def global_batch_array(rows_fn, global_shape: tuple[int, int], sharding) -> jax.Array:
-  """A global int32 batch built from this process's rows only: rows_fn(slice) -> [rows, L+1]."""
+def global_batch_array(rows_fn, global_shape: tuple[int, ...], sharding) -> jax.Array:
+  """A global int32 batch built from this process's rows only: rows_fn(slice) -> [rows, *row]
+  (row: [L+1], or [3, L+1] with packing=documents)."""
   local = rows_fn(process_rows(sharding, global_shape))
   return jax.make_array_from_process_local_data(sharding, local, global_shape)
 

@@ -19,11 +19,31 @@ from pi_jax.train import state as state_lib
 from pi_jax.train.config import TrainConfig
 
 
-def summed_loss(model: ModelConfig, run: RunOptions, chunk: int, params, rows_BL1):
-  """(sum of next-token NLL, token count) of packed rows [B, L+1]: rows hold tokens and targets."""
-  tokens_BL, targets_BL = rows_BL1[:, :-1], rows_BL1[:, 1:]
-  mean, count = loss_lib.mean_loss(model, params, tokens_BL, targets_BL,
-                                   jnp.ones(tokens_BL.shape, jnp.bool_), chunk=chunk, run=run)
+def row_shape(config: TrainConfig) -> tuple[int, ...]:
+  """One row of a batch: [L+1] tokens (packing=concat), or [3, L+1] tokens, segment ids and
+  target flags (packing=documents, pi_jax.data.packing)."""
+  return (config.seq_len + 1,) if config.packing == "concat" else (3, config.seq_len + 1)
+
+
+def summed_loss(model: ModelConfig, run: RunOptions, chunk: int, params, rows,
+                document_positions: str = "restart"):
+  """(sum of next-token NLL, token count) of a batch of rows (`row_shape`): [B, L+1] rows hold
+  tokens and targets; [B, 3, L+1] rows add segment ids (attention stays in each document) and
+  target flags (pi_jax.data.packing.target_mask says which targets count)."""
+  if rows.ndim == 2:
+    tokens_BL, targets_BL = rows[:, :-1], rows[:, 1:]
+    mean, count = loss_lib.mean_loss(model, params, tokens_BL, targets_BL,
+                                     jnp.ones(tokens_BL.shape, jnp.bool_), chunk=chunk, run=run)
+    return mean * count, count
+  tokens_BL, targets_BL = rows[:, 0, :-1], rows[:, 0, 1:]
+  seg_BL1 = rows[:, 1]
+  mask_BL = (rows[:, 2, 1:] > 0) & (seg_BL1[:, 1:] == seg_BL1[:, :-1]) & (seg_BL1[:, 1:] > 0)
+  positions_BL = None  # restart: the model counts from each segment's first token
+  if document_positions == "continue":
+    b, l = tokens_BL.shape
+    positions_BL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+  mean, count = loss_lib.mean_loss(model, params, tokens_BL, targets_BL, mask_BL, positions_BL,
+                                   chunk=chunk, segment_ids_BL=seg_BL1[:, :-1], run=run)
   return mean * count, count
 
 
@@ -32,7 +52,8 @@ def make_train_step(config: TrainConfig, model: ModelConfig, optimizer, sharding
   schedule = optim.learning_rate_schedule(config)
   replicated = NamedSharding(batch_sharding.mesh, P())
 
-  loss_fn = functools.partial(summed_loss, model, config.run, config.loss_chunk)
+  loss_fn = functools.partial(summed_loss, model, config.run, config.loss_chunk,
+                              document_positions=config.document_positions)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step(state, rows_GL1):
@@ -41,11 +62,11 @@ def make_train_step(config: TrainConfig, model: ModelConfig, optimizer, sharding
       (total, count), grads = grad_fn(params, rows_GL1)
       grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
     else:
-      g, l1 = rows_GL1.shape
+      g, row = rows_GL1.shape[0], rows_GL1.shape[1:]
       # Micro-batch a takes rows a, A+a, 2A+a, ...: each device keeps its own rows in every
       # micro-batch, so the split moves no data between devices.
-      micro_ABL1 = rows_GL1.reshape(g // accum, accum, l1).swapaxes(0, 1)
-      micro_ABL1 = sharding_lib.shard(micro_ABL1, (None, "batch", None))
+      micro_ABL1 = rows_GL1.reshape(g // accum, accum, *row).swapaxes(0, 1)
+      micro_ABL1 = sharding_lib.shard(micro_ABL1, (None, "batch") + (None,) * len(row))
 
       def body(carry, rows_BL1):
         total, count, grads = carry
@@ -77,7 +98,8 @@ def make_train_step(config: TrainConfig, model: ModelConfig, optimizer, sharding
 def make_eval_step(config: TrainConfig, model: ModelConfig, shardings, batch_sharding):
   replicated = NamedSharding(batch_sharding.mesh, P())
 
-  evaluate = functools.partial(summed_loss, model, config.run, config.loss_chunk)
+  evaluate = functools.partial(summed_loss, model, config.run, config.loss_chunk,
+                               document_positions=config.document_positions)
   return jax.jit(evaluate, in_shardings=(shardings["params"], batch_sharding),
                  out_shardings=replicated)
 
@@ -88,8 +110,8 @@ class StepSpecs:
   optimizer: optax.GradientTransformation
   abstract: dict  # ShapeDtypeStructs of the train state
   shardings: dict  # NamedShardings of the train state
-  batch_sharding: NamedSharding  # [global_batch, seq_len + 1] rows of the train step
-  eval_sharding: NamedSharding  # [micro_batch, seq_len + 1] rows of the eval step
+  batch_sharding: NamedSharding  # [global_batch, *row_shape] rows of the train step
+  eval_sharding: NamedSharding  # [micro_batch, *row_shape] rows of the eval step
 
   def abstract_state(self) -> dict:
     """The state's ShapeDtypeStructs carrying their shardings (what `.lower` takes)."""
@@ -119,5 +141,6 @@ def step_specs(config: TrainConfig, model: ModelConfig, mesh,
   abstract = state_lib.abstract_state(model, optimizer, param_dtype)
   shardings = state_lib.state_shardings(mesh, model, optimizer, abstract)
   micro = config.global_batch // config.accum_steps
-  rows = lambda b: sharding_lib.named_sharding(mesh, ("batch", None), (b, config.seq_len + 1))
+  row = row_shape(config)
+  rows = lambda b: sharding_lib.named_sharding(mesh, ("batch",) + (None,) * len(row), (b, *row))
   return StepSpecs(optimizer, abstract, shardings, rows(config.global_batch), rows(micro))

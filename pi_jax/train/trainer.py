@@ -47,6 +47,8 @@ class StepInfo:
 class Trainer:
   """One run: build everything, then `run()`. Use `train(config)` unless you need the parts."""
 
+  write_final = True  # WORKDIR/final at the end (a staged run's earlier stages do not)
+
   def __init__(self, config: TrainConfig, callbacks: list[Callable[[StepInfo], None]] = (),
                data: pipeline.TrainData | None = None):
     """Builds the run; `data` replaces the run config's data spec (see pipeline.TrainData)."""
@@ -170,7 +172,7 @@ class Trainer:
   # -- pieces --
 
   def _batch(self, step: int) -> jax.Array:
-    shape = (self.config.global_batch, self.config.seq_len + 1)
+    shape = (self.config.global_batch, *step_lib.row_shape(self.config))
     return pipeline.global_batch_array(lambda rows: self.data.train_batch(step, rows), shape,
                                        self.batch_sharding)
 
@@ -188,7 +190,7 @@ class Trainer:
   def evaluate(self) -> float:
     """Mean loss over the held-out packed sequences."""
     micro = self.config.global_batch // self.config.accum_steps
-    shape = (micro, self.config.seq_len + 1)
+    shape = (micro, *step_lib.row_shape(self.config))
     total = count = 0.0
     for i in range(self.data.num_eval // micro):
       rows = pipeline.global_batch_array(lambda r: self.data.eval_batch(i, micro, r), shape,
@@ -265,6 +267,7 @@ class Trainer:
           callback(StepInfo(step, record, self))
       if status == "finished":
         self.checkpoints.wait()
+      if status == "finished" and self.write_final:
         final = os.path.join(c.workdir, "final")
         # Rewritten when this invocation trained (a longer rerun), else only if missing.
         if self.step != self._start_step or not os.path.isfile(os.path.join(final, "config.json")):
@@ -285,6 +288,10 @@ def _what_failed(out) -> str:
 
 
 def train(config: TrainConfig, callbacks: list[Callable[[StepInfo], None]] = ()) -> dict:
+  """Runs (or resumes) `config`; a config with stages runs them in turn (train/stages.py)."""
+  if config.stages:
+    from pi_jax.train import stages
+    return stages.train_stages(config, callbacks)
   return Trainer(config, callbacks).run()
 
 
