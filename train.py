@@ -74,9 +74,9 @@ def main(argv=None) -> int:
   except KeyboardInterrupt:
     print("train.py: interrupted while starting; nothing was trained or saved", file=sys.stderr)
     return 130
-  if trainer.is_main:
+  if trainer.is_main:  # what the run computes with (stdout: stderr is for progress and errors)
     print(f"train.py: {config.run.describe()}; kernels: {trainer.kernels.describe()}",
-          file=sys.stderr, flush=True)
+          flush=True)
   if trainer.is_main and trainer.resume_message:
     print(f"train.py: {trainer.resume_message}", file=sys.stderr, flush=True)
   callbacks = []
