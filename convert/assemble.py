@@ -8,6 +8,8 @@ output size plus one tensor.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import ml_dtypes
 
@@ -20,6 +22,19 @@ NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16"
 
 class ConversionError(ValueError):
   """A source that cannot be converted; the message names the file and what is wrong."""
+
+
+def check_output(out: str, source: str, force: bool, what: str = "OUT") -> None:
+  """Before a conversion reads anything: OUT is not the source nor inside it, can be written,
+  and exists only with --force (ConversionError naming it otherwise)."""
+  from pi_jax import files
+  try:
+    files.check_separate(out, [source], "OUT")
+    files.check_writable(out, what)
+  except ValueError as e:
+    raise ConversionError(str(e)) from None
+  if os.path.exists(out) and not force:
+    raise ConversionError(f"{out} already exists; pass --force to replace it")
 
 
 def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:

@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from convert import hf_layout
-from convert.assemble import ConversionError
+from convert.assemble import ConversionError, check_output
 from convert.gguf_source import GLOBAL_NAMES, LAYER_NAMES, permute_for_gguf
 from convert.to_pi_jax import HelpFormatter, exit_on_sigterm
 from pi_jax import files
@@ -347,13 +347,7 @@ def export(ckpt: str, out: str, *, dtype: str = "f32", force: bool = False,
   if dtype not in DTYPES:
     raise ConversionError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
   out = os.path.abspath(out)
-  try:
-    files.check_separate(out, [ckpt], "OUT")
-    files.check_writable(out, "OUT file")
-  except ValueError as e:
-    raise ConversionError(str(e)) from None
-  if os.path.exists(out) and not force:
-    raise ConversionError(f"{out} already exists; pass --force to replace it")
+  check_output(out, ckpt, force, "OUT file")
   try:
     config = checkpoint.load_config(ckpt)
   except (FileNotFoundError, ValueError) as e:

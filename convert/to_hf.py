@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from convert import hf_layout
-from convert.assemble import NUMPY_DTYPES, ConversionError
+from convert.assemble import NUMPY_DTYPES, ConversionError, check_output
 from convert.to_pi_jax import HelpFormatter, exit_on_sigterm
 from pi_jax import files
 from pi_jax.config import ModelConfig
@@ -123,13 +123,7 @@ def export(ckpt: str, out: str, *, force: bool = False, max_shard_size: str | in
   """Writes the HF directory OUT from pi_jax checkpoint CKPT (atomically); returns OUT."""
   from pi_jax import checkpoint
   out = os.path.abspath(out)
-  try:
-    files.check_separate(out, [ckpt], "OUT")
-    files.check_writable(out, "OUT")
-  except ValueError as e:
-    raise ConversionError(str(e)) from None
-  if os.path.exists(out) and not force:
-    raise ConversionError(f"{out} already exists; pass --force to replace it")
+  check_output(out, ckpt, force)
   max_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
   try:
     config = checkpoint.load_config(ckpt)

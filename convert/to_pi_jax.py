@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from convert.assemble import ConversionError, assemble_params
+from convert.assemble import ConversionError, assemble_params, check_output
 from pi_jax import checkpoint, files
 
 
@@ -39,13 +39,7 @@ def open_source(src: str):
 def convert(src: str, out: str, rope_scaling: str | None = None, dtype: str = "float32",
             force: bool = False, progress: bool = False) -> str:
   """Converts SRC to a pi_jax checkpoint at OUT (written atomically); returns OUT."""
-  try:
-    files.check_separate(out, [src], "OUT")
-    files.check_writable(out, "OUT")
-  except ValueError as e:
-    raise ConversionError(str(e)) from None
-  if os.path.exists(out) and not force:
-    raise ConversionError(f"{out} already exists; pass --force to replace it")
+  check_output(out, src, force)
   source = open_source(src)
   config = source.config()
   if rope_scaling is not None:
