@@ -440,7 +440,7 @@ def test_llama_cpp_runs_the_f32_export_like_pi_jax_past_8192(smollm2_linear4):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype,tol", [("f16", 2e-2), ("q8_0", 5e-2)])
+@pytest.mark.parametrize("dtype,tol", [("f16", 1e-2), ("q8_0", 1e-1)])
 def test_llama_cpp_runs_reduced_precision_exports_within_error(smollm2_linear4, dtype, tol):
   tmp, ckpt, tokens, want, _, _ = smollm2_linear4
   path = export(ckpt, str(tmp / f"{dtype}.gguf"), dtype=dtype)
