@@ -14,6 +14,11 @@ heads of a group share one K/V head, which is never copied per query head) and r
 - auto: ring under a mesh with a `sequence` axis, else splash on TPU, cudnn on GPU for bf16/fp16,
   cpu_flash on the CPU for float32 when the native kernels build, else xla_blockwise. "On TPU"
   means the platform compiled for (kernels.backend): a mesh over TPU topology devices counts.
+
+Document masking: every implementation takes segment ids int [B, L] (a query sees only earlier
+keys with its own id). cudnn is the exception: jax.nn.dot_product_attention takes per-row
+lengths or a dense [B, N, L, L] mask, no segment ids, so with segment ids `cudnn` runs the
+masked xla_blockwise instead (linear memory; docs/long_sequences.md).
 """
 
 from __future__ import annotations
@@ -70,26 +75,37 @@ def resolve_impl(impl: str, dtype) -> str:
 
 
 def attention(q_BLNH, k_BLKH, v_BLKH, *, impl: str = "auto", block_size: int | None = None,
-              interpret: bool = False):
+              segment_ids_BL=None, interpret: bool = False):
   """Causal self-attention with the implementation named by `impl`.
 
   block_size: the tile (None: the implementation's default, `block_size_for`).
+  segment_ids_BL: int [B, L] or None; with ids a query sees only earlier-or-equal keys of its
+    own segment (packed documents). cudnn then runs masked xla_blockwise (module docstring).
   interpret: run the Pallas kernel (splash) in interpret mode, on any backend (tests).
   """
   if q_BLNH.shape[2] % k_BLKH.shape[2]:
     raise ValueError(f"query heads {q_BLNH.shape[2]} are not a multiple of kv heads "
                      f"{k_BLKH.shape[2]}")
   impl = resolve_impl(impl, q_BLNH.dtype)
+  seg = segment_ids_BL
+  if seg is not None:
+    if seg.shape != q_BLNH.shape[:2]:
+      raise ValueError(f"segment ids of shape {seg.shape}; expected [batch, length] = "
+                       f"{q_BLNH.shape[:2]}")
+    seg = seg.astype(jnp.int32)
+    if impl == "cudnn":  # no segment ids in jax.nn.dot_product_attention (module docstring)
+      impl = "xla_blockwise"
   block_size = block_size_for(impl, block_size)
   if impl == "reference":
-    return reference_attention(q_BLNH, k_BLKH, v_BLKH)
+    return reference_attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL=seg)
   if impl == "xla_blockwise":
     return blockwise_attention(q_BLNH, k_BLKH, v_BLKH, block_size=block_size,
-                               kv_heads_in_turn=kernels.backend() == "cpu")
+                               kv_heads_in_turn=kernels.backend() == "cpu", segment_ids_BL=seg)
   if impl == "cpu_flash":
-    return cpu_flash_attention(q_BLNH, k_BLKH, v_BLKH, block_size=block_size)
+    return cpu_flash_attention(q_BLNH, k_BLKH, v_BLKH, block_size=block_size, segment_ids_BL=seg)
   if impl == "cudnn":
     return cudnn_attention(q_BLNH, k_BLKH, v_BLKH)
   if impl == "splash":
-    return splash_attention(q_BLNH, k_BLKH, v_BLKH, block_size=block_size, interpret=interpret)
-  return ring_attention(q_BLNH, k_BLKH, v_BLKH, block_size=block_size)
+    return splash_attention(q_BLNH, k_BLKH, v_BLKH, block_size=block_size, interpret=interpret,
+                            segment_ids_BL=seg)
+  return ring_attention(q_BLNH, k_BLKH, v_BLKH, block_size=block_size, segment_ids_BL=seg)

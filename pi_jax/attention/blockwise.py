@@ -3,7 +3,9 @@
 Online softmax over key blocks; query block i visits only key blocks 0..i (the blocks above the
 causal diagonal are never computed, which halves the work at long lengths), memory is linear in
 L, and a custom VJP recomputes the blocks from the saved log-sum-exp so training memory is
-linear too. `to_blocks_q`, `to_blocks_kv`, `from_blocks_q` and `blockwise_core` are public: ring
+linear too. Segment ids (document masking) mask every block pair by equality of the ids; no block
+is skipped for them (a block pair of two documents costs what it did, and its probabilities
+are exactly 0). `to_blocks_q`, `to_blocks_kv`, `from_blocks_q` and `blockwise_core` are public: ring
 attention runs the same core on its shards.
 """
 
@@ -17,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from pi_jax.attention.reference import MASK_VALUE
+from pi_jax.attention.reference import MASK_VALUE, segment_mask
 
 # The checkpoint name of the attention kernels' own residuals (output and log-sum-exp): what
 # the remat policy "save_attention" keeps (pi_jax.model).
@@ -28,6 +30,7 @@ RESIDUALS_NAME = "attention_residuals"
 #   q, dq, out  [nb, B, K, R, H]  with R = T·G, row r = position t·G + head g
 #   k, v        [nb, B, K, T, H]
 #   lse         [nb, B, K, R]     float32
+#   segment ids [nb, B, R] of the queries, [nb, B, T] of the keys (int32)
 # so each block pair is one [R, H] × [H, T] matmul per (B, K) with no transposes inside loops.
 
 
@@ -53,6 +56,34 @@ def from_blocks_kv(x_nBKTH):
   return x_nBKTH.transpose(1, 0, 3, 2, 4).reshape(b, nb * t, k, h)
 
 
+def to_blocks_q_segments(seg_BL, g, t):
+  """Segment ids [B, L] -> [nb, B, R], row r = t·G + g: each position's id repeated G times."""
+  b, l = seg_BL.shape
+  return jnp.repeat(seg_BL.reshape(b, l // t, t), g, axis=2).transpose(1, 0, 2)
+
+
+def to_blocks_kv_segments(seg_BL, t):
+  b, l = seg_BL.shape
+  return seg_BL.reshape(b, l // t, t).transpose(1, 0, 2)
+
+
+def pad_segments(seg_BL, pad):
+  """Block padding of segment ids: -1, a segment of its own (padded queries see only padded keys,
+  so their rows stay finite; real queries never see padding: it is after them or masked)."""
+  return jnp.pad(seg_BL, ((0, 0), (0, pad)), constant_values=-1) if pad else seg_BL
+
+
+def _and(mask_a, mask_b):
+  if mask_a is None:
+    return mask_b
+  return mask_a if mask_b is None else mask_a & mask_b
+
+
+def _pair_mask(i, j, q_seg, kv_seg):
+  """[B, 1, R, T]: the segment mask of query block i and key block j (None without segments)."""
+  return None if q_seg is None else segment_mask(q_seg[i], kv_seg[j])
+
+
 def _diag_mask(t, g):
   """[R, T] True where row r (position r // G of the block) may see key s of the same block."""
   return jnp.asarray(np.arange(t)[None, :] <= (np.arange(t * g) // g)[:, None])
@@ -63,7 +94,12 @@ def _scores(q_BKRH, k_BKTH, scale):
 
 
 def _online_step(carry, q_BKRH, k_BKTH, v_BKTH, scale, mask_RT=None):
-  """One key block of the online softmax; carry = (running max, running sum, accumulator)."""
+  """One key block of the online softmax; carry = (running max, running sum, accumulator).
+
+  A row masked in the whole block adds exp(0) = 1 per key under MASK_VALUE as its running max;
+  the first visible key (every query sees at least itself) multiplies that by
+  exp(MASK_VALUE − real max) = 0, so it never reaches the result.
+  """
   m_BKR, l_BKR, acc_BKRH = carry
   s_BKRT = _scores(q_BKRH, k_BKTH, scale)
   if mask_RT is not None:
@@ -84,12 +120,15 @@ def _key_mask(j, t, kv_valid):
   return (j * t + jnp.arange(t) < kv_valid)[None, :]
 
 
-def _blockwise_fwd_core(q, k, v, causal: bool, kv_valid: int | None = None):
+def _blockwise_fwd_core(q, k, v, causal: bool, kv_valid: int | None = None, q_seg=None,
+                        kv_seg=None):
   """(out [nb,B,K,R,H] f32, lse [nb,B,K,R] f32); causal: q block i visits key blocks ≤ i only.
 
   causal=False attends every query block to every key block (ring attention's blocks from
   earlier shards), masking keys at or past kv_valid (block padding); q and k may then have
-  different block counts.
+  different block counts. q_seg, kv_seg (blocked segment ids, or None): a query sees only keys
+  of its segment. A row that sees no key at all (possible only with causal=False) comes out
+  with lse ≈ MASK_VALUE, so merging it with any real partial result gives it weight 0.
   """
   nb, b, kh, r, h = q.shape
   nk, t = k.shape[0], k.shape[3]
@@ -103,11 +142,16 @@ def _blockwise_fwd_core(q, k, v, causal: bool, kv_valid: int | None = None):
     if causal:
       # The key blocks strictly below the diagonal need no mask; the dynamic trip count (i) is
       # what skips the blocks above it.
-      carry = jax.lax.fori_loop(0, i, lambda j, c: _online_step(c, q_i, k[j], v[j], scale), init)
-      carry = _online_step(carry, q_i, k[i], v[i], scale, mask_RT)
+      carry = jax.lax.fori_loop(
+          0, i, lambda j, c: _online_step(c, q_i, k[j], v[j], scale,
+                                          _pair_mask(i, j, q_seg, kv_seg)), init)
+      carry = _online_step(carry, q_i, k[i], v[i], scale,
+                           _and(mask_RT, _pair_mask(i, i, q_seg, kv_seg)))
     else:
       carry = jax.lax.fori_loop(
-          0, nk, lambda j, c: _online_step(c, q_i, k[j], v[j], scale, _key_mask(j, t, kv_valid)),
+          0, nk, lambda j, c: _online_step(c, q_i, k[j], v[j], scale,
+                                           _and(_key_mask(j, t, kv_valid),
+                                                _pair_mask(i, j, q_seg, kv_seg))),
           init)
     m, l, acc = carry
     return acc / l[..., None], m + jnp.log(l)
@@ -115,7 +159,8 @@ def _blockwise_fwd_core(q, k, v, causal: bool, kv_valid: int | None = None):
   return jax.lax.map(q_block, jnp.arange(nb))
 
 
-def _blockwise_bwd_core(q, k, v, out, lse, dout, dlse, causal: bool, kv_valid: int | None):
+def _blockwise_bwd_core(q, k, v, out, lse, dout, dlse, causal: bool, kv_valid: int | None,
+                        q_seg=None, kv_seg=None):
   """Flash-attention backward: key block j (outer) meets query blocks i ≥ j (inner).
 
   dK_j, dV_j accumulate in the inner loop's carry; dQ accumulates in a float32 buffer updated in
@@ -134,6 +179,7 @@ def _blockwise_bwd_core(q, k, v, out, lse, dout, dlse, causal: bool, kv_valid: i
     q_i, do_i = q[i], dout[i]
     k_j, v_j = k[j], v[j]
     s_BKRT = _scores(q_i, k_j, scale)
+    mask_RT = _and(mask_RT, _pair_mask(i, j, q_seg, kv_seg))
     if mask_RT is not None:
       s_BKRT = jnp.where(mask_RT, s_BKRT, MASK_VALUE)
     p_BKRT = jnp.exp(s_BKRT - lse[i][..., None])
@@ -167,23 +213,25 @@ def _blockwise_bwd_core(q, k, v, out, lse, dout, dlse, causal: bool, kv_valid: i
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def blockwise_core(q, k, v, causal, kv_valid=None):
-  """(out f32, lse f32) in the blocked layout; differentiable in q, k, v through both outputs."""
-  return _blockwise_fwd_core(q, k, v, causal, kv_valid)
+def blockwise_core(q, k, v, causal, kv_valid=None, q_seg=None, kv_seg=None):
+  """(out f32, lse f32) in the blocked layout; differentiable in q, k, v through both outputs.
+  q_seg, kv_seg: blocked segment ids (to_blocks_q_segments, to_blocks_kv_segments) or None."""
+  return _blockwise_fwd_core(q, k, v, causal, kv_valid, q_seg, kv_seg)
 
 
-def _core_fwd(q, k, v, causal, kv_valid):
-  out, lse = _blockwise_fwd_core(q, k, v, causal, kv_valid)
+def _core_fwd(q, k, v, causal, kv_valid, q_seg, kv_seg):
+  out, lse = _blockwise_fwd_core(q, k, v, causal, kv_valid, q_seg, kv_seg)
   # Named so that remat="save_attention" keeps them and the backward pass skips this forward.
   out, lse = (checkpoint_name(x, RESIDUALS_NAME) for x in (out, lse))
-  return (out, lse), (q, k, v, out, lse)
+  return (out, lse), (q, k, v, out, lse, q_seg, kv_seg)
 
 
 def _core_bwd(causal, kv_valid, res, cotangents):
-  q, k, v, out, lse = res
+  q, k, v, out, lse, q_seg, kv_seg = res
   dout, dlse = cotangents
-  return _blockwise_bwd_core(q, k, v, out, lse, dout.astype(jnp.float32),
-                             dlse.astype(jnp.float32), causal, kv_valid)
+  grads = _blockwise_bwd_core(q, k, v, out, lse, dout.astype(jnp.float32),
+                              dlse.astype(jnp.float32), causal, kv_valid, q_seg, kv_seg)
+  return (*grads, None, None)  # segment ids are integers: no cotangent
 
 
 blockwise_core.defvjp(_core_fwd, _core_bwd)
@@ -197,7 +245,7 @@ def block_length(length: int, block_size: int) -> int:
 
 
 def blockwise_attention_grads(q_BLNH, k_BLKH, v_BLKH, out_BLNH, lse_BNL, dout_BLNH, *,
-                              block_size: int):
+                              block_size: int, segment_ids_BL=None):
   """(dq, dk, dv) of causal attention from its output and float32 log-sum-exp lse [B, N, L]:
   the blockwise backward, for a forward kernel that saves (out, lse) (pi_jax.attention.cpu)."""
   b, l, n, h = q_BLNH.shape
@@ -213,13 +261,17 @@ def blockwise_attention_grads(q_BLNH, k_BLKH, v_BLKH, out_BLNH, lse_BNL, dout_BL
     x = [jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in x]
   q, k, v, out, lse, dout = x
   lse = to_blocks_q(lse, kh, t)[..., 0]
+  q_seg = kv_seg = None
+  if segment_ids_BL is not None:
+    seg = pad_segments(segment_ids_BL, pad)
+    q_seg, kv_seg = to_blocks_q_segments(seg, n // kh, t), to_blocks_kv_segments(seg, t)
   dq, dk, dv = _blockwise_bwd_core(to_blocks_q(q, kh, t), to_blocks_kv(k, t), to_blocks_kv(v, t),
                                    to_blocks_q(out, kh, t), lse, to_blocks_q(dout, kh, t),
-                                   jnp.zeros_like(lse), True, None)
+                                   jnp.zeros_like(lse), True, None, q_seg, kv_seg)
   return from_blocks_q(dq, t)[:, :l], from_blocks_kv(dk)[:, :l], from_blocks_kv(dv)[:, :l]
 
 
-def _one_kv_head_at_a_time(core, q, k, v):
+def _one_kv_head_at_a_time(core, q, k, v, q_seg, kv_seg):
   """core(q, k, v) -> out, run for each kv head (and its query heads) in turn: lax.map over K.
 
   The score tiles of one head, [T·G, T], are a third of the [K, T·G, T] tiles of all heads
@@ -228,16 +280,18 @@ def _one_kv_head_at_a_time(core, q, k, v):
   (docs/performance.md).
   """
   heads_first = lambda x: jnp.moveaxis(x, 2, 0)[:, :, :, None]  # [K, nb, B, 1, ., H]
-  out = jax.lax.map(lambda qkv: core(*qkv), (heads_first(q), heads_first(k), heads_first(v)))
+  out = jax.lax.map(lambda qkv: core(*qkv, q_seg, kv_seg),
+                    (heads_first(q), heads_first(k), heads_first(v)))
   return jnp.moveaxis(out[:, :, :, 0], 0, 2)
 
 
 def blockwise_attention(q_BLNH, k_BLKH, v_BLKH, *, block_size: int = 512,
-                        kv_heads_in_turn: bool = False):
+                        kv_heads_in_turn: bool = False, segment_ids_BL=None):
   """Causal flash attention in plain XLA (see the module docstring); exact up to rounding.
 
   kv_heads_in_turn: one kv head at a time instead of all at once (faster on the CPU; the
   dispatcher in pi_jax.attention turns it on there).
+  segment_ids_BL: int [B, L] or None; a query sees only earlier keys of its own segment.
   """
   b, l, n, h = q_BLNH.shape
   kh = k_BLKH.shape[2]
@@ -246,10 +300,14 @@ def blockwise_attention(q_BLNH, k_BLKH, v_BLKH, *, block_size: int = 512,
   if pad:  # padded keys sit after every real query, so the causal mask alone hides them
     widths = ((0, 0), (0, pad), (0, 0), (0, 0))
     q_BLNH, k_BLKH, v_BLKH = (jnp.pad(x, widths) for x in (q_BLNH, k_BLKH, v_BLKH))
-  core = lambda q, k, v: blockwise_core(q, k, v, True)[0]
+  core = lambda q, k, v, q_seg, kv_seg: blockwise_core(q, k, v, True, None, q_seg, kv_seg)[0]
   q, k, v = to_blocks_q(q_BLNH, kh, t), to_blocks_kv(k_BLKH, t), to_blocks_kv(v_BLKH, t)
+  q_seg = kv_seg = None
+  if segment_ids_BL is not None:
+    seg = pad_segments(segment_ids_BL.astype(jnp.int32), pad)
+    q_seg, kv_seg = to_blocks_q_segments(seg, n // kh, t), to_blocks_kv_segments(seg, t)
   if kv_heads_in_turn and kh > 1:
-    out = _one_kv_head_at_a_time(core, q, k, v)
+    out = _one_kv_head_at_a_time(core, q, k, v, q_seg, kv_seg)
   else:
-    out = core(q, k, v)
+    out = core(q, k, v, q_seg, kv_seg)
   return from_blocks_q(out, t)[:, :l].astype(q_BLNH.dtype)

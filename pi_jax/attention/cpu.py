@@ -26,34 +26,39 @@ FORWARD_BLOCK = 256
 BACKWARD_BLOCK = 256
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _attention(q_BLNH, k_BLKH, v_BLKH, block_size):
-  return native.causal_attention(q_BLNH, k_BLKH, v_BLKH, block_size=block_size)[0].astype(
-      q_BLNH.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q_BLNH, k_BLKH, v_BLKH, seg_BL, block_size):
+  return native.causal_attention(q_BLNH, k_BLKH, v_BLKH, block_size=block_size,
+                                 segment_ids_BL=seg_BL)[0].astype(q_BLNH.dtype)
 
 
-def _fwd(q_BLNH, k_BLKH, v_BLKH, block_size):
-  out, lse = native.causal_attention(q_BLNH, k_BLKH, v_BLKH, block_size=block_size)
+def _fwd(q_BLNH, k_BLKH, v_BLKH, seg_BL, block_size):
+  out, lse = native.causal_attention(q_BLNH, k_BLKH, v_BLKH, block_size=block_size,
+                                     segment_ids_BL=seg_BL)
   # Named so that remat="save_attention" keeps them and the backward pass skips this forward.
   out, lse = (checkpoint_name(x, RESIDUALS_NAME) for x in (out, lse))
-  return out.astype(q_BLNH.dtype), (q_BLNH, k_BLKH, v_BLKH, out, lse)
+  return out.astype(q_BLNH.dtype), (q_BLNH, k_BLKH, v_BLKH, seg_BL, out, lse)
 
 
 def _bwd(block_size, res, dout):
-  q, k, v, out, lse = res
-  return blockwise_attention_grads(q, k, v, out, lse, dout, block_size=BACKWARD_BLOCK)
+  q, k, v, seg, out, lse = res
+  grads = blockwise_attention_grads(q, k, v, out, lse, dout, block_size=BACKWARD_BLOCK,
+                                    segment_ids_BL=seg)
+  return (*grads, None)
 
 
 _attention.defvjp(_fwd, _bwd)
 
 
-def cpu_flash_attention(q_BLNH, k_BLKH, v_BLKH, *, block_size: int = FORWARD_BLOCK):
-  """Causal attention by the native CPU kernel; the output has q's dtype."""
+def cpu_flash_attention(q_BLNH, k_BLKH, v_BLKH, *, block_size: int = FORWARD_BLOCK,
+                        segment_ids_BL=None):
+  """Causal attention by the native CPU kernel; the output has q's dtype. segment_ids_BL (int
+  [B, L] or None) are masked inside the kernel's tiles, and in the blockwise backward."""
   if backend() != "cpu":
     raise ValueError(f"attention impl 'cpu_flash' runs on the CPU; the JAX backend is "
                      f"{backend()!r}. Use 'auto'.")
   if not native.available():
     raise ValueError(f"attention impl 'cpu_flash' is unavailable: {native.unavailable_reason()}."
                      " Use 'xla_blockwise' (or 'auto', which falls back to it).")
-  fn = lambda q, k, v: _attention(q, k, v, block_size)
-  return over_batch_and_heads(fn, "cpu_flash", q_BLNH, k_BLKH, v_BLKH)
+  fn = lambda q, k, v, seg=None: _attention(q, k, v, seg, block_size)
+  return over_batch_and_heads(fn, "cpu_flash", q_BLNH, k_BLKH, v_BLKH, segment_ids_BL)

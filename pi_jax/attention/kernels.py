@@ -1,7 +1,8 @@
 """Vendor attention kernels, imported lazily: they exist only on their own backends.
 
 - cudnn: jax.nn.dot_product_attention's cuDNN flash kernel (NVIDIA GPU, bf16/fp16).
-- splash: the Pallas TPU splash-attention kernel with a causal mask, inside `shard_map`.
+- splash: the Pallas TPU splash-attention kernel with a causal mask (and its SegmentIds for
+  document masking), inside `shard_map`.
 
 The platform is the one the program is compiled FOR: under `jax.set_mesh`, that of the mesh's
 devices (a mesh over TPU topology devices compiles for TPU from a CPU host), else the default
@@ -77,8 +78,9 @@ def splash_block_sizes(length: int, blk: int):
                        use_fused_bwd_kernel=fused, **dq)
 
 
-def _splash_local(q_BLNH, k_BLKH, v_BLKH, *, block_size: int, interpret: bool):
-  """Splash on one device's arrays: GQA natively (q head n reads kv head n // G), vmapped over B."""
+def _splash_local(q_BLNH, k_BLKH, v_BLKH, seg_BL=None, *, block_size: int, interpret: bool):
+  """Splash on one device's arrays: GQA natively (q head n reads kv head n // G), vmapped over B.
+  seg_BL: segment ids [B, L] or None, splash's SegmentIds for both queries and keys."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
   b, l, n, h = q_BLNH.shape
@@ -87,6 +89,8 @@ def _splash_local(q_BLNH, k_BLKH, v_BLKH, *, block_size: int, interpret: bool):
   if pad:
     widths = ((0, 0), (0, pad), (0, 0), (0, 0))
     q_BLNH, k_BLKH, v_BLKH = (jnp.pad(x, widths) for x in (q_BLNH, k_BLKH, v_BLKH))
+    if seg_BL is not None:  # padding is a segment of its own: its queries see only padding
+      seg_BL = jnp.pad(seg_BL, ((0, 0), (0, pad)), constant_values=-1)
   blk = splash_block(lp, block_size)
   sizes = splash_block_sizes(lp, blk)
   mask = sm.MultiHeadMask([sm.CausalMask((lp, lp)) for _ in range(n)])
@@ -94,36 +98,44 @@ def _splash_local(q_BLNH, k_BLKH, v_BLKH, *, block_size: int, interpret: bool):
                               residual_checkpoint_name=RESIDUALS_NAME, interpret=interpret)
   # Splash does not scale the scores: scale q once, in float32, then back to the compute dtype.
   q_BLNH = (q_BLNH.astype(jnp.float32) * (1.0 / math.sqrt(h))).astype(q_BLNH.dtype)
-  out_BNLH = jax.vmap(kernel)(q_BLNH.transpose(0, 2, 1, 3), k_BLKH.transpose(0, 2, 1, 3),
-                              v_BLKH.transpose(0, 2, 1, 3))
+  qkv = (q_BLNH.transpose(0, 2, 1, 3), k_BLKH.transpose(0, 2, 1, 3), v_BLKH.transpose(0, 2, 1, 3))
+  if seg_BL is None:
+    out_BNLH = jax.vmap(kernel)(*qkv)
+  else:
+    masked = lambda q, k, v, seg_L: kernel(q, k, v, segment_ids=sk.SegmentIds(q=seg_L, kv=seg_L))
+    out_BNLH = jax.vmap(masked)(*qkv, seg_BL.astype(jnp.int32))
   return out_BNLH.transpose(0, 2, 1, 3)[:, :l]
 
 
-def splash_attention(q_BLNH, k_BLKH, v_BLKH, *, block_size: int = 512, interpret: bool = False):
+def splash_attention(q_BLNH, k_BLKH, v_BLKH, *, block_size: int = 512, interpret: bool = False,
+                     segment_ids_BL=None):
   """Pallas TPU splash attention with a lazy causal mask (no L×L mask is ever built).
 
   Under a mesh the kernel runs inside `shard_map` (XLA cannot partition a Mosaic kernel; see
   `over_batch_and_heads`). `interpret=True` runs the same kernel in Pallas interpret mode on any
-  backend (tests on CPU).
+  backend (tests on CPU). segment_ids_BL (int [B, L] or None): document masking, by splash's
+  SegmentIds.
   """
   if not interpret and backend() != "tpu":
     raise ValueError(f"attention impl 'splash' needs a TPU; the JAX backend is {backend()!r}."
                      " Use 'xla_blockwise' (or 'auto').")
   fn = functools.partial(_splash_local, block_size=block_size, interpret=interpret)
-  return over_batch_and_heads(fn, "splash", q_BLNH, k_BLKH, v_BLKH)
+  return over_batch_and_heads(fn, "splash", q_BLNH, k_BLKH, v_BLKH, segment_ids_BL)
 
 
-def over_batch_and_heads(fn, name: str, q_BLNH, k_BLKH, v_BLKH):
-  """fn(q, k, v) -> out on each device's part of a mesh, for a kernel XLA cannot partition.
+def over_batch_and_heads(fn, name: str, q_BLNH, k_BLKH, v_BLKH, segment_ids_BL=None):
+  """fn(q, k, v) -> out on each device's part of a mesh, for a kernel XLA cannot partition;
+  fn(q, k, v, segment_ids) when segment ids [B, L] are given (split over batch like q).
 
   Inside `shard_map`: batch split over data/fsdp and heads over tensor where they divide (heads
   only when the kv heads divide too, so GQA groups stay whole), the rest replicated. The
   sequence is not split: a mesh with a `sequence` axis > 1 is refused (use ring). Without a
   mesh (or on one device), fn runs as it is.
   """
+  args = (q_BLNH, k_BLKH, v_BLKH) + (() if segment_ids_BL is None else (segment_ids_BL,))
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
-    return fn(q_BLNH, k_BLKH, v_BLKH)
+    return fn(*args)
   mesh_shape = dict(mesh.shape)
   (seq_axis,) = sharding_lib.LOGICAL_AXIS_RULES["length"]
   if mesh_shape.get(seq_axis, 1) > 1:
@@ -137,5 +149,6 @@ def over_batch_and_heads(fn, name: str, q_BLNH, k_BLKH, v_BLKH):
                                          mesh_shape)
   if q_spec[2] != kv_spec[2]:  # heads split only when query and kv heads split alike
     q_spec = kv_spec = P(q_spec[0], None, None, None)
-  return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
-                       check_vma=False)(q_BLNH, k_BLKH, v_BLKH)
+  specs = (q_spec, kv_spec, kv_spec, P(q_spec[0], None))[:len(args)]
+  return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=q_spec,
+                       check_vma=False)(*args)

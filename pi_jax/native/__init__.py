@@ -124,18 +124,22 @@ def _require():
     raise RuntimeError(f"pi_jax's native CPU kernels are unavailable: {why}")
 
 
-def causal_attention(q_BLNH, k_BLKH, v_BLKH, *, block_size: int):
+def causal_attention(q_BLNH, k_BLKH, v_BLKH, *, block_size: int, segment_ids_BL=None):
   """Causal attention, float32: (out [B, L, N, H], lse [B, N, L]), lse the log-sum-exp of each
-  query's scaled scores. Forward only (pi_jax.attention.cpu adds the gradient)."""
+  query's scaled scores; with segment ids int [B, L] a query sees only keys of its own id.
+  Forward only (pi_jax.attention.cpu adds the gradient)."""
   _require()
   b, l, n, h = q_BLNH.shape
+  # No ids: an empty buffer, and the kernel compares nothing.
+  seg = (jnp.zeros((0,), jnp.int32) if segment_ids_BL is None
+         else segment_ids_BL.astype(jnp.int32))
   call = jax.ffi.ffi_call(
       "pi_causal_attention",
       (jax.ShapeDtypeStruct(q_BLNH.shape, jnp.float32),
        jax.ShapeDtypeStruct((b, n, l), jnp.float32)),
       vmap_method="sequential")
   return call(q_BLNH.astype(jnp.float32), k_BLKH.astype(jnp.float32), v_BLKH.astype(jnp.float32),
-              block=np.int64(block_size), threads=np.int64(threads()),
+              seg, block=np.int64(block_size), threads=np.int64(threads()),
               scale=np.float32(1.0 / np.sqrt(h)))
 
 

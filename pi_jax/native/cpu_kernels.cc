@@ -5,7 +5,8 @@
 //
 // pi_causal_attention: flash attention (online softmax) over the lower triangle only.
 //   q [B, L, N, H], k, v [B, L, K, H] -> out [B, L, N, H], lse [B, N, L] (log-sum-exp of the
-//   scaled scores, float32). One work item = (batch, kv head, query block) with the kv head's
+//   scaled scores, float32). segment_ids [B, L] int32 (or empty: no masking): a query sees only
+//   keys with its own id (packed documents). One work item = (batch, kv head, query block) with the kv head's
 //   G query heads together; items are taken largest first from a shared counter by `threads`
 //   workers, each calling a single-threaded sgemm, so the cores never wait on each other
 //   inside a product.
@@ -69,10 +70,11 @@ struct AttentionShape {
 // position t0 + i), so each key block is one [G·rows, H] x [H, cols] product: OpenBLAS packs
 // the key block once for all G heads. Keys [0, t0 + rows).
 // Scratch: q_rows [G·block, H], scores [G·block, block], acc [G·block, H], row_max, row_sum
-// [G·block].
+// [G·block]. seg: this batch row's segment ids [L], or nullptr (no document masking).
 void AttendGroup(const AttentionShape& s, const float* q, const float* k, const float* v,
-                 float* out, float* lse, int64_t b, int64_t g, int64_t t0, float scale,
-                 float* q_rows, float* scores, float* acc, float* row_max, float* row_sum) {
+                 const int32_t* seg, float* out, float* lse, int64_t b, int64_t g, int64_t t0,
+                 float scale, float* q_rows, float* scores, float* acc, float* row_max,
+                 float* row_sum) {
   const int64_t h = s.head_dim, bs = s.block;
   const int64_t rows = std::min(bs, s.length - t0);
   const int64_t group = s.heads / s.kv_heads, all_rows = group * rows;
@@ -97,6 +99,13 @@ void AttendGroup(const AttentionShape& s, const float* q, const float* k, const 
       float* row = scores + r * cols;
       // Keys visible to query t0 + i in this block: s0 .. t0 + i.
       const int64_t visible = diagonal ? std::min(cols, t0 + r % rows - s0 + 1) : cols;
+      if (seg != nullptr) {  // keys of other segments: -inf, so their exp below is exactly 0
+        const int32_t own = seg[t0 + r % rows];
+        const int32_t* key_seg = seg + s0;
+        constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+#pragma omp simd
+        for (int64_t j = 0; j < visible; ++j) row[j] = key_seg[j] == own ? row[j] : kNegInf;
+      }
       // The reductions are vectorised by `omp simd` (-fopenmp-simd; the max written as a
       // comparison, which GCC vectorises where std::max stays scalar): left to GCC, a float max
       // or sum runs in order one lane at a time, and these passes cost as much as the two
@@ -104,6 +113,12 @@ void AttendGroup(const AttentionShape& s, const float* q, const float* k, const 
       float m = row_max[r];
 #pragma omp simd reduction(max : m)
       for (int64_t j = 0; j < visible; ++j) m = row[j] > m ? row[j] : m;
+      if (m == -std::numeric_limits<float>::infinity()) {
+        // Nothing visible yet (earlier documents only, masked): the row's state stays empty.
+        // Its own key comes later, so no row ends empty and lse is always finite.
+        std::fill(row, row + cols, 0.0f);
+        continue;
+      }
       const float correction = ExpNonPositive(row_max[r] - m);  // 0 on the first block (-inf)
       float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
@@ -136,7 +151,8 @@ void AttendGroup(const AttentionShape& s, const float* q, const float* k, const 
 }
 
 ffi::Error CausalAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                           ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> out,
+                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> segment_ids,
+                           ffi::ResultBuffer<ffi::F32> out,
                            ffi::ResultBuffer<ffi::F32> lse, int64_t block, int64_t threads,
                            float scale) {
   const auto qd = q.dimensions(), kd = k.dimensions();
@@ -149,6 +165,12 @@ ffi::Error CausalAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
       s.heads % s.kv_heads != 0 || block <= 0) {
     return ffi::Error::InvalidArgument("pi_causal_attention: q, k, v shapes do not agree");
   }
+  const auto sd = segment_ids.dimensions();
+  const bool masked = segment_ids.element_count() > 0;
+  if (masked && (sd.size() != 2 || sd[0] != s.batch || sd[1] != s.length)) {
+    return ffi::Error::InvalidArgument("pi_causal_attention: segment_ids [B, L] or empty");
+  }
+  const int32_t* seg = masked ? segment_ids.typed_data() : nullptr;
   const int64_t blocks = (s.length + block - 1) / block;
   const int64_t group = s.heads / s.kv_heads, groups = s.batch * s.kv_heads;
   const int64_t items = groups * blocks;
@@ -162,8 +184,10 @@ ffi::Error CausalAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
       // Largest first: items 0 .. groups - 1 are the last query block, which visits every key
       // block.
       const int64_t qb = blocks - 1 - item / groups, bg = item % groups;
-      AttendGroup(s, q.typed_data(), k.typed_data(), v.typed_data(), out->typed_data(),
-                  lse->typed_data(), bg / s.kv_heads, bg % s.kv_heads, qb * block, scale,
+      const int64_t bi = bg / s.kv_heads;
+      AttendGroup(s, q.typed_data(), k.typed_data(), v.typed_data(),
+                  masked ? seg + bi * s.length : nullptr, out->typed_data(), lse->typed_data(),
+                  bi, bg % s.kv_heads, qb * block, scale,
                   q_rows.data(), scores.data(), acc.data(), row_max.data(), row_sum.data());
     }
   });
@@ -245,6 +269,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PiCausalAttention, CausalAttention,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("block")
