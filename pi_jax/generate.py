@@ -10,6 +10,10 @@ compiled program. That is exact: the pad tokens sit after the prompt, so causal 
 them out of every real position, and each decode step overwrites the next pad slot of the cache
 before any query may see it. Dynamic NTK and LongRoPE choose their table from the largest
 position, so for them the prompt is not padded.
+
+Generation is one document per row: there are no segment ids here (a packed prompt would need
+them in every decode step's attention over the cache; model.hidden_states refuses ids with a
+cache). Pack documents for training and scoring (model.forward, loss.token_nll), not here.
 """
 
 from __future__ import annotations

@@ -85,16 +85,21 @@ def chunked_nll(config: ModelConfig, params, h_BLD: jax.Array, targets_BL: jax.A
 
 
 def token_nll(config: ModelConfig, params, tokens_BL: jax.Array, targets_BL: jax.Array,
-              positions_BL: jax.Array | None = None, chunk: int = DEFAULT_CHUNK) -> jax.Array:
-  """NLL [B, L] of targets_BL[:, t] given tokens_BL[:, :t+1] (targets are usually tokens shifted)."""
-  h_BLD = model_lib.hidden_states(config, params, tokens_BL, positions_BL)
+              positions_BL: jax.Array | None = None, chunk: int = DEFAULT_CHUNK,
+              segment_ids_BL: jax.Array | None = None) -> jax.Array:
+  """NLL [B, L] of targets_BL[:, t] given tokens_BL[:, :t+1] (targets are usually tokens shifted).
+
+  segment_ids_BL: packed documents (model.forward); position t then sees only its own document.
+  """
+  h_BLD = model_lib.hidden_states(config, params, tokens_BL, positions_BL,
+                                  segment_ids_BL=segment_ids_BL)
   return chunked_nll(config, params, h_BLD, targets_BL, chunk)
 
 
 def mean_loss(config: ModelConfig, params, tokens_BL, targets_BL, mask_BL,
-              positions_BL=None, chunk: int = DEFAULT_CHUNK):
+              positions_BL=None, chunk: int = DEFAULT_CHUNK, segment_ids_BL=None):
   """(mean NLL over mask, number of scored tokens): the training objective."""
-  nll_BL = token_nll(config, params, tokens_BL, targets_BL, positions_BL, chunk)
+  nll_BL = token_nll(config, params, tokens_BL, targets_BL, positions_BL, chunk, segment_ids_BL)
   mask = mask_BL.astype(jnp.float32)
   count = jnp.sum(mask)
   return jnp.sum(nll_BL * mask) / jnp.maximum(count, 1.0), count

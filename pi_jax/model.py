@@ -90,7 +90,7 @@ class DecoderLayer(nnx.Module):
     self.w_up = _param(rngs, normal_init, (d, f), ("embed", "mlp"), dt)
     self.w_down = _param(rngs, normal_init, (f, d), ("mlp", "embed"), dt)
 
-  def attention(self, x_BLD, cos, sin, cache_kv=None, cache_index=None):
+  def attention(self, x_BLD, cos, sin, cache_kv=None, cache_index=None, segment_ids_BL=None):
     """Pre-norm attention sublayer: (output [B, L, D], updated (k, v) cache or None)."""
     config = self.config
     dt = jnp.dtype(config.compute_dtype)
@@ -111,7 +111,8 @@ class DecoderLayer(nnx.Module):
       new_cache = (k_cache, v_cache)
     if cache_index is None:  # a full sequence (or a prefill into an empty cache): causal attention
       o_BLNH = attn_lib.attention(q_BLNH, k_BLKH, v_BLKH, impl=config.attention_impl,
-                                  block_size=config.attention_block_size)
+                                  block_size=config.attention_block_size,
+                                  segment_ids_BL=segment_ids_BL)
     else:  # decoding: the new queries attend to everything cached so far
       o_BLNH = attn_lib.reference_attention(q_BLNH, new_cache[0].astype(dt),
                                             new_cache[1].astype(dt), q_offset=cache_index,
@@ -129,9 +130,9 @@ class DecoderLayer(nnx.Module):
     act_BLF = shard(jax.nn.silu(gate_BLF) * up_BLF, ("batch", "length", "act_mlp"))
     return project(act_BLF, self.w_down[...].astype(dt))
 
-  def __call__(self, x_BLD, cos, sin, cache_kv=None, cache_index=None):
+  def __call__(self, x_BLD, cos, sin, cache_kv=None, cache_index=None, segment_ids_BL=None):
     """(x + attention + MLP [B, L, D], updated (k, v) cache or None)."""
-    a_BLD, new_kv = self.attention(x_BLD, cos, sin, cache_kv, cache_index)
+    a_BLD, new_kv = self.attention(x_BLD, cos, sin, cache_kv, cache_index, segment_ids_BL)
     x_BLD = shard(x_BLD + a_BLD, ("batch", "length", "act_embed"))
     x_BLD = shard(x_BLD + self.mlp(x_BLD), ("batch", "length", "act_embed"))
     return x_BLD, new_kv
@@ -212,12 +213,23 @@ class Llama(nnx.Module):
                        f"unexpected {sorted(got - want)} ({e})") from None
 
   def hidden_states(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None,
-                    cache: dict | None = None, cache_index: jax.Array | int | None = None):
+                    cache: dict | None = None, cache_index: jax.Array | int | None = None,
+                    segment_ids_BL: jax.Array | None = None):
     """See `hidden_states`."""
     config = self.config
     check_token_ids(tokens_BL, config.vocab_size)  # outside jit; a no-op on traced ids
     dt = jnp.dtype(config.compute_dtype)
     b, l = tokens_BL.shape
+    if segment_ids_BL is not None:
+      if cache is not None:
+        raise ValueError("segment ids are for training and scoring whole rows; generation (a KV "
+                         "cache) runs one document per row")
+      if tuple(segment_ids_BL.shape) != (b, l):
+        raise ValueError(f"segment ids of shape {tuple(segment_ids_BL.shape)} do not match the "
+                         f"tokens {(b, l)}")
+      segment_ids_BL = shard(segment_ids_BL.astype(jnp.int32), ("batch", "length"))
+      if positions_BL is None:
+        positions_BL = positions_from_segments(segment_ids_BL)
     if positions_BL is None:
       start = 0 if cache_index is None else cache_index
       positions_BL = jnp.broadcast_to(start + jnp.arange(l, dtype=jnp.int32), (b, l))
@@ -230,7 +242,7 @@ class Llama(nnx.Module):
       layer = nnx.merge(layer_def, layer_params)  # this layer's [Y] slice as a DecoderLayer
       # The one activation remat keeps per layer (the "offload" policy moves it to host memory).
       x_BLD = checkpoint_name(x_BLD, "layer_input")
-      return layer(x_BLD, cos, sin, cache_kv, cache_index)
+      return layer(x_BLD, cos, sin, cache_kv, cache_index, segment_ids_BL)
 
     layer_fn = _remat(layer_fn, config.remat)
     cache_xs = None if cache is None else (cache["k"], cache["v"])
@@ -253,9 +265,11 @@ class Llama(nnx.Module):
     logits_BLV = project(h_BLD, w, transpose_w=tied, preferred_element_type=jnp.float32)
     return shard(logits_BLV, ("batch", "length", "act_vocab"))
 
-  def __call__(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None) -> jax.Array:
-    """Logits float32 [B, L, V] for int32 tokens [B, L]; positions default to 0..L-1."""
-    return self.logits_from_hidden(self.hidden_states(tokens_BL, positions_BL))
+  def __call__(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None,
+               segment_ids_BL: jax.Array | None = None) -> jax.Array:
+    """Logits float32 [B, L, V] for int32 tokens [B, L]; see `forward`."""
+    return self.logits_from_hidden(self.hidden_states(tokens_BL, positions_BL,
+                                                      segment_ids_BL=segment_ids_BL))
 
 
 # --- what the modules declare, derived without allocating -------------------------------------
@@ -321,17 +335,30 @@ def init_params(config: ModelConfig, key: jax.Array) -> Params:
 
 # --- the functional API: plain parameter dicts in, arrays out ---------------------------------
 
+def positions_from_segments(segment_ids_BL: jax.Array) -> jax.Array:
+  """int32 [B, L]: each token's offset from the first token of its run of equal segment ids, so
+  RoPE positions restart at 0 with every packed document (before PI's scaling, as for a
+  document alone)."""
+  b, l = segment_ids_BL.shape
+  index_BL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+  starts_BL = jnp.concatenate([jnp.ones((b, 1), bool),
+                               segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1]], axis=1)
+  start_BL = jax.lax.cummax(jnp.where(starts_BL, index_BL, 0), axis=1)
+  return index_BL - start_BL
+
+
 def hidden_states(config: ModelConfig, params: Params, tokens_BL: jax.Array,
                   positions_BL: jax.Array | None = None, cache: dict | None = None,
-                  cache_index: jax.Array | int | None = None):
+                  cache_index: jax.Array | int | None = None,
+                  segment_ids_BL: jax.Array | None = None):
   """Final-normed hidden states [B, L, D] in the compute dtype.
 
   With `cache` ({'k','v': [Y, B, S, K, H]}) also returns the updated cache: cache_index None
   means a prefill of an empty cache from position 0; an index means decode after that many
-  cached tokens.
+  cached tokens. segment_ids_BL: see `forward` (not with a cache).
   """
   return Llama.from_params(config, params).hidden_states(tokens_BL, positions_BL, cache,
-                                                         cache_index)
+                                                         cache_index, segment_ids_BL)
 
 
 def logits_from_hidden(config: ModelConfig, params: Params, h_BLD: jax.Array) -> jax.Array:
@@ -340,9 +367,15 @@ def logits_from_hidden(config: ModelConfig, params: Params, h_BLD: jax.Array) ->
 
 
 def forward(config: ModelConfig, params: Params, tokens_BL: jax.Array,
-            positions_BL: jax.Array | None = None) -> jax.Array:
-  """Logits float32 [B, L, V] for int32 tokens [B, L]; positions default to 0..L-1."""
-  return Llama.from_params(config, params)(tokens_BL, positions_BL)
+            positions_BL: jax.Array | None = None,
+            segment_ids_BL: jax.Array | None = None) -> jax.Array:
+  """Logits float32 [B, L, V] for int32 tokens [B, L]; positions default to 0..L-1.
+
+  segment_ids_BL (int [B, L]): packed documents. A token attends only to earlier tokens with the
+  same id, and positions (when not given) restart at each run of equal ids
+  (`positions_from_segments`); given positions win.
+  """
+  return Llama.from_params(config, params)(tokens_BL, positions_BL, segment_ids_BL)
 
 
 def init_cache(config: ModelConfig, batch: int, max_length: int, dtype=None) -> dict:

@@ -22,6 +22,11 @@ results (output, log-sum-exp) merge by the online-softmax rule in float32. The p
 computation is the blockwise kernel of pi_jax.attention.blockwise. `block_pairs_per_shard`
 gives the forward work per shard of this schedule (tests count it at run time too).
 Batch stays split over data/fsdp and heads over tensor where they divide.
+
+Segment ids (document masking) move with their positions: the queries' ids through the same
+zig-zag permutes as q, the keys' ids around the ring beside k and v (int32, 4 bytes a position
+against k and v's 2·K·H elements). A query chunk that holds no key of its document in some K/V
+chunk gets a partial result with lse ≈ MASK_VALUE, which the merge weighs by exactly 0.
 """
 
 from __future__ import annotations
@@ -100,32 +105,41 @@ def _from_zigzag(first, second, axis, n, is_even):
   return jnp.concatenate([even, odd], axis=1)
 
 
-def _ring_shard(q_BCNH, k_BCKH, v_BCKH, *, block_size: int, axis: str, n_shards: int,
-                layout: str):
-  """Runs on one shard: the local contiguous chunk (C = L/n positions); returns its output."""
+def _ring_shard(q_BCNH, k_BCKH, v_BCKH, seg_BC=None, *, block_size: int, axis: str,
+                n_shards: int, layout: str):
+  """Runs on one shard: the local contiguous chunk (C = L/n positions) and its segment ids
+  (or None); returns its output."""
   n = n_shards
-  kh = k_BCKH.shape[2]
+  kh, g = k_BCKH.shape[2], q_BCNH.shape[2] // k_BCKH.shape[2]
   c2 = q_BCNH.shape[1] // 2
   idx = jax.lax.axis_index(axis)
   is_even = idx % 2 == 0
+  local = (q_BCNH, k_BCKH, v_BCKH) + (() if seg_BC is None else (seg_BC,))
   if layout == "zigzag":
-    halves = [_to_zigzag(x, axis, n, is_even) for x in (q_BCNH, k_BCKH, v_BCKH)]
+    halves = [_to_zigzag(x, axis, n, is_even) for x in local]
   else:
-    halves = [(x[:, :c2], x[:, c2:]) for x in (q_BCNH, k_BCKH, v_BCKH)]
+    halves = [(x[:, :c2], x[:, c2:]) for x in local]
   t = blockwise.block_length(c2, block_size)
   pad = (-c2) % t
   widths = ((0, 0), (0, pad), (0, 0), (0, 0))
-  padded = [[jnp.pad(x, widths) if pad else x for x in pair] for pair in halves]
-  qs = [blockwise.to_blocks_q(x, kh, t) for x in padded[0]]
-  kvs = [(blockwise.to_blocks_kv(k, t), blockwise.to_blocks_kv(v, t))
+  padded = [[jnp.pad(x, widths) if pad else x for x in pair] for pair in halves[:3]]
+  # (q blocks, their segment ids or None) and (k blocks, v blocks, their segment ids or None).
+  qs = [(blockwise.to_blocks_q(x, kh, t), None) for x in padded[0]]
+  kvs = [(blockwise.to_blocks_kv(k, t), blockwise.to_blocks_kv(v, t), None)
          for k, v in zip(padded[1], padded[2])]
+  if seg_BC is not None:
+    segs = [blockwise.pad_segments(x, pad) for x in halves[3]]
+    qs = [(q, blockwise.to_blocks_q_segments(s, g, t)) for (q, _), s in zip(qs, segs)]
+    kvs = [(k, v, blockwise.to_blocks_kv_segments(s, t)) for (k, v, _), s in zip(kvs, segs)]
   kv_valid = c2 if pad else None  # block padding at the end of each half-chunk is masked
 
   def attend(pairs, causal):
     """blockwise_core on (q, kv) pairs of one shape as ONE call, stacked on the batch axis."""
-    q = jnp.concatenate([q for q, _ in pairs], axis=1)
-    k, v = (jnp.concatenate([kv[i] for _, kv in pairs], axis=1) for i in (0, 1))
-    out, lse = blockwise.blockwise_core(q, k, v, causal, None if causal else kv_valid)
+    cat = lambda xs: None if xs[0] is None else jnp.concatenate(xs, axis=1)
+    q, q_seg = (cat([q[i] for q, _ in pairs]) for i in (0, 1))
+    k, v, kv_seg = (cat([kv[i] for _, kv in pairs]) for i in (0, 1, 2))
+    out, lse = blockwise.blockwise_core(q, k, v, causal, None if causal else kv_valid, q_seg,
+                                        kv_seg)
     return [(o, l) for o, l in zip(jnp.split(out, len(pairs), axis=1),
                                    jnp.split(lse, len(pairs), axis=1))]
 
@@ -145,7 +159,7 @@ def _ring_shard(q_BCNH, k_BCKH, v_BCKH, *, block_size: int, axis: str, n_shards:
       # one of them (query chunk 2, K/V chunk 1) fixed; selects pick the other: no branch.
       early = src < idx
       o_fixed, o_x = attend([(qs[1], kvs[0]),
-                             (jnp.where(early, qs[0], qs[1]), select(early, kvs[0], kvs[1]))],
+                             (select(early, qs[0], qs[1]), select(early, kvs[0], kvs[1]))],
                             False)
       out1 = _merge(*out1, *o_fixed)
       out0 = select(early, _merge(*out0, *o_x), out0)
@@ -163,15 +177,17 @@ def _ring_shard(q_BCNH, k_BCKH, v_BCKH, *, block_size: int, axis: str, n_shards:
 
 
 def ring_attention(q_BLNH, k_BLKH, v_BLKH, *, block_size: int = 512, axis: str = SEQUENCE_AXIS,
-                   layout: str = "zigzag"):
+                   layout: str = "zigzag", segment_ids_BL=None):
   """Causal attention with context parallelism over mesh axis `axis` (under `jax.set_mesh`).
 
-  Without a mesh, or when `axis` has size 1, this is exactly xla_blockwise attention.
+  segment_ids_BL: int [B, L] or None (document masking; module docstring). Without a mesh, or
+  when `axis` has size 1, this is exactly xla_blockwise attention.
   """
   shard_chunks(1, layout)  # validates the layout name
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.shape.get(axis, 1) == 1:
-    return blockwise.blockwise_attention(q_BLNH, k_BLKH, v_BLKH, block_size=block_size)
+    return blockwise.blockwise_attention(q_BLNH, k_BLKH, v_BLKH, block_size=block_size,
+                                         segment_ids_BL=segment_ids_BL)
   n_shards = mesh.shape[axis]
   l = q_BLNH.shape[1]
   if l % (2 * n_shards):
@@ -186,5 +202,8 @@ def ring_attention(q_BLNH, k_BLKH, v_BLKH, *, block_size: int = 512, axis: str =
   kv_spec = P(kv_spec[0], axis, heads, None)
   fn = functools.partial(_ring_shard, block_size=block_size, axis=axis, n_shards=n_shards,
                          layout=layout)
-  return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
-                       check_vma=False)(q_BLNH, k_BLKH, v_BLKH)
+  args, specs = (q_BLNH, k_BLKH, v_BLKH), (q_spec, kv_spec, kv_spec)
+  if segment_ids_BL is not None:
+    args, specs = args + (segment_ids_BL.astype(jnp.int32),), specs + (P(q_spec[0], axis),)
+  return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=q_spec,
+                       check_vma=False)(*args)
