@@ -301,9 +301,17 @@ def _per_chip_bytes(model, topology, mesh_spec, seq_len, with_ids):
   return total, compiled.as_text()
 
 
+# Known failure, kept strict so that a fix shows: in the whole model (remat full, scan over
+# layers) ring with ids needs +38 MB a chip at 8K (33.4 -> 71.3 MB) and +896 MB at 32K (158 MB ->
+# 1.05 GB), also with positions given; the ring kernel alone with ids adds 2.5 MB (grad, 16K).
+_RING_MEMORY = pytest.mark.xfail(strict=True, reason="ring + ids in the model: per-chip memory "
+                                 "grows ~L^2 (docs/long_sequences.md)")
+
+
 @pytest.mark.parametrize("impl,topology,mesh_spec,seq_len", [
     ("splash", "v5e:2x2", "fsdp:2,tensor:2", 8192),
-    ("ring", "v5e:2x4", "fsdp:2,sequence:4", 8192)])
+    pytest.param("ring", "v5e:2x4", "fsdp:2,sequence:4", 8192,
+                 marks=[_RING_MEMORY, pytest.mark.slow])])
 def test_segment_ids_compile_for_tpu_without_more_memory(impl, topology, mesh_spec, seq_len):
   """Per chip, the program with ids needs at most the ids' own bytes more than without
   (bf16, full remat; the tiny model's few weights leave attention and loss to dominate)."""
