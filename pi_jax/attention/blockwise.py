@@ -79,9 +79,20 @@ def _and(mask_a, mask_b):
   return mask_a if mask_b is None else mask_a & mask_b
 
 
-def _pair_mask(i, j, q_seg, kv_seg):
-  """[B, 1, R, T]: the segment mask of query block i and key block j (None without segments)."""
-  return None if q_seg is None else segment_mask(q_seg[i], kv_seg[j])
+def _pair_ids(i, j, q_seg, kv_seg):
+  """(query ids [B, R] of block i, key ids [B, T] of block j), or None without segments."""
+  return None if q_seg is None else (q_seg[i], kv_seg[j])
+
+
+def _masked(s_BKRT, mask_RT, ids):
+  """Scores with keys outside the causal mask_RT and (ids) outside each query's segment at
+  MASK_VALUE. The segment mask is built only once the scores exist (optimization barrier):
+  it depends on the ids alone, and XLA otherwise computed every block pair's mask ahead of the
+  loops and kept them all (ring in the model: +38 MB a chip at 8K, +0.9 GB at 32K on TPU)."""
+  if ids is not None:
+    s_BKRT, q_ids, kv_ids = jax.lax.optimization_barrier((s_BKRT, *ids))
+    mask_RT = _and(mask_RT, segment_mask(q_ids, kv_ids))
+  return s_BKRT if mask_RT is None else jnp.where(mask_RT, s_BKRT, MASK_VALUE)
 
 
 def _diag_mask(t, g):
@@ -93,7 +104,7 @@ def _scores(q_BKRH, k_BKTH, scale):
   return jnp.einsum("BKRH,BKTH->BKRT", q_BKRH, k_BKTH, preferred_element_type=jnp.float32) * scale
 
 
-def _online_step(carry, q_BKRH, k_BKTH, v_BKTH, scale, mask_RT=None):
+def _online_step(carry, q_BKRH, k_BKTH, v_BKTH, scale, mask_RT=None, ids=None):
   """One key block of the online softmax; carry = (running max, running sum, accumulator).
 
   A row masked in the whole block adds exp(0) = 1 per key under MASK_VALUE as its running max;
@@ -101,9 +112,7 @@ def _online_step(carry, q_BKRH, k_BKTH, v_BKTH, scale, mask_RT=None):
   exp(MASK_VALUE − real max) = 0, so it never reaches the result.
   """
   m_BKR, l_BKR, acc_BKRH = carry
-  s_BKRT = _scores(q_BKRH, k_BKTH, scale)
-  if mask_RT is not None:
-    s_BKRT = jnp.where(mask_RT, s_BKRT, MASK_VALUE)
+  s_BKRT = _masked(_scores(q_BKRH, k_BKTH, scale), mask_RT, ids)
   m_new = jnp.maximum(m_BKR, jnp.max(s_BKRT, axis=-1))
   p_BKRT = jnp.exp(s_BKRT - m_new[..., None])
   alpha = jnp.exp(m_BKR - m_new)
@@ -143,15 +152,15 @@ def _blockwise_fwd_core(q, k, v, causal: bool, kv_valid: int | None = None, q_se
       # The key blocks strictly below the diagonal need no mask; the dynamic trip count (i) is
       # what skips the blocks above it.
       carry = jax.lax.fori_loop(
-          0, i, lambda j, c: _online_step(c, q_i, k[j], v[j], scale,
-                                          _pair_mask(i, j, q_seg, kv_seg)), init)
-      carry = _online_step(carry, q_i, k[i], v[i], scale,
-                           _and(mask_RT, _pair_mask(i, i, q_seg, kv_seg)))
+          0, i, lambda j, c: _online_step(c, q_i, k[j], v[j], scale, None,
+                                          _pair_ids(i, j, q_seg, kv_seg)), init)
+      carry = _online_step(carry, q_i, k[i], v[i], scale, mask_RT,
+                           _pair_ids(i, i, q_seg, kv_seg))
     else:
       carry = jax.lax.fori_loop(
           0, nk, lambda j, c: _online_step(c, q_i, k[j], v[j], scale,
-                                           _and(_key_mask(j, t, kv_valid),
-                                                _pair_mask(i, j, q_seg, kv_seg))),
+                                           _key_mask(j, t, kv_valid),
+                                           _pair_ids(i, j, q_seg, kv_seg)),
           init)
     m, l, acc = carry
     return acc / l[..., None], m + jnp.log(l)
@@ -178,10 +187,7 @@ def _blockwise_bwd_core(q, k, v, out, lse, dout, dlse, causal: bool, kv_valid: i
     dk_BKTH, dv_BKTH, dq = carry
     q_i, do_i = q[i], dout[i]
     k_j, v_j = k[j], v[j]
-    s_BKRT = _scores(q_i, k_j, scale)
-    mask_RT = _and(mask_RT, _pair_mask(i, j, q_seg, kv_seg))
-    if mask_RT is not None:
-      s_BKRT = jnp.where(mask_RT, s_BKRT, MASK_VALUE)
+    s_BKRT = _masked(_scores(q_i, k_j, scale), mask_RT, _pair_ids(i, j, q_seg, kv_seg))
     p_BKRT = jnp.exp(s_BKRT - lse[i][..., None])
     dv_BKTH += jnp.einsum("BKRT,BKRH->BKTH", p_BKRT.astype(do_i.dtype), do_i,
                           preferred_element_type=jnp.float32)
