@@ -97,8 +97,7 @@ def _choose(run: RunOptions, platform: str, devices: int, sequence: int,
     else:
       impl = "xla_blockwise"
   elif impl == "cpu_flash" and not native_ok:
-    why = ("run.native is off" if run.native == "off" and native.available()
-           else native.unavailable_reason())
+    why = "run.native is off" if run.native == "off" else native.unavailable_reason()
     raise ValueError(f"attention impl 'cpu_flash' is unavailable: {why}. Use 'xla_blockwise' "
                      "(or 'auto', which falls back to it).")
   block = run.attention_block_size

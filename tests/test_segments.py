@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from pi_jax import attention as attn_lib
+from pi_jax import native
 from pi_jax import loss as loss_lib
 from pi_jax import model as model_lib
 from pi_jax.attention import blockwise, kernels
@@ -25,6 +26,13 @@ SEGMENTS = np.array([[0] * 7 + [1] * 20 + [2] * 13, [5] * 3 + [9] * 30 + [4] * 7
 # them; splash in Pallas interpret mode; cudnn with ids is the masked xla_blockwise fallback.
 IMPLS = {"reference": {}, "xla_blockwise": {"block_size": 8}, "cpu_flash": {"block_size": 8},
          "splash": {"block_size": 128, "interpret": True}, "cudnn": {}}
+# cpu_flash needs the native kernels (the optional [cpu] extra and g++): else it skips, saying why.
+_NATIVE = pytest.mark.skipif(not native.available(),
+                             reason=f"native kernels unavailable: {native.unavailable_reason()}")
+
+
+def _with_marks(impls):
+  return [pytest.param(i, marks=_NATIVE) if i == "cpu_flash" else i for i in impls]
 
 
 def documents(seg_L):
@@ -62,7 +70,7 @@ def _masked(impl, seg, **kw):
   return lambda q, k, v: attn_lib.attention(q, k, v, impl=impl, segment_ids_BL=seg, **kw)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", _with_marks(IMPLS))
 def test_attention_packed_equals_documents_alone(impl):
   q, k, v, w = _inputs()
   seg = jnp.asarray(SEGMENTS)
@@ -101,7 +109,7 @@ def _assert_same(got, want, bitwise):
     assert _rel(got, want) < 2e-6
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", _with_marks(IMPLS))
 def test_one_segment_equals_no_segment_ids(impl):
   """Bit for bit for the BITWISE implementations, to rounding for the others."""
   q, k, v, w = _inputs(h=8)
@@ -166,7 +174,7 @@ def interpret_splash(monkeypatch):
                       lambda *a, **kw: splash(*a, **{**kw, "interpret": True}))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", _with_marks(IMPLS))
 def test_model_packed_row_equals_documents_alone(impl, interpret_splash):
   """Each token's NLL and every parameter gradient (of a weighted NLL sum) of a packed row equal
   those of its document run alone from position 0 (reference attention, no ids)."""
@@ -185,7 +193,7 @@ def test_model_packed_row_equals_documents_alone(impl, interpret_splash):
   _assert_close_trees(grads, want_grads, 1e-4)
 
 
-@pytest.mark.parametrize("impl", ["xla_blockwise", "cpu_flash"])
+@pytest.mark.parametrize("impl", _with_marks(["xla_blockwise", "cpu_flash"]))
 def test_model_one_segment_equals_no_segment_ids(impl):
   """Bit for bit with cpu_flash (the CPU's float32 default), to rounding with xla_blockwise
   (BITWISE). Where positions agree: both get 0..L-1 as an argument. (Left to default, the positions
@@ -253,10 +261,11 @@ _DEVICES_SCRIPT = textwrap.dedent("""
       return fn(params), jax.grad(lambda p: jnp.sum(fn(p) * weights))(params)
     want, want_g = nll_and_grads(lambda p: per_document(
         lambda x, y: loss_lib.token_nll(base, p, x, y, run=_run()), seg, tokens, targets))
-    for impl, spec in [("ring", "data:2,sequence:4"), ("ring", "sequence:8"),
-                       ("cpu_flash", "data:2,fsdp:2,tensor:2"),
-                       ("xla_blockwise", "data:2,fsdp:2,tensor:2"),
-                       ("splash", "data:2,fsdp:2,tensor:2")]:
+    from pi_jax import native
+    cases = [("ring", "data:2,sequence:4"), ("ring", "sequence:8"),
+             ("cpu_flash", "data:2,fsdp:2,tensor:2"), ("xla_blockwise", "data:2,fsdp:2,tensor:2"),
+             ("splash", "data:2,fsdp:2,tensor:2")]
+    for impl, spec in [c for c in cases if c[0] != "cpu_flash" or native.available()]:
       run = _run(impl, 128 if impl == "splash" else 4)
       fn = lambda p: loss_lib.token_nll(base, p, tokens, targets, chunk=16,
                                         segment_ids_BL=jnp.asarray(seg), run=run)
