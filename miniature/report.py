@@ -191,6 +191,12 @@ def markdown(res: dict) -> list[str]:
   return lines + [""]
 
 
+def _legend(ax, **kwargs) -> None:
+  """A legend when the axes have labelled lines (a run still under way may have none yet)."""
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(**kwargs)
+
+
 def _save(fig, folder: str, name: str) -> str:
   """Lays out, writes and closes one figure; returns its file name."""
   import os
@@ -229,7 +235,7 @@ def plots(res: dict, folder: str) -> list[str]:
   ax.set_ylabel("perplexity (held-out books)")
   ax.set_title(res.get("title", f"Table 1 in miniature: base trained at {L}"), fontsize=9)
   ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+  _legend(ax, fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
   names.append(_save(fig, folder, "table1_perplexity_by_window.png"))
   # Tables 3 and 4
   factors = plan["factors"]
@@ -249,7 +255,7 @@ def plots(res: dict, folder: str) -> list[str]:
     for ax in axes[:, col]:
       ax.set_xlabel("fine-tuning steps")
       ax.grid(True, alpha=0.3)
-      ax.legend(fontsize=7)
+      _legend(ax, fontsize=7)
   names.append(_save(fig, folder, "tables3_4_by_step.png"))
   # Passkey accuracy by distance, final checkpoints
   fig, axes = plt.subplots(1, len(factors), figsize=(5 * len(factors), 3.6), squeeze=False)
@@ -268,6 +274,6 @@ def plots(res: dict, folder: str) -> list[str]:
     ax.set_ylabel("accuracy")
     ax.set_title(f"passkey at {W} ({f}x)", fontsize=9)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax, fontsize=7)
   names.append(_save(fig, folder, "passkey_by_distance.png"))
   return names

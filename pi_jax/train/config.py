@@ -215,10 +215,8 @@ class TrainConfig:
                  run=RunOptions.from_dict(run))
     if isinstance(config.model, dict):
       config = config.replace(model=ModelConfig.from_dict(config.model))
-    if config.stages:
-      config = config.replace(stages=tuple(s if isinstance(s, Stage) else Stage(**s)
-                                           for s in config.stages))
-    return config
+    return config.replace(stages=tuple(s if isinstance(s, Stage) else Stage(**s)
+                                       for s in config.stages or ()))
 
 
 def load_config_file(path: str) -> TrainConfig:

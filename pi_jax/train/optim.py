@@ -14,9 +14,8 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
   Step s (0-based) uses peak · (f + (1 - f) · s / W) for s < W and the peak afterwards.
   With lr_decay cosine or linear, steps W..steps-1 go from the peak to final_lr_fraction × peak.
   """
-  if config.stages:  # one schedule over the whole staged run: each stage's from its first step
-    from pi_jax.train import stages
-    return stages.learning_rate_schedule(config)
+  if config.stages:
+    return _staged_schedule(config)
   peak = config.learning_rate
   if config.warmup_steps == 0:
     warmup = optax.constant_schedule(peak)
@@ -33,6 +32,23 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
   else:
     decay = optax.linear_schedule(peak, end, decay_steps)
   return optax.join_schedules([warmup, decay], [config.warmup_steps])
+
+
+def _staged_schedule(config: TrainConfig) -> optax.Schedule:
+  """A staged run's one schedule (train/stages.py): the stages' schedules joined at their first
+  global steps, each warming up from warmup_start_fraction x its peak, then holding."""
+  schedules, boundaries, start = [], [], 0
+  for stage in config.stages:
+    peak = config.learning_rate if stage.learning_rate is None else stage.learning_rate
+    warmup = config.warmup_steps if stage.warmup_steps is None else stage.warmup_steps
+    if warmup == 0:
+      schedules.append(optax.constant_schedule(peak))
+    else:
+      schedules.append(optax.linear_schedule(peak * config.warmup_start_fraction, peak, warmup))
+    if start:
+      boundaries.append(start)
+    start += stage.steps
+  return optax.join_schedules(schedules, boundaries)
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:

@@ -2,7 +2,7 @@
 
 Stage k trains global steps [start_k, end_k) with its own window, RoPE scaling, batch and
 learning rate; the parameters and the optimizer state carry over (their shapes do not depend on
-the window). One optimizer serves the whole run: its schedule is the stages' schedules joined at
+the window). One optimizer serves the whole run: its schedule (train/optim.py) is the stages' schedules joined at
 their first steps (each warms up from warmup_start_fraction × its peak over its warmup_steps,
 then holds), so a checkpoint's optimizer state means the same whichever stage restores it.
 
@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import optax
-
+from pi_jax.train import setup
+from pi_jax.train import step as step_lib
+from pi_jax.train import trainer as trainer_lib
 from pi_jax.train.config import Stage, TrainConfig
 
 
@@ -62,7 +63,6 @@ def total_steps(config: TrainConfig) -> int:
 def check(config: TrainConfig, base_model=None) -> list[PlannedStage]:
   """The plan, or a ValueError naming the first stage that cannot run (module docstring).
   base_model: the model config before any stage's scaling (default: the run config's)."""
-  from pi_jax.train import setup
   if not config.stages:
     raise ValueError("the run config has no stages")
   if config.lr_decay != "constant":
@@ -95,21 +95,6 @@ def check(config: TrainConfig, base_model=None) -> list[PlannedStage]:
   return stages
 
 
-def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
-  """The stages' schedules joined at their first global steps (module docstring)."""
-  schedules, boundaries = [], []
-  for p, stage in zip(plan(config), config.stages):
-    peak = p.config.learning_rate
-    warmup = config.warmup_steps if stage.warmup_steps is None else stage.warmup_steps
-    if warmup == 0:
-      schedules.append(optax.constant_schedule(peak))
-    else:
-      schedules.append(optax.linear_schedule(peak * config.warmup_start_fraction, peak, warmup))
-    if p.index:
-      boundaries.append(p.start)
-  return optax.join_schedules(schedules, boundaries)
-
-
 def _latest_step(workdir: str) -> int:
   from pi_jax.train import state as state_lib
   checkpoints = state_lib.RunCheckpoints(workdir, keep=1, async_save=False)
@@ -127,12 +112,18 @@ def stage_of(stages: list[PlannedStage], step: int) -> int:
   return stages[-1].index
 
 
-def make_trainer(p: PlannedStage, last: bool, callbacks=()):
+def make_trainer(p: PlannedStage, previous: PlannedStage | None, last: bool, callbacks=()):
   """A Trainer for stage `p` that starts from the previous stage's last checkpoint."""
-  from pi_jax.train import trainer as trainer_lib
 
   class StageTrainer(trainer_lib.Trainer):
     write_final = last
+
+    def _saved_setting(self, base_model, step, meta):
+      if previous is not None and step == p.start and (meta or {}).get("stage") == p.index - 1:
+        # the previous stage's last step: saved under that stage's window and scaling
+        return (step_lib.batch_config_for_mesh(previous.config, self.mesh),
+                setup.final_model_config(previous.config, base_model))
+      return super()._saved_setting(base_model, step, meta)
 
     def _check_meta(self, step, meta):
       if step == p.start and meta.get("stage") == p.index - 1:
@@ -152,7 +143,8 @@ def train_stages(config: TrainConfig, callbacks=(), log=print) -> dict:
   summary = None
   while k < len(stages):
     p = stages[k]
-    trainer = make_trainer(p, last=k == len(stages) - 1, callbacks=callbacks)
+    trainer = make_trainer(p, stages[k - 1] if k else None, last=k == len(stages) - 1,
+                           callbacks=callbacks)
     if trainer.step < p.start:  # the newest checkpoint was damaged: resume where one loaded
       trainer.close()
       k = stage_of(stages, trainer.step)

@@ -1,6 +1,7 @@
 """The training loop: wiring of model, data, sharded state, jitted step, checkpoints, metrics.
 
-`train(config)` runs (or resumes) a run in config.workdir and returns a summary. The step is
+`Trainer(config).run()` runs (or resumes) a run in config.workdir and returns a summary
+(`pi_jax.train.train` also runs a staged config, train/stages.py). The step is
 one jitted function with the state donated; gradients are accumulated over micro-batches with
 `lax.scan`. A non-finite loss or gradient keeps the previous state (in the same jitted step) and
 stops the run with NonFiniteError; SIGTERM or Ctrl-C (SIGINT) saves a checkpoint and returns
@@ -45,7 +46,7 @@ class StepInfo:
 
 
 class Trainer:
-  """One run: build everything, then `run()`. Use `train(config)` unless you need the parts."""
+  """One run: build everything, then `run()`. Use `pi_jax.train.train(config)` unless you need the parts."""
 
   write_final = True  # WORKDIR/final at the end (a staged run's earlier stages do not)
 
@@ -83,9 +84,11 @@ class Trainer:
     self.model = setup.final_model_config(config, model)
     self.param_dtype = setup.param_dtype(config)
     if has_checkpoints:  # refuse a mismatch before a checkpoint is read, moved or overwritten
-      resume_lib.check_resume(config.workdir, _jsonable(config.to_dict()), self.model.to_dict(),
-                              *self.checkpoints.newest_meta(), param_dtype=self.param_dtype,
-                              log=self._log)
+      newest_step, newest_meta = self.checkpoints.newest_meta()
+      saved_config, saved_model = self._saved_setting(model, newest_step, newest_meta)
+      resume_lib.check_resume(config.workdir, _jsonable(saved_config.to_dict()),
+                              saved_model.to_dict(), newest_step, newest_meta,
+                              param_dtype=self.param_dtype, log=self._log)
     with jax.set_mesh(self.mesh):
       self.kernels = dispatch.choose(config.run)  # what the traced steps will use
     specs = step_lib.step_specs(config, self.model, self.mesh, self.param_dtype)
@@ -156,6 +159,13 @@ class Trainer:
       if self._lock is not None:
         self._lock.release()
         self._lock = None
+
+  def _saved_setting(self, base_model, step, meta):
+    """The run config and final model config that checkpoint `step` (its data item `meta`) must
+    have been saved under for this run to resume it: this run's own (a staged run's stage
+    boundary: the previous stage's)."""
+    del base_model, step, meta
+    return self.config, self.model
 
   def _check_meta(self, step: int, meta: dict) -> None:
     """Checkpoint `step` was trained on this data and sampler, or resuming would be wrong."""
@@ -285,14 +295,6 @@ def _what_failed(out) -> str:
   if not np.isfinite(out["loss"]):
     return "loss"
   return "gradient" if not np.isfinite(out["grad_norm"]) else "parameter update"
-
-
-def train(config: TrainConfig, callbacks: list[Callable[[StepInfo], None]] = ()) -> dict:
-  """Runs (or resumes) `config`; a config with stages runs them in turn (train/stages.py)."""
-  if config.stages:
-    from pi_jax.train import stages
-    return stages.train_stages(config, callbacks)
-  return Trainer(config, callbacks).run()
 
 
 def _jsonable(x):
