@@ -14,6 +14,8 @@ inside the original window, and the paper's three findings checked one by one.
                             direct fine-tuning (one GPU; --reduced: 16384 on a CPU in hours,
                             --smoke: toy sizes), runs/real_SIZE (miniature/real.py)
   python demo.py pretrain   the base model itself (about an hour)
+  python demo.py table6     Table 6 in miniature: a summarization fine-tune with PI, then
+                            generation + ROUGE (miniature/table6.py), runs/table6
 
 Every number comes from `train.py` / `eval.py` commands this script runs (each is logged with
 its wall and CPU time under OUT/logs/ and listed in the report); nothing is typed in by hand.
@@ -58,10 +60,29 @@ def pretrain(argv: list[str]) -> int:
   return pretrain_lib.pretrain(args.workdir, args.vocab, args.set, args.publish)
 
 
+def table6(argv: list[str]) -> int:
+  """`python demo.py table6`: the paper's Table 6 pipeline in miniature (miniature/table6.py).
+
+  Rerunning resumes: outputs that exist are kept.
+  """
+  p = argparse.ArgumentParser(prog="demo.py table6", description=table6.__doc__.splitlines()[0])
+  p.add_argument("--out", default="runs/table6", help="output folder (default %(default)s)")
+  p.add_argument("--steps", type=int, default=150, help="fine-tuning steps per arm "
+                 "(default %(default)s)")
+  p.add_argument("--batch", type=int, default=4, help="rows per step (default %(default)s)")
+  args = p.parse_args(argv)
+  if args.steps < 1 or args.batch < 1:
+    p.error("--steps and --batch must be positive")
+  from miniature import table6 as table6_lib
+  return table6_lib.run(args.out, args.steps, args.batch, argv)
+
+
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   if argv[:1] == ["pretrain"]:
     return pretrain(argv[1:])
+  if argv[:1] == ["table6"]:
+    return table6(argv[1:])
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--out", default=None,

@@ -649,6 +649,7 @@ def run_harness(args) -> dict:
 def run_summarize(args) -> dict:
   import pi_jax
   from pi_jax import files
+  from pi_jax.data import summaries
   from pi_jax.evals import report, summarization
   try:
     import rouge_score  # noqa: F401
@@ -656,12 +657,12 @@ def run_summarize(args) -> dict:
     raise ImportError("rouge-score is not installed: pip install pi_jax[harness]") from None
   _check_outputs(args, list(args.ckpt) + [args.data])
   info = report.run_info(args.argv)
-  docs = summarization.load_documents(args.data, args.limit)
+  docs = summaries.load_documents(args.data, args.limit)
   mesh = None
   if args.mesh:
     from pi_jax import sharding
     mesh = sharding.make_mesh(args.mesh)
-  template = args.template or summarization.DEFAULT_TEMPLATE
+  template = args.template or summaries.DEFAULT_TEMPLATE
   several = len(args.ckpt) > 1
   bar = _progress(args)
   runs = []

@@ -257,18 +257,19 @@ def test_summaries_are_transformers_greedy_generations_and_rouge_is_rouge_score(
   import transformers
   from rouge_score import rouge_scorer
   import pi_jax
+  from pi_jax.data import summaries
   from pi_jax.evals import summarization
   base, scaled_hf = scaled_tiny
   config, params = pi_jax.load_checkpoint(base)
   config = config.with_rope_scaling("linear:4")
   tok = pi_jax.load_tokenizer(base)
-  docs = summarization.load_documents(os.path.join(TASKS, "govreport_tiny.jsonl"))
+  docs = summaries.load_documents(os.path.join(TASKS, "govreport_tiny.jsonl"))
   out = summarization.summarize(config, params, tok, docs, max_length=30, max_new_tokens=6)
   assert out["truncated"] == 2  # both reports are longer than 30 - 6 prompt tokens
   model = transformers.AutoModelForCausalLM.from_pretrained(scaled_hf, dtype=torch.float32).eval()
   scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
   for doc, row in zip(docs, out["per_document"]):
-    ids, cut = summarization.build_prompt(tok, doc["report"], summarization.DEFAULT_TEMPLATE, 24)
+    ids, cut = summaries.build_prompt(tok, doc["report"], summaries.DEFAULT_TEMPLATE, 24)
     assert cut and len(ids) == 24 and row["prompt_tokens"] == 24
     assert tok.decode(ids).endswith("\n\nSummary:")  # the instruction survives the cut
     with torch.no_grad():

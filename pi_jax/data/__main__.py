@@ -17,10 +17,19 @@ def build_parser() -> argparse.ArgumentParser:
                      "Rerunning an interrupted prepare resumes it.")
   p.add_argument("spec", help="the documents: a data spec")
   p.add_argument("out", help="the store directory to write (then: train.py --set data=OUT)")
-  p.add_argument("--format", choices=("text", "sft"), default="text",
+  p.add_argument("--format", choices=("text", "sft", "summaries"), default="text",
                  help="text: documents (default). sft: one .jsonl/.parquet file of "
                  "{prompt, completion} or {messages} rows, rendered with the checkpoint's chat "
-                 "template, loss on the completions only (train with --set packing=documents)")
+                 "template, loss on the completions only (train with --set packing=documents). "
+                 "summaries: one .jsonl file of {report, summary} rows (GovReport's), prompted "
+                 "as eval.py summarize prompts them, loss on the summary only, each example cut "
+                 "to --max-length (no chat template needed: base models too)")
+  p.add_argument("--max-length", type=int, default=None,
+                 help="--format summaries: tokens per example, the fine-tune's seq_len (the "
+                 "report's end is cut to fit; a summary that alone does not fit is skipped)")
+  p.add_argument("--prompt-template", default=None,
+                 help="--format summaries: the prompt around the report (default "
+                 "'{report}\n\nSummary:'; pass eval.py summarize the same --template)")
   p.add_argument("--tokenizer", required=True,
                  help="checkpoint or tokenizer folder whose tokenizer the trained model uses; "
                  "`bytes` for the byte tokenizer of randomly initialized models")
@@ -64,16 +73,30 @@ def main(argv=None) -> int:
                  "not recorded by the prepare that made this store (every chunk's crc32c is fine)"),
               file=sys.stderr)
       return 0
-    if args.format == "sft":
-      from pi_jax.data import sft
+    if args.format != "summaries":
+      for flag, value in (("--max-length", args.max_length),
+                          ("--prompt-template", args.prompt_template)):
+        if value is not None:
+          raise ValueError(f"{flag} applies to --format summaries only")
+    if args.format in ("sft", "summaries"):
+      from pi_jax.data import sft, summaries
       for flag, value in (("--data-dir", args.data_dir), ("--workers", args.workers),
                           ("--shard-tokens", args.shard_tokens),
                           ("--text-key", args.text_key != "text" or None)):
         if value:
-          raise ValueError(f"{flag} does not apply to --format sft (one JSONL/Parquet file, "
+          raise ValueError(f"{flag} does not apply to --format {args.format} (one file, "
                            "tokenized in this process)")
-      summary = sft.prepare_sft(args.spec, args.out, args.tokenizer, max_examples=args.max_docs,
-                                restart=args.restart, progress_bar=not args.no_progress)
+      if args.format == "sft":
+        summary = sft.prepare_sft(args.spec, args.out, args.tokenizer,
+                                  max_examples=args.max_docs, restart=args.restart,
+                                  progress_bar=not args.no_progress)
+      else:
+        if args.max_length is None:
+          raise ValueError("--format summaries needs --max-length (the fine-tune's seq_len)")
+        summary = summaries.prepare_summaries(
+            args.spec, args.out, args.tokenizer, max_length=args.max_length,
+            template=args.prompt_template or summaries.DEFAULT_TEMPLATE,
+            max_examples=args.max_docs, restart=args.restart, progress_bar=not args.no_progress)
       if args.json:
         print(json.dumps(summary, sort_keys=True))
       return 0

@@ -198,35 +198,57 @@ def open_mask(store):
 def prepare_sft(path: str, out: str, checkpoint: str, *, max_examples: int | None = None,
                 restart: bool = False, progress_bar: bool = True, log=print) -> dict:
   """Renders and tokenizes the SFT file `path` with `checkpoint`'s chat template and tokenizer
-  into the token store `out` (local: written under a temporary name, then renamed; restart
-  replaces a store already there once the new one is complete)."""
-  from tqdm import tqdm
-
-  from pi_jax.data.prepare import token_dtype
+  into the token store `out` (write_store says how it is written)."""
   from pi_jax.tokenizer import load_tokenizer
   tok = load_tokenizer(checkpoint)
   template, special = load_chat_template(checkpoint)
   encoder = ChatEncoder(template, tok, special)
-  remote = store_lib.is_remote(out)
+  check_out(out, restart)
+
+  def examples():
+    for where, messages in read_conversations(path):
+      ids, flags = encoder.encode(where, messages)
+      yield ids, flags, json.dumps(messages, sort_keys=True)
+
+  return write_store(out, examples(), tok, checkpoint, source={"spec": path, "format": "sft"},
+                     max_examples=max_examples, restart=restart, progress_bar=progress_bar,
+                     log=log)
+
+
+def check_out(out: str, restart: bool) -> None:
+  """Refuses an OUT that already holds a token store unless `restart` (before any work)."""
   if not restart and store_lib.read_json(out, store_lib.META) is not None:
     raise store_lib.StoreError(f"{out} already holds a token store; pass --restart to replace "
                                "it, or choose another OUT")
+
+
+def write_store(out: str, examples, tok, checkpoint: str, *, source: dict,
+                max_examples: int | None = None, restart: bool = False,
+                progress_bar: bool = True, log=print, meta_extra: dict | None = None) -> dict:
+  """Writes the SFT token store `out` from `examples`: (int32 ids, uint8 completion flags,
+  the text it came from) per example, in order. Local stores are written under a temporary name,
+  then renamed (restart replaces a store already there once the new one is complete), so a
+  failure leaves nothing at `out`."""
+  from tqdm import tqdm
+
+  from pi_jax.data.prepare import token_dtype
+  check_out(out, restart)
+  remote = store_lib.is_remote(out)
   work = out if remote else out.rstrip("/") + ".partial"
   if not remote and os.path.exists(work):
     shutil.rmtree(work)
   ids_all, flags_all, lengths = [], [], []
-  source = hashlib.sha256()
+  source_sha = hashlib.sha256()
   bar = tqdm(unit=" examples", disable=not progress_bar, file=sys.stderr, dynamic_ncols=True)
-  for where, messages in read_conversations(path):
+  for ids, flags, text in examples:
     if max_examples is not None and len(lengths) >= max_examples:
       break
-    ids, flags = encoder.encode(where, messages)
-    source.update(json.dumps(messages, sort_keys=True).encode())
+    source_sha.update(text.encode())
     ids_all.append(ids), flags_all.append(flags), lengths.append(len(ids))
     bar.update(1)
   bar.close()
   if not lengths:
-    raise SFTError(f"{path}: no examples")
+    raise SFTError(f"{source['spec']}: no examples")
   ids_T, flags_T = np.concatenate(ids_all), np.concatenate(flags_all)
   dtype = token_dtype(tok.vocab_size)
   n = len(ids_T)
@@ -247,9 +269,10 @@ def prepare_sft(path: str, out: str, checkpoint: str, *, max_examples: int | Non
           "tokenizer": {"kind": tok.kind, "fingerprint": tok.fingerprint(), "source": checkpoint,
                         "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
                         "add_bos": tok.add_bos},
-          "source": {"spec": path, "format": "sft", "sha256": source.hexdigest()},
+          "source": {**source, "sha256": source_sha.hexdigest()},
           "token_sha256": token_sha,
-          "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+          "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          **(meta_extra or {})}
   store_lib.write_json(work, store_lib.META, meta)
   if not remote:
     if os.path.isdir(out) and (restart or not os.listdir(out)):

@@ -1,17 +1,14 @@
 """Long-document summarization with ROUGE (PI §3.4, Table 6: GovReport at 16K).
 
-Data: JSON Lines, one {"report": ..., "summary": ...} object per line (GovReport's fields).
-Each report becomes `prompt_template.format(report=...)`; when the prompt would not leave room
-for `max_new_tokens` in `max_length`, the report's END is cut (its opening is kept, and the
-instruction after it survives) and the document is counted in `truncated`. The summary is the
+Data and prompt: pi_jax.data.summaries (the summarization fine-tune builds its prompts with the
+same function). When the prompt would not leave room for `max_new_tokens` in `max_length`, the
+report's END is cut and the document is counted in `truncated`. The summary is the
 greedy (or sampled) continuation from pi_jax.generate, cut at EOS, scored against the reference
 with Google's rouge-score package: ROUGE-1/2/L F1 (stemmed), averaged over documents, × 100.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Callable
 
 import jax
@@ -19,55 +16,11 @@ import numpy as np
 
 from pi_jax import sharding as sharding_lib
 from pi_jax.config import ModelConfig
+from pi_jax.data.summaries import DEFAULT_TEMPLATE, build_prompt
 from pi_jax.evals import runtime
 from pi_jax.generate import generate
 
-# What the summarization fine-tune's prompts look like; pass the fine-tune's own if different.
-DEFAULT_TEMPLATE = "{report}\n\nSummary:"
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
-
-
-def load_documents(path: str, limit: int | None = None) -> list[dict]:
-  """[{"report", "summary"}] from a JSONL file; a bad line raises naming the file and line."""
-  if not os.path.isfile(path):
-    raise ValueError(f"--data {path}: no such file (expected JSON Lines with report/summary)")
-  docs = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        doc = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path} line {n}: not JSON ({e})") from None
-      if not (isinstance(doc, dict) and isinstance(doc.get("report"), str)
-              and isinstance(doc.get("summary"), str)):
-        raise ValueError(f"{path} line {n}: expected an object with string fields "
-                         "'report' and 'summary'")
-      docs.append(doc)
-      if limit and len(docs) >= limit:
-        break
-  if not docs:
-    raise ValueError(f"{path}: no documents")
-  return docs
-
-
-def build_prompt(tok, report: str, template: str, max_prompt: int) -> tuple[list[int], bool]:
-  """(prompt ids of at most max_prompt tokens, whether the report was cut)."""
-  if "{report}" not in template:
-    raise ValueError(f"prompt template {template!r} has no {{report}} field")
-  head, tail = template.split("{report}", 1)
-  prefix = tok.encode(head) if head else tok.encode("")  # BOS (if any) only here
-  tail_ids = tok.encode(tail, add_bos=False)
-  ids = tok.encode(head + report + tail)
-  if len(ids) <= max_prompt:
-    return ids, False
-  room = max_prompt - len(prefix) - len(tail_ids)
-  if room < 1:
-    raise ValueError(f"the prompt template alone needs {len(prefix) + len(tail_ids)} tokens; "
-                     f"max_length leaves {max_prompt} for the prompt")
-  body = tok.encode(report, add_bos=False)[:room]
-  return prefix + body + tail_ids, True
 
 
 def rouge_scores(predictions: list[str], references: list[str]) -> dict:
