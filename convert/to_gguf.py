@@ -7,13 +7,15 @@ context length is the extended window, the tensors have llama.cpp's names and it
 q/k row order, the tokenizer comes from CKPT/tokenizer/, and the RoPE scaling is in llama.cpp's
 keys: linear (PI) and YaRN as `rope.scaling.*`, llama3 as the `rope_freqs` tensor, fixed NTK
 as the changed `rope.freq_base`. Dynamic NTK and LongRoPE have no llama.cpp form for this
-architecture and are refused. Weights stream one checkpoint array at a time (the stacked array
-of one projection over all layers); OUT appears atomically.
+architecture and are refused. Weights stream one tensor at a time: each layer's slice of a
+stacked checkpoint array is read when its GGUF tensor is written, and encoded in row blocks, so
+memory beyond the imports is about the largest tensor; OUT appears atomically.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -31,6 +33,7 @@ from pi_jax.config import ModelConfig
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 QUANT_ROWS = 1024
+BLOCK_BYTES = 4 * 2**20  # float32 rows encoded and written at a time
 ARCH = "llama"
 # HF name -> GGUF name, from the import's map (one table, two directions).
 _HF_TO_GGUF = {hf: gg for gg, hf in GLOBAL_NAMES.items()}
@@ -258,8 +261,8 @@ def _encode(w: np.ndarray, qtype) -> np.ndarray:
 
 
 def _tensor_plan(config: ModelConfig, dtype: str, rope_freqs):
-  """[(gguf name, HF shape, ggml type, leaf path, layer, kind)], leaf by leaf (a stacked
-  checkpoint array is read once and written as its layers' tensors)."""
+  """[(gguf name, HF shape, ggml type, leaf path, layer, kind)], leaf by leaf: each stacked
+  checkpoint array's layers in order (the order of the tensors in the file)."""
   from pi_jax import model as model_lib
   shapes = model_lib.param_shapes(config)
   by_leaf: dict[tuple, list] = {}
@@ -277,64 +280,152 @@ def _tensor_plan(config: ModelConfig, dtype: str, rope_freqs):
   return plan
 
 
-def numpy_checksum(x: np.ndarray, rows: int = 1 << 20) -> str:
-  """pi_jax.checkpoint's sum32x2 checksum of a host array, computed in blocks of `rows`
-  elements: the same two wrapping uint32 sums without jax's device copy and temporaries."""
-  flat = x.reshape(-1)
-  if x.dtype == np.bool_:
-    bits_of = lambda block: block.astype(np.uint64)
-  else:
-    unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize]
-    bits_of = lambda block: block.view(unsigned).astype(np.uint64)
-  plain = weighted = 0
-  for start in range(0, flat.size, rows):
-    bits = bits_of(flat[start:start + rows])
-    index = np.arange(start, start + bits.size, dtype=np.uint64) % 2**32
-    plain = (plain + int(bits.sum(dtype=np.uint64))) % 2**32  # uint64 sums wrap mod 2^64
-    weighted = (weighted + int((bits * ((2 * index + 1) % 2**32)).sum(dtype=np.uint64))) % 2**32
-  return f"{plain:08x}{weighted:08x}"
+class Sum32x2:
+  """pi_jax.checkpoint's sum32x2 checksum of an array, fed in pieces: update(block, start) adds
+  the elements at flat positions start.. (the sums wrap mod 2^32, so any order gives the same
+  result). Blocks of `rows` elements (each block's uint64 temporaries are a few MiB): the two
+  uint32 sums without jax's device copy."""
+
+  def __init__(self):
+    self.plain = self.weighted = self.count = 0
+
+  def update(self, x: np.ndarray, start: int = 0, rows: int = 1 << 18) -> "Sum32x2":
+    flat = x.reshape(-1)
+    if x.dtype == np.bool_:
+      bits_of = lambda block: block.astype(np.uint64)
+    else:
+      unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize]
+      bits_of = lambda block: block.view(unsigned).astype(np.uint64)
+    for i in range(0, flat.size, rows):
+      bits = bits_of(flat[i:i + rows])
+      index = np.arange(start + i, start + i + bits.size, dtype=np.uint64) % 2**32
+      self.plain = (self.plain + int(bits.sum(dtype=np.uint64))) % 2**32  # uint64 sums wrap
+      self.weighted = (self.weighted
+                       + int((bits * ((2 * index + 1) % 2**32)).sum(dtype=np.uint64))) % 2**32
+    self.count += flat.size
+    return self
+
+  def hexdigest(self) -> str:
+    return f"{self.plain:08x}{self.weighted:08x}"
 
 
-def _stored_leaf_reader(ckpt: str, config: ModelConfig):
-  """read(path) -> one parameter array (all layers) of CKPT as numpy, checksum-verified.
+def numpy_checksum(x: np.ndarray, rows: int = 1 << 18) -> str:
+  """The sum32x2 checksum of a whole host array (Sum32x2 in one piece)."""
+  return Sum32x2().update(x, rows=rows).hexdigest()
 
-  Orbax restores only the requested leaf (partial restore) straight into a numpy array (no
-  device copy), and the checksum is summed in blocks: memory is about one array.
+
+class SliceReader:
+  """read(path, layer) -> one layer's slice of a stacked checkpoint array (or a whole unstacked
+  array for layer None), as stored on disk, read with tensorstore one storage chunk at a time.
+
+  Memory is the slice plus one chunk (orbax's chunks are at most 32 MiB here): never the stacked
+  array. Checkpoints written since the per-layer chunking (pi_jax.checkpoint.save_checkpoint)
+  decode each chunk once; older ones store chunks that span every layer, which are decoded
+  again for each layer (slower, same memory). Each array's checksum is summed slice by slice
+  and compared with CKPT/checksums.json once its last slice is read.
   """
-  import jax
-  import orbax.checkpoint as ocp
-  from pi_jax import checkpoint
-  from pi_jax import model as model_lib
-  params_dir = os.path.join(os.path.abspath(ckpt), checkpoint.PARAMS_DIR)
-  abstract = model_lib.abstract_params(config)
-  try:
-    stored = checkpoint.stored_dtypes(ckpt)  # each array as it is on disk
-  except (FileNotFoundError, ValueError) as e:
-    raise ConversionError(str(e)) from None
-  expected = checkpoint.read_checksums(ckpt)
 
-  def read(path: tuple) -> np.ndarray:
-    a = abstract[path[0]] if len(path) == 1 else abstract[path[0]][path[1]]
-    dtype = stored.get("".join(f"[{k!r}]" for k in path), a.dtype)
-    item, args = jax.ShapeDtypeStruct(a.shape, dtype), ocp.RestoreArgs(restore_type=np.ndarray)
-    for key in reversed(path):
-      item, args = {key: item}, {key: args}
+  def __init__(self, ckpt: str, config: ModelConfig):
+    from pi_jax import checkpoint
+    from pi_jax import model as model_lib
+    self.ckpt, self.params_dir = ckpt, os.path.join(os.path.abspath(ckpt), checkpoint.PARAMS_DIR)
+    self.shapes = model_lib.param_shapes(config)
     try:
-      with ocp.PyTreeCheckpointer() as ckptr:
-        got = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
-            item=item, restore_args=args, partial_restore=True))
-    except Exception as e:  # orbax raises many types; name the file and the cause
-      raise ConversionError(f"{params_dir}: could not read parameter {'/'.join(path)}: "
-                            f"{type(e).__name__}: {str(e)[:300]}") from None
-    leaf = got[path[0]] if len(path) == 1 else got[path[0]][path[1]]
-    name = "".join(f"[{k!r}]" for k in path)  # jax.tree_util.keystr of the path
-    if expected is not None and name in expected and numpy_checksum(leaf) != expected[name]:
-      raise ConversionError(f"{params_dir}: array {name} does not match the checksum recorded "
-                            f"in {os.path.join(ckpt, checkpoint.CHECKSUMS_FILE)}: the file is "
-                            "damaged")
-    return leaf
+      self.expected = checkpoint.read_checksums(ckpt) or {}
+    except ValueError as e:
+      raise ConversionError(str(e)) from None
+    self.layout = self._layout()
+    self.arrays: dict[tuple, object] = {}
+    self.sums: dict[tuple, Sum32x2] = {}
 
-  return read
+  def _layout(self) -> dict:
+    """The storage flags orbax recorded in params/_METADATA (OCDBT and zarr version)."""
+    file = os.path.join(self.params_dir, "_METADATA")
+    try:
+      with open(file) as f:
+        meta = json.load(f)
+    except (OSError, ValueError) as e:
+      raise ConversionError(f"{file}: unreadable orbax metadata (damaged?): {e}") from None
+    return {"ocdbt": meta.get("use_ocdbt", True), "zarr3": meta.get("use_zarr3", False)}
+
+  def _open(self, path: tuple):
+    import tensorstore as ts
+    name = ".".join(path)  # orbax's name for the array
+    if self.layout["ocdbt"]:
+      kvstore = {"driver": "ocdbt", "base": f"file://{self.params_dir}", "path": name}
+    else:
+      kvstore = {"driver": "file", "path": os.path.join(self.params_dir, name)}
+    try:
+      store = ts.open({"driver": "zarr3" if self.layout["zarr3"] else "zarr",
+                       "kvstore": kvstore}, open=True, read=True).result()
+    except Exception as e:  # tensorstore raises ValueError/KeyError subtypes; name the cause
+      raise ConversionError(f"{self.params_dir}: could not open parameter {'/'.join(path)}: "
+                            f"{type(e).__name__}: {str(e)[:300]}") from None
+    want = self.shapes[path[0]] if len(path) == 1 else self.shapes[path[0]][path[1]]
+    if tuple(store.shape) != tuple(want):
+      raise ConversionError(f"{self.params_dir}: parameter {'/'.join(path)} has shape "
+                            f"{tuple(store.shape)}, the checkpoint's config expects {tuple(want)}")
+    return store
+
+  def read(self, path: tuple, layer: int | None) -> np.ndarray:
+    if path not in self.arrays:
+      self.arrays[path], self.sums[path] = self._open(path), Sum32x2()
+    store = self.arrays[path]
+    view = store if layer is None else store[layer]
+    chunk = tuple(store.chunk_layout.read_chunk.shape)[0 if layer is None else 1:]
+    boxes = [tuple(slice(s, min(s + c, n)) for s, c, n in zip(starts, chunk, view.shape))
+             for starts in itertools.product(*(range(0, n, c) for n, c in zip(view.shape, chunk)))]
+    try:
+      if len(boxes) == 1:  # one chunk: tensorstore's array is the slice
+        out = view.read().result()
+      else:
+        out = np.empty(view.shape, view.dtype.numpy_dtype)
+        for box in boxes:
+          out[box] = view[box].read().result()
+    except Exception as e:  # a missing or damaged chunk
+      raise ConversionError(f"{self.params_dir}: could not read parameter {'/'.join(path)}: "
+                            f"{type(e).__name__}: {str(e)[:300]}") from None
+    total = self.sums[path].update(out, start=0 if layer is None else layer * out.size)
+    if total.count == math.prod(store.shape):
+      self._verify(path, total.hexdigest())
+      del self.arrays[path]
+    return out
+
+  def _verify(self, path: tuple, got: str) -> None:
+    from pi_jax import checkpoint
+    name = "".join(f"[{k!r}]" for k in path)  # jax.tree_util.keystr of the path
+    if name in self.expected and got != self.expected[name]:
+      raise ConversionError(f"{self.params_dir}: array {name} does not match the checksum "
+                            f"recorded in {os.path.join(self.ckpt, checkpoint.CHECKSUMS_FILE)}: "
+                            "the file is damaged")
+
+
+class EncodedRows:
+  """One GGUF tensor, encoded and written BLOCK_BYTES of float32 rows at a time.
+
+  gguf's GGUFWriter.write_tensor_data writes `tensor.tofile(fout)` between the alignment
+  paddings; this object is that tensor, so no full-size float32, permuted or encoded copy of
+  the matrix exists. `rows` (llama.cpp's q/k order) picks the source row of each output row.
+  """
+
+  def __init__(self, hf: np.ndarray, qtype, nbytes: int, rows: np.ndarray | None = None):
+    self.hf, self.qtype, self.nbytes, self.rows, self.swap = hf, qtype, nbytes, rows, False
+
+  def byteswap(self, inplace: bool = False) -> "EncodedRows":
+    self.swap = not self.swap  # a big-endian file: each encoded block is swapped
+    return self
+
+  def tofile(self, f) -> None:
+    w = self.hf
+    if w.ndim == 1:
+      blocks = [w]
+    else:
+      step = max(1, BLOCK_BYTES // (4 * w.shape[1]))
+      blocks = (w[r:r + step] if self.rows is None else w[self.rows[r:r + step]]
+                for r in range(0, w.shape[0], step))
+    for block in blocks:
+      data = _encode(np.asarray(block, np.float32), self.qtype)
+      (data.byteswap() if self.swap else data).tofile(f)
 
 
 # --- export -------------------------------------------------------------------------------------
@@ -393,14 +484,13 @@ def export(ckpt: str, out: str, *, dtype: str = "f32", force: bool = False,
   for name, shape, qtype, *_ in plan:
     if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
       np_dtype = np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16
-      writer.add_tensor_info(name, shape, np.dtype(np_dtype),
-                             int(np.prod(shape)) * np.dtype(np_dtype).itemsize)
+      writer.add_tensor_info(name, shape, np.dtype(np_dtype), _nbytes(shape, qtype))
     else:
-      byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype)
-      writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
-                             raw_dtype=qtype)
+      writer.add_tensor_info(name, gguf.quant_shape_to_byte_shape(shape, qtype),
+                             np.dtype(np.uint8), _nbytes(shape, qtype), raw_dtype=qtype)
 
-  read = _stored_leaf_reader(ckpt, config)
+  _unmap_large_buffers()
+  read = SliceReader(ckpt, config).read
   bar = None
   if progress:
     from tqdm import tqdm
@@ -409,7 +499,7 @@ def export(ckpt: str, out: str, *, dtype: str = "f32", force: bool = False,
   # The writer opens the atomic temporary by name; atomic_file renames it only on success.
   with files.atomic_file(out, "wb") as f:
     try:
-      _write_tensors(writer, f.name, plan, read, config, rope_freqs, ckpt, bar)
+      _write_tensors(writer, f.name, plan, read, config, rope_freqs, bar)
     finally:
       writer.close()
   if bar:
@@ -417,30 +507,54 @@ def export(ckpt: str, out: str, *, dtype: str = "f32", force: bool = False,
   return out
 
 
-def _write_tensors(writer, file_path, plan, read, config, rope_freqs, ckpt, bar) -> None:
-  """Header, metadata, tensor infos, then each tensor as it is read (one array at a time)."""
+def _write_tensors(writer, file_path, plan, read, config, rope_freqs, bar) -> None:
+  """Header, metadata, tensor infos, then each tensor: its one layer's slice is read when it
+  is written and encoded in row blocks (memory: one tensor as stored, plus a block)."""
   writer.write_header_to_file(path=file_path)
   writer.write_kv_data_to_file()
   writer.write_ti_data_to_file()
-  leaf, leaf_path = None, None
   for name, shape, qtype, path, layer, kind in plan:
     if path is None:
-      w = rope_freqs
+      hf = rope_freqs
     else:
-      if path != leaf_path:
-        leaf, leaf_path = None, None  # drop the previous array before reading the next
-        leaf, leaf_path = read(path), path
-      w = leaf if layer is None else leaf[layer]
-      w = hf_layout.pi_to_hf(config, kind, np.asarray(w, np.float32))
-      if name.endswith("attn_q.weight"):
-        w = permute_for_gguf(w, config.num_heads)
-      elif name.endswith("attn_k.weight"):
-        w = permute_for_gguf(w, config.num_kv_heads)
-    if tuple(w.shape) != tuple(shape):
-      raise ConversionError(f"{ckpt}: tensor {name} has shape {w.shape}, expected {shape}")
-    writer.write_tensor_data(_encode(w, qtype))
+      # A view of the slice in HF's [out, in] layout (reshape and transpose, no copy).
+      hf = hf_layout.pi_to_hf(config, kind, read(path, layer))
+    if tuple(hf.shape) != tuple(shape):
+      raise ConversionError(f"tensor {name} has shape {hf.shape}, expected {shape}")
+    rows = None
+    if name.endswith(("attn_q.weight", "attn_k.weight")):
+      heads = config.num_heads if name.endswith("attn_q.weight") else config.num_kv_heads
+      rows = permute_for_gguf(np.arange(hf.shape[0])[:, None], heads)[:, 0]
+    writer.write_tensor_data(EncodedRows(hf, qtype, _nbytes(shape, qtype), rows))
     if bar:
       bar.update(1)
+
+
+def _unmap_large_buffers() -> None:
+  """Makes glibc map every buffer of 1 MiB or more on its own and unmap it when it is freed.
+
+  By default glibc raises its mmap threshold after such a free (up to 32 MiB) and then keeps
+  freed buffers in its per-thread arenas: each chunk tensorstore decodes on its threads (up to
+  32 MiB) would stay resident after the read (measured: +50-70 MiB of peak for SmolLM2). The
+  setting is process-wide and only trades some page faults for memory; a no-op off glibc.
+  """
+  if not sys.platform.startswith("linux"):
+    return
+  import ctypes
+  try:
+    mallopt = ctypes.CDLL(None).mallopt
+  except (OSError, AttributeError):
+    return
+  mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
+def _nbytes(shape: tuple[int, ...], qtype) -> int:
+  """Bytes of one tensor of HF shape `shape` stored as qtype."""
+  from gguf import GGMLQuantizationType as Q
+  from gguf import quant_shape_to_byte_shape
+  if qtype in (Q.F32, Q.F16):
+    return math.prod(shape) * (4 if qtype == Q.F32 else 2)
+  return math.prod(quant_shape_to_byte_shape(shape, qtype))
 
 
 def build_parser() -> argparse.ArgumentParser:

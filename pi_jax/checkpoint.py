@@ -2,7 +2,9 @@
 
 Layout of a checkpoint directory CKPT:
   CKPT/config.json     ModelConfig.to_dict() (architecture and RoPE scaling; never run options)
-  CKPT/params/         orbax (OCDBT + tensorstore) arrays of the parameter pytree
+  CKPT/params/         orbax (OCDBT + tensorstore) arrays of the parameter pytree; the stacked
+                       layer arrays in chunks of one layer (older checkpoints: chunks that
+                       span every layer; both restore alike)
   CKPT/tokenizer/      optional: the source model's tokenizer files (see pi_jax.tokenizer)
   CKPT/checksums.json  a checksum per array, verified on load (checkpoints written before it
                        existed have none and load unverified)
@@ -233,7 +235,8 @@ def save_checkpoint(path: str, config: ModelConfig, params, *, force: bool = Fal
     with quiet_failed_write():
       with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
         ckptr.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(
-            params, ocdbt_target_data_file_size=OCDBT_FILE_BYTES))
+            params, save_args=_save_args(params),
+            ocdbt_target_data_file_size=OCDBT_FILE_BYTES))
     for name, src in (extra_files or {}).items():
       dst = os.path.join(tmp, name)
       os.makedirs(os.path.dirname(dst), exist_ok=True)
@@ -241,6 +244,15 @@ def save_checkpoint(path: str, config: ModelConfig, params, *, force: bool = Fal
     write_checksums(tmp, params)
     files.write_text(os.path.join(tmp, CONFIG_FILE), config.to_json())
   return path
+
+
+def _save_args(params):
+  """Storage chunks of each stacked array ([num_layers, ...] under "layers") hold one layer
+  (orbax's shard_axes=(0,)), then split to at most OCDBT_FILE_BYTES: one layer's slice is then
+  read without decoding the other layers' data (the GGUF export reads tensor by tensor)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: ocp.SaveArgs(shard_axes=(0,) if getattr(p[0], "key", None) == "layers"
+                                else ()), params)
 
 
 def stored_param_dtype(path: str) -> str:

@@ -274,6 +274,34 @@ def test_blockwise_quantization_equals_gguf_whole_tensor():
   for qtype in (Q.Q8_0, Q.BF16):
     assert np.array_equal(_encode(w, qtype), quants.quantize(w, qtype)), qtype
 
+@pytest.mark.parametrize("layout", ["chunks-span-layers", "small-per-layer-chunks"])
+def test_any_chunking_exports_the_same_bytes(tiny, tmp_path, layout):
+  """The export reads one layer's slice chunk by chunk: a checkpoint whose chunks span every
+  layer (orbax's default, written before per-layer chunking) or whose layers are split into many
+  chunks gives the same file, byte for byte."""
+  import shutil
+  import orbax.checkpoint as ocp
+  import tensorstore as ts
+  import pi_jax
+  _, ckpt, _ = tiny
+  want = open(export(ckpt, str(tmp_path / "want.gguf"), dtype="q8_0"), "rb").read()
+  other = tmp_path / "ck"  # the same name: general.name is the checkpoint's directory name
+  shutil.copytree(ckpt, other, ignore=shutil.ignore_patterns("params"))
+  _, params = pi_jax.load_checkpoint(ckpt)
+  axes = () if layout == "chunks-span-layers" else (0,)
+  save_args = {k: ({n: ocp.SaveArgs(shard_axes=axes) for n in v} if k == "layers"
+                   else ocp.SaveArgs()) for k, v in params.items()}
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+    ckptr.save(str(other / "params"), args=ocp.args.PyTreeSave(
+        params, save_args=save_args, ocdbt_target_data_file_size=4096))
+  wq = ts.open({"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{other}/params",
+                                              "path": "layers.wq"}}).result()
+  chunk = wq.chunk_layout.read_chunk.shape
+  assert chunk[0] == (2 if layout == "chunks-span-layers" else 1) and chunk[1:] != wq.shape[1:]
+  got = open(export(str(other), str(tmp_path / "got.gguf"), dtype="q8_0"), "rb").read()
+  assert got == want
+
+
 def test_damaged_checkpoint_is_refused(tiny, tmp_path):
   import shutil
   _, ckpt, _ = tiny
