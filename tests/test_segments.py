@@ -316,9 +316,10 @@ def _per_chip_bytes(model, run, topology, mesh_spec, seq_len, with_ids):
   return total, compiled.as_text()
 
 
-# Known failure, kept strict so that a fix shows: in the whole model ring with ids needs +11 MB a
-# chip at 8K (33.4 -> 44.4 MB) and +3.7 MB at 32K (157.9 -> 161.6 MB), more than the ids (64 KB,
-# 256 KB). Before blockwise._masked's barrier it was +38 MB and +896 MB.
+# Known failure, kept strict so that a fix shows: in the whole model ring with ids needs +3.8 MB a
+# chip at 8K (33.4 -> 37.2 MB) and +2.7 MB at 32K (157.9 -> 160.6 MB), more than the ids (64 KB,
+# 256 KB). It was +38 MB and +896 MB before blockwise's barrier, +11 MB and +3.7 MB with the
+# barrier on the scores (docs/long_sequences.md).
 _RING_MEMORY = pytest.mark.xfail(strict=True, reason="ring + ids in the model: a few MB a chip "
                                  "more than the ids (docs/long_sequences.md)")
 
