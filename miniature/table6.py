@@ -157,7 +157,8 @@ def run(out: str, steps: int, batch: int, argv: list[str]) -> int:
       record = json.load(f)["runs"][0]
     results[name] = {"what": what, "window": W, "rouge": record["rouge"],
                      "truncated": record["truncated"], "documents": record["documents"],
-                     "example": record["per_document"][0]["prediction"]}
+                     "example": record["per_document"][0]["prediction"],
+                     "rougeL_by_document": [d["rougeL"] for d in record["per_document"]]}
   lead = lead_baseline(test_file, train_file)
   summary = {"plan": {"base": BASE, "factor": FACTOR, "steps": steps, "global_batch": batch,
                       "config": CONFIG, "max_new_tokens": MAX_NEW_TOKENS},
@@ -229,8 +230,17 @@ def _report(summary: dict) -> str:
   r = lead["rouge"]
   lines += [f"| lead baseline: the report's first {lead['words']} words | – | {r['rouge1']:.2f} "
             f"| {r['rouge2']:.2f} | {r['rougeL']:.2f} | – |", "",
-            "![ROUGE by model](table6_rouge.png)", "",
-            "First test pair (" + pairs["test"]["first"] + "), the generated summaries:", ""]
+            "![ROUGE by model](table6_rouge.png)", ""]
+  arms = summary["arms"]
+  if "pi" in arms and "short" in arms:
+    pi, short = arms["pi"]["rougeL_by_document"], arms["short"]["rougeL_by_document"]
+    wins = sum(a > b for a, b in zip(pi, short))
+    ties = sum(a == b for a, b in zip(pi, short))
+    lines += [f"PI fine-tune at {arms['pi']['window']} against the same fine-tune at "
+              f"{arms['short']['window']}: ROUGE-L higher on {wins}, equal on {ties}, lower on "
+              f"{len(pi) - wins - ties} of {len(pi)} test reports (one fine-tune per arm, one seed: "
+              "no claim of significance is made).", ""]
+  lines += ["First test pair (" + pairs["test"]["first"] + "), the generated summaries:", ""]
   for name in ORDER:
     arm = summary["arms"].get(name)
     if arm:

@@ -67,3 +67,22 @@ def test_demo_reproduces_the_papers_findings_on_the_committed_base(demo):
   verdicts = {x["finding"]: (x["reproduced"], x["numbers"]) for x in mini_report.findings(demo)}
   failed = {k: v for k, v in verdicts.items() if not v[0]}
   assert not failed, failed
+
+
+@pytest.mark.slow
+def test_table6_in_miniature_reruns_to_the_committed_numbers(tmp_path):
+  """`python demo.py table6` (about 10 minutes) gives results/table6's ROUGE for every arm, and
+  the fine-tunes score above the zero-shot base (what the pipeline is for: the summary task is
+  learned from the summaries alone)."""
+  out = tmp_path / "table6"
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "demo.py"), "table6", "--out",
+                         str(out)], cwd=REPO, capture_output=True, text=True, timeout=3600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  got = json.loads((out / "results.json").read_text())
+  with open(os.path.join(REPO, "results", "table6", "results.json")) as f:
+    want = json.load(f)
+  for name, arm in want["arms"].items():
+    for key, value in arm["rouge"].items():
+      assert abs(got["arms"][name]["rouge"][key] - value) < 1e-6, (name, key)
+  for tuned in ("pi", "short"):
+    assert got["arms"][tuned]["rouge"]["rougeL"] > got["arms"]["base"]["rouge"]["rougeL"] + 5
