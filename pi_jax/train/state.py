@@ -290,15 +290,30 @@ def save_final(path: str, config: ModelConfig, params, tokenizer_files: dict[str
   return path
 
 
+class _AbandonedReadFilter(logging.Filter):
+  """Drops asyncio's 'Future exception was never retrieved' records of orbax's array reads (a
+  damaged checkpoint's other reads, gathered and then abandoned); other records pass."""
+
+  def filter(self, record):
+    error = record.exc_info[1] if record.exc_info else None
+    return not ("exception was never retrieved" in record.getMessage()
+                and "while reading array index" in str(error))
+
+
+_ABANDONED_READS = _AbandonedReadFilter()
+
+
 @contextlib.contextmanager
 def _quiet_abandoned_reads():
   """Drops the errors of orbax's abandoned array reads while a checkpoint restores.
 
   orbax reads a checkpoint's arrays in concurrent coroutines; when one fails on a damaged file,
-  the others' failures surface later, when their coroutines are collected, as 'Exception
-  ignored in: <coroutine ...>' tracebacks on stderr, after the one-line message that already
-  names the damage. Only coroutine objects' errors are dropped; anything else reaches the
-  previous hook."""
+  the others' failures surface later, when their coroutines and futures are collected, as
+  'Exception ignored in: <coroutine ...>' tracebacks or asyncio's 'exception was never
+  retrieved' log records on stderr, after the one-line message that already names the damage.
+  Only coroutine objects' errors and those records of array reads are dropped (the log filter
+  stays: a future may be collected later); anything else reaches the previous hook."""
+  logging.getLogger("asyncio").addFilter(_ABANDONED_READS)  # once: a filter is added once
   previous = sys.unraisablehook
 
   def hook(unraisable):
