@@ -28,7 +28,7 @@ class Runner:
   def __call__(self, name: str, argv: list[str], what: str) -> str:
     """Runs `python argv...`; returns its stdout; raises RuntimeError (with the log's tail)."""
     cmd = [sys.executable] + argv
-    shown = shlex.join(["python"] + [files.portable(a) for a in argv])
+    shown = shlex.join(["python"] + [_portable_arg(a) for a in argv])
     n = len(self.records) + 1
     print(f"[demo] ({n}) {what}\n       $ {shown}", flush=True)
     log = os.path.join(self.logs, f"{name}.log")
@@ -56,10 +56,22 @@ class Runner:
     print(f"[demo] ({n}) {what}: done before ({os.path.relpath(output, self.out)})", flush=True)
     earlier = self.earlier.get(name)
     if earlier:
-      self.records.append({**earlier, "step": n, "what": what, "earlier_run": True})
+      home = os.path.expanduser("~").rstrip("/") + "/"  # records of older versions kept it
+      command = earlier["command"].replace(home, "~/") if home != "/" else earlier["command"]
+      self.records.append({**earlier, "command": command, "step": n, "what": what,
+                           "earlier_run": True})
     else:
       self.records.append({"step": n, "name": name, "what": what, "command": "(done before)",
                            "wall_s": 0.0, "cpu_s": 0.0, "exit": 0, "log": None})
+
+
+def _portable_arg(arg: str) -> str:
+  """A command-line argument as results record it: a path, or the path in KEY=PATH (train.py's
+  --set), relative to the repository or under `~` (files.portable)."""
+  key, sep, value = arg.partition("=")
+  if sep and not arg.startswith("-") and os.path.isabs(value):
+    return f"{key}={files.portable(value)}"
+  return files.portable(arg)
 
 
 def _earlier_records(path: str) -> dict[str, dict]:
