@@ -203,7 +203,6 @@ def prepare_sft(path: str, out: str, checkpoint: str, *, max_examples: int | Non
   tok = load_tokenizer(checkpoint)
   template, special = load_chat_template(checkpoint)
   encoder = ChatEncoder(template, tok, special)
-  check_out(out, restart)
 
   def examples():
     for where, messages in read_conversations(path):
@@ -226,9 +225,9 @@ def write_store(out: str, examples, tok, checkpoint: str, *, source: dict,
                 max_examples: int | None = None, restart: bool = False,
                 progress_bar: bool = True, log=print, meta_extra: dict | None = None) -> dict:
   """Writes the SFT token store `out` from `examples`: (int32 ids, uint8 completion flags,
-  the text it came from) per example, in order. Local stores are written under a temporary name,
-  then renamed (restart replaces a store already there once the new one is complete), so a
-  failure leaves nothing at `out`."""
+  the text it came from) per example, in order; `examples` is not read before OUT is checked.
+  Local stores are written under a temporary name, then renamed (restart replaces a store
+  already there once the new one is complete), so a failure leaves nothing at `out`."""
   from tqdm import tqdm
 
   from pi_jax.data.prepare import token_dtype

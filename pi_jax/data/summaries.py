@@ -51,14 +51,24 @@ def load_documents(path: str, limit: int | None = None) -> list[dict]:
   return docs
 
 
-def build_prompt(tok, report: str, template: str, max_prompt: int) -> tuple[list[int], bool]:
-  """(prompt ids of at most max_prompt tokens, whether the report was cut)."""
+def split_template(template: str) -> tuple[str, str]:
+  """(text before, text after) the template's {report} field; an error naming it if it has none."""
   if "{report}" not in template:
     raise ValueError(f"prompt template {template!r} has no {{report}} field")
   head, tail = template.split("{report}", 1)
-  prefix = tok.encode(head) if head else tok.encode("")  # BOS (if any) only here
-  tail_ids = tok.encode(tail, add_bos=False)
-  ids = tok.encode(head + report + tail)
+  return head, tail
+
+
+def template_ids(tok, template: str) -> tuple[list[int], list[int]]:
+  """The ids of the template's text before (with BOS, if any) and after the report."""
+  head, tail = split_template(template)
+  return tok.encode(head) if head else tok.encode(""), tok.encode(tail, add_bos=False)
+
+
+def build_prompt(tok, report: str, template: str, max_prompt: int) -> tuple[list[int], bool]:
+  """(prompt ids of at most max_prompt tokens, whether the report was cut)."""
+  prefix, tail_ids = template_ids(tok, template)
+  ids = tok.encode(template.replace("{report}", report, 1))
   if len(ids) <= max_prompt:
     return ids, False
   room = max_prompt - len(prefix) - len(tail_ids)
@@ -80,9 +90,7 @@ def encode_pair(tok, doc: dict, template: str, max_length: int):
   """(int32 ids, uint8 completion flags, whether the report was cut) of one pair in at most
   max_length tokens, or None when the summary leaves no room for one report token."""
   target = summary_ids(tok, doc["summary"])
-  head, tail = template.split("{report}", 1)
-  fixed = len(tok.encode(head) if head else tok.encode("")) + len(tok.encode(tail, add_bos=False))
-  if max_length - len(target) - fixed < 1:
+  if max_length - len(target) - sum(map(len, template_ids(tok, template))) < 1:
     return None
   prompt, cut = build_prompt(tok, doc["report"], template, max_length - len(target))
   ids = np.asarray(prompt + target, np.int32)
@@ -100,9 +108,7 @@ def prepare_summaries(path: str, out: str, checkpoint: str, *, max_length: int,
   from pi_jax.tokenizer import load_tokenizer
   if max_length < 2:
     raise ValueError(f"--max-length {max_length} must be at least 2 tokens")
-  if "{report}" not in template:
-    raise ValueError(f"prompt template {template!r} has no {{report}} field")
-  sft.check_out(out, restart)
+  split_template(template)  # before any work
   docs = load_documents(path, max_examples)
   tok = load_tokenizer(checkpoint)
   counts = {"cut": 0, "skipped": 0}
