@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from pi_jax.attention.reference import MASK_VALUE, segment_mask
+from pi_jax.attention.reference import MASK_VALUE
 
 # The checkpoint name of the attention kernels' own residuals (output and log-sum-exp): what
 # the remat policy "save_attention" keeps (pi_jax.model).
@@ -30,7 +30,8 @@ RESIDUALS_NAME = "attention_residuals"
 #   q, dq, out  [nb, B, K, R, H]  with R = T·G, row r = position t·G + head g
 #   k, v        [nb, B, K, T, H]
 #   lse         [nb, B, K, R]     float32
-#   segment ids [nb, B, R] of the queries, [nb, B, T] of the keys (int32)
+#   segment ids [nb, B, T] of the queries and of the keys (int32; a query id stands for its
+#               G rows, so the ids are not repeated G times)
 # so each block pair is one [R, H] × [H, T] matmul per (B, K) with no transposes inside loops.
 
 
@@ -56,13 +57,9 @@ def from_blocks_kv(x_nBKTH):
   return x_nBKTH.transpose(1, 0, 3, 2, 4).reshape(b, nb * t, k, h)
 
 
-def to_blocks_q_segments(seg_BL, g, t):
-  """Segment ids [B, L] -> [nb, B, R], row r = t·G + g: each position's id repeated G times."""
-  b, l = seg_BL.shape
-  return jnp.repeat(seg_BL.reshape(b, l // t, t), g, axis=2).transpose(1, 0, 2)
-
-
-def to_blocks_kv_segments(seg_BL, t):
+def to_blocks_segments(seg_BL, t):
+  """Segment ids [B, L] -> [nb, B, T], of query blocks (row r = t·G + g has id t) and key
+  blocks alike."""
   b, l = seg_BL.shape
   return seg_BL.reshape(b, l // t, t).transpose(1, 0, 2)
 
@@ -80,7 +77,7 @@ def _and(mask_a, mask_b):
 
 
 def _pair_ids(i, j, q_seg, kv_seg):
-  """(query ids [B, R] of block i, key ids [B, T] of block j), or None without segments."""
+  """(query ids [B, T] of block i, key ids [B, T] of block j), or None without segments."""
   return None if q_seg is None else (q_seg[i], kv_seg[j])
 
 
@@ -88,7 +85,12 @@ def _masked(s_BKRT, mask_RT, ids):
   """Scores with keys outside the causal mask_RT and (ids) outside each query's segment at
   MASK_VALUE; ids come from _tied."""
   if ids is not None:
-    mask_RT = _and(mask_RT, segment_mask(*ids))
+    q_ids_BT, kv_ids_BT = ids
+    b, t = q_ids_BT.shape
+    g = s_BKRT.shape[2] // t  # row r = t·G + g: a query id covers G consecutive rows
+    same_BTGT = jnp.broadcast_to((q_ids_BT[:, :, None] == kv_ids_BT[:, None, :])[:, :, None],
+                                 (b, t, g, kv_ids_BT.shape[1]))
+    mask_RT = _and(mask_RT, same_BTGT.reshape(b, 1, t * g, -1))
   return s_BKRT if mask_RT is None else jnp.where(mask_RT, s_BKRT, MASK_VALUE)
 
 
@@ -235,7 +237,7 @@ def _blockwise_bwd_core(q, k, v, out, lse, dout, dlse, causal: bool, kv_valid: i
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def blockwise_core(q, k, v, causal, kv_valid=None, q_seg=None, kv_seg=None):
   """(out f32, lse f32) in the blocked layout; differentiable in q, k, v through both outputs.
-  q_seg, kv_seg: blocked segment ids (to_blocks_q_segments, to_blocks_kv_segments) or None."""
+  q_seg, kv_seg: blocked segment ids (to_blocks_segments) or None."""
   return _blockwise_fwd_core(q, k, v, causal, kv_valid, q_seg, kv_seg)
 
 
@@ -284,7 +286,7 @@ def blockwise_attention_grads(q_BLNH, k_BLKH, v_BLKH, out_BLNH, lse_BNL, dout_BL
   q_seg = kv_seg = None
   if segment_ids_BL is not None:
     seg = pad_segments(segment_ids_BL, pad)
-    q_seg, kv_seg = to_blocks_q_segments(seg, n // kh, t), to_blocks_kv_segments(seg, t)
+    q_seg = kv_seg = to_blocks_segments(seg, t)
   dq, dk, dv = _blockwise_bwd_core(to_blocks_q(q, kh, t), to_blocks_kv(k, t), to_blocks_kv(v, t),
                                    to_blocks_q(out, kh, t), lse, to_blocks_q(dout, kh, t),
                                    jnp.zeros_like(lse), True, None, q_seg, kv_seg)
@@ -325,7 +327,7 @@ def blockwise_attention(q_BLNH, k_BLKH, v_BLKH, *, block_size: int = 512,
   q_seg = kv_seg = None
   if segment_ids_BL is not None:
     seg = pad_segments(segment_ids_BL.astype(jnp.int32), pad)
-    q_seg, kv_seg = to_blocks_q_segments(seg, n // kh, t), to_blocks_kv_segments(seg, t)
+    q_seg = kv_seg = to_blocks_segments(seg, t)
   if kv_heads_in_turn and kh > 1:
     out = _one_kv_head_at_a_time(core, q, k, v, q_seg, kv_seg)
   else:

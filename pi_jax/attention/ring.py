@@ -110,7 +110,7 @@ def _ring_shard(q_BCNH, k_BCKH, v_BCKH, seg_BC=None, *, block_size: int, axis: s
   """Runs on one shard: the local contiguous chunk (C = L/n positions) and its segment ids
   (or None); returns its output."""
   n = n_shards
-  kh, g = k_BCKH.shape[2], q_BCNH.shape[2] // k_BCKH.shape[2]
+  kh = k_BCKH.shape[2]
   c2 = q_BCNH.shape[1] // 2
   idx = jax.lax.axis_index(axis)
   is_even = idx % 2 == 0
@@ -129,8 +129,9 @@ def _ring_shard(q_BCNH, k_BCKH, v_BCKH, seg_BC=None, *, block_size: int, axis: s
          for k, v in zip(padded[1], padded[2])]
   if seg_BC is not None:
     segs = [blockwise.pad_segments(x, pad) for x in halves[3]]
-    qs = [(q, blockwise.to_blocks_q_segments(s, g, t)) for (q, _), s in zip(qs, segs)]
-    kvs = [(k, v, blockwise.to_blocks_kv_segments(s, t)) for (k, v, _), s in zip(kvs, segs)]
+    segs = [blockwise.to_blocks_segments(s, t) for s in segs]
+    qs = [(q, s) for (q, _), s in zip(qs, segs)]
+    kvs = [(k, v, s) for (k, v, _), s in zip(kvs, segs)]
   kv_valid = c2 if pad else None  # block padding at the end of each half-chunk is masked
 
   def attend(pairs, causal):
