@@ -100,12 +100,20 @@ def token_nll(config: ModelConfig, params, tokens_BL: jax.Array, targets_BL: jax
   return chunked_nll(config, params, h_BLD, targets_BL, chunk, run=run)
 
 
+def summed_loss(config: ModelConfig, params, tokens_BL, targets_BL, mask_BL,
+                positions_BL=None, chunk: int = DEFAULT_CHUNK, segment_ids_BL=None, *,
+                run: RunOptions | None = None):
+  """(sum of NLL over mask, number of scored tokens): what micro-batches add up."""
+  nll_BL = token_nll(config, params, tokens_BL, targets_BL, positions_BL, chunk, segment_ids_BL,
+                     run=run)
+  mask = mask_BL.astype(jnp.float32)
+  return jnp.sum(nll_BL * mask), jnp.sum(mask)
+
+
 def mean_loss(config: ModelConfig, params, tokens_BL, targets_BL, mask_BL,
               positions_BL=None, chunk: int = DEFAULT_CHUNK, segment_ids_BL=None, *,
               run: RunOptions | None = None):
   """(mean NLL over mask, number of scored tokens): the training objective."""
-  nll_BL = token_nll(config, params, tokens_BL, targets_BL, positions_BL, chunk, segment_ids_BL,
-                     run=run)
-  mask = mask_BL.astype(jnp.float32)
-  count = jnp.sum(mask)
-  return jnp.sum(nll_BL * mask) / jnp.maximum(count, 1.0), count
+  total, count = summed_loss(config, params, tokens_BL, targets_BL, mask_BL, positions_BL, chunk,
+                             segment_ids_BL, run=run)
+  return total / jnp.maximum(count, 1.0), count

@@ -32,9 +32,8 @@ def summed_loss(model: ModelConfig, run: RunOptions, chunk: int, params, rows,
   target flags (pi_jax.data.packing.target_mask says which targets count)."""
   if rows.ndim == 2:
     tokens_BL, targets_BL = rows[:, :-1], rows[:, 1:]
-    mean, count = loss_lib.mean_loss(model, params, tokens_BL, targets_BL,
-                                     jnp.ones(tokens_BL.shape, jnp.bool_), chunk=chunk, run=run)
-    return mean * count, count
+    return loss_lib.summed_loss(model, params, tokens_BL, targets_BL,
+                                jnp.ones(tokens_BL.shape, jnp.bool_), chunk=chunk, run=run)
   tokens_BL, targets_BL = rows[:, 0, :-1], rows[:, 0, 1:]
   seg_BL1 = rows[:, 1]
   mask_BL = (rows[:, 2, 1:] > 0) & (seg_BL1[:, 1:] == seg_BL1[:, :-1]) & (seg_BL1[:, 1:] > 0)
@@ -42,9 +41,8 @@ def summed_loss(model: ModelConfig, run: RunOptions, chunk: int, params, rows,
   if document_positions == "continue":
     b, l = tokens_BL.shape
     positions_BL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-  mean, count = loss_lib.mean_loss(model, params, tokens_BL, targets_BL, mask_BL, positions_BL,
-                                   chunk=chunk, segment_ids_BL=seg_BL1[:, :-1], run=run)
-  return mean * count, count
+  return loss_lib.summed_loss(model, params, tokens_BL, targets_BL, mask_BL, positions_BL,
+                              chunk=chunk, segment_ids_BL=seg_BL1[:, :-1], run=run)
 
 
 def make_train_step(config: TrainConfig, model: ModelConfig, optimizer, shardings, batch_sharding):
@@ -76,8 +74,12 @@ def make_train_step(config: TrainConfig, model: ModelConfig, optimizer, sharding
 
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
       (total, count, grads), _ = jax.lax.scan(body, (0.0, 0.0, zeros), micro_ABL1)
-    loss = total / count
-    grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, params)
+    # One reciprocal for the loss and every gradient: with concat rows the count is a constant
+    # and XLA turns a division by it into this multiplication anyway; written out, rows whose
+    # count is data (packing=documents) take the same rounding (bit for bit, test_packing.py).
+    inv_count = 1.0 / count
+    loss = total * inv_count
+    grads = jax.tree.map(lambda g, p: (g * inv_count).astype(p.dtype), grads, params)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     new = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
