@@ -316,10 +316,11 @@ def _per_chip_bytes(model, run, topology, mesh_spec, seq_len, with_ids):
   return total, compiled.as_text()
 
 
-# Known failure, kept strict so that a fix shows: in the whole model ring with ids needs +3.8 MB a
-# chip at 8K (33.4 -> 37.2 MB) and +2.7 MB at 32K (157.9 -> 160.6 MB), more than the ids (64 KB,
+# Known failure, kept strict so that a fix shows: in the whole model ring with ids needs +2.4 MB a
+# chip at 8K (33.4 -> 35.8 MB) and +2.1 MB at 32K (157.9 -> 160.1 MB), more than the ids (64 KB,
 # 256 KB). It was +38 MB and +896 MB before blockwise's barrier, +11 MB and +3.7 MB with the
-# barrier on the scores (docs/long_sequences.md).
+# barrier on the scores, +3.8 MB and +2.7 MB before the ids were tied to each layer's input
+# (docs/long_sequences.md).
 _RING_MEMORY = pytest.mark.xfail(strict=True, reason="ring + ids in the model: a few MB a chip "
                                  "more than the ids (docs/long_sequences.md)")
 
