@@ -50,6 +50,8 @@ inline float ExpNonPositive(float x) {
   return x < -87.0f ? 0.0f : p * scale;
 }
 
+constexpr int64_t kSumSlice = 512;  // logsumexp_pick's float32 partial sums (see there)
+
 // Runs fn(0) .. fn(workers - 1) on `workers` threads (the caller's among them). OpenBLAS itself
 // is kept single-threaded (see the initializer at the end): the parallelism is ours, so two
 // products never compete for the cores.
@@ -250,10 +252,18 @@ ffi::Error LogSumExpPick(ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi::S32> tar
       float mx = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : mx)
       for (int64_t j = 0; j < v; ++j) mx = row[j] > mx ? row[j] : mx;
-      float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < v; ++j) sum += ExpNonPositive(row[j] - mx);
-      zp[r] = mx + std::log(sum);
+      // The exp-sum in float32 slices of kSumSlice added up in double: one float32 sum over a
+      // whole vocabulary row runs ~6K terms deep in each of AVX2's 8 lanes, and its rounding
+      // reached 6e-6 relative in the log-sum-exp (SmolLM2's 49152 logits); a slice is ~64 deep.
+      double sum = 0.0;
+      for (int64_t j0 = 0; j0 < v; j0 += kSumSlice) {
+        const int64_t j1 = std::min(v, j0 + kSumSlice);
+        float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+        for (int64_t j = j0; j < j1; ++j) part += ExpNonPositive(row[j] - mx);
+        sum += part;
+      }
+      zp[r] = mx + static_cast<float>(std::log(sum));
       const int32_t t = tp[r];
       // An out-of-range target (the caller checks token ids) reads as NaN, never out of bounds.
       pp[r] = (t >= 0 && t < v) ? row[t] : std::numeric_limits<float>::quiet_NaN();
