@@ -81,8 +81,8 @@ FULL = RealPlan(
     name="full", base="smollm2", factor=4, windows=(2048, 8192, 16384, 32768), stride=1024,
     steps=(50, 100, 200), batch=1, learning_rate=5e-5, heldout=HELDOUT_FULL,
     passkey_depths=16, passkey_trials=1, reference=_SMOLLM2_REF, compute_dtype="bfloat16")
-# Sized to finish inside one working session on 2 CPU cores (~2 h): a 16384-token step takes
-# ~7 minutes there, so each arm gets 4 steps, the paper's warm-up (20 of its 1000 steps)
+# Sized to finish inside one working session on 2 CPU cores (~2 h on AVX-512, where a
+# 16384-token step takes ~7 minutes; an AVX2 host took 12.5), so each arm gets 4 steps, the paper's warm-up (20 of its 1000 steps)
 # shrinks to 2 so that the rate reaches its peak inside the run, and one held-out book is read.
 REDUCED = RealPlan(
     name="reduced", base="smollm2", factor=2, windows=(2048, 8192, 16384), stride=2048,
