@@ -22,10 +22,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 
 from miniature.runner import REPO, Runner
-from pi_jax import files
 
 HELDOUT = "data/pg19_standin/Psa_14?.txt"  # Psalms 140-149: never in pre-training or fine-tuning
 EXTEND_CONFIG = "configs/mini_extend.py"
@@ -160,22 +158,17 @@ class Experiment:
     for s in steps:
       ckpt = os.path.join(self.out, "checkpoints", arm, f"step{s}")
       what = f"{LABELS[method]} to {W} ({factor}x): {s} steps of {batch}x{W} tokens"
-      if os.path.isfile(os.path.join(ckpt, "config.json")):
-        self.run.skipped(f"train_{arm}_{s}", what, ckpt)
-      else:
-        argv = ["train.py", "--config", EXTEND_CONFIG, "--set", f"init_checkpoint={p.base}",
-                "--set", f"workdir={workdir}", "--set", f"seq_len={W}",
-                "--set", f"global_batch={batch}", "--set", f"steps={s}",
-                "--set", f"learning_rate={p.learning_rate}", "--set", f"loss_chunk={min(W, 1024)}",
-                "--set", f"seed={p.seed}"]
-        for item in extend:
-          argv += ["--set", item]
-        if p.ft_passkey_fraction and method != "control":
-          argv += ["--set", f"passkey_fraction={p.ft_passkey_fraction:g}",
-                   "--set", "passkey_template=mini"]
-        self.run(f"train_{arm}_{s}", argv + ["--no-progress"], what)
-        with files.atomic_directory(ckpt) as tmp:
-          shutil.copytree(os.path.join(workdir, "final"), tmp, dirs_exist_ok=True)
+      argv = ["train.py", "--config", EXTEND_CONFIG, "--set", f"init_checkpoint={p.base}",
+              "--set", f"workdir={workdir}", "--set", f"seq_len={W}",
+              "--set", f"global_batch={batch}", "--set", f"steps={s}",
+              "--set", f"learning_rate={p.learning_rate}", "--set", f"loss_chunk={min(W, 1024)}",
+              "--set", f"seed={p.seed}"]
+      for item in extend:
+        argv += ["--set", item]
+      if p.ft_passkey_fraction and method != "control":
+        argv += ["--set", f"passkey_fraction={p.ft_passkey_fraction:g}",
+                 "--set", "passkey_template=mini"]
+      self.run.train(f"train_{arm}_{s}", what, argv, workdir, ckpt)
       self.evaluate(f"{arm}@{s}", ckpt, None, W if method != "control" else max(self.windows),
                     [W] if method != "control" else [L],
                     method=method, factor=factor if method != "control" else 1, step=s,

@@ -31,7 +31,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 
 from miniature import real_report, sizing
 from miniature.runner import REPO, Runner
@@ -82,8 +81,9 @@ FULL = RealPlan(
     steps=(50, 100, 200), batch=1, learning_rate=5e-5, heldout=HELDOUT_FULL,
     passkey_depths=16, passkey_trials=1, reference=_SMOLLM2_REF, compute_dtype="bfloat16")
 # Sized to finish inside one working session on 2 CPU cores (~2 h on AVX-512, where a
-# 16384-token step takes ~7 minutes; an AVX2 host took 12.5), so each arm gets 4 steps, the paper's warm-up (20 of its 1000 steps)
-# shrinks to 2 so that the rate reaches its peak inside the run, and one held-out book is read.
+# 16384-token step takes ~7 minutes; an AVX2 host took 12.5), so each arm gets 4 steps, the
+# paper's warm-up (20 of its 1000 steps) shrinks to 2 so that the rate reaches its peak inside
+# the run, and one held-out book is read.
 REDUCED = RealPlan(
     name="reduced", base="smollm2", factor=2, windows=(2048, 8192, 16384), stride=2048,
     steps=(2, 4), batch=1, learning_rate=5e-5, heldout=HELDOUT_FULL[:1],
@@ -269,24 +269,19 @@ class RealExperiment:
               else [f"max_position_embeddings={W}"])
     ckpt = os.path.join(self.out, "checkpoints", method, f"step{s}")
     what = f"{LABELS[method]} to {W} ({p.factor}x): {s} steps of {p.batch}x{W} tokens"
-    if os.path.isfile(os.path.join(ckpt, "config.json")):
-      self.run.skipped(f"train_{method}_{s}", what, ckpt)
-    else:
-      argv = ["train.py", "--config", CONFIG, "--set", f"init_checkpoint={self.base_ckpt}",
-              "--set", f"workdir={workdir}", "--set", f"data={ft_data}",
-              "--set", f"seq_len={W}", "--set", f"global_batch={p.batch}",
-              "--set", f"steps={s}", "--set", f"learning_rate={p.learning_rate:g}",
-              "--set", f"loss_chunk={min(W, 1024)}", "--set", f"seed={p.seed}"]
-      for key, name in (("compute_dtype", "run.compute_dtype"), ("remat", "run.remat"),
-                        ("ft_max_docs", "max_docs"), ("warmup_steps", "warmup_steps")):
-        value = getattr(p, key)
-        if value is not None:
-          argv += ["--set", f"{name}={value}"]
-      for item in extend:
-        argv += ["--set", item]
-      self.run(f"train_{method}_{s}", argv + ["--no-progress"], what)
-      with files.atomic_directory(ckpt) as tmp:
-        shutil.copytree(os.path.join(workdir, "final"), tmp, dirs_exist_ok=True)
+    argv = ["train.py", "--config", CONFIG, "--set", f"init_checkpoint={self.base_ckpt}",
+            "--set", f"workdir={workdir}", "--set", f"data={ft_data}",
+            "--set", f"seq_len={W}", "--set", f"global_batch={p.batch}",
+            "--set", f"steps={s}", "--set", f"learning_rate={p.learning_rate:g}",
+            "--set", f"loss_chunk={min(W, 1024)}", "--set", f"seed={p.seed}"]
+    for key, name in (("compute_dtype", "run.compute_dtype"), ("remat", "run.remat"),
+                      ("ft_max_docs", "max_docs"), ("warmup_steps", "warmup_steps")):
+      value = getattr(p, key)
+      if value is not None:
+        argv += ["--set", f"{name}={value}"]
+    for item in extend:
+      argv += ["--set", item]
+    self.run.train(f"train_{method}_{s}", what, argv, workdir, ckpt)
     last = s == max(p.steps)
     self.evaluate(f"{method}@{s}", ckpt, [],
                   list(p.windows) if last else [self.L, W], passkey=True,

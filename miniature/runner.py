@@ -6,6 +6,7 @@ import json
 import os
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -48,6 +49,16 @@ class Runner:
         tail = f.read()[-3000:]
       raise RuntimeError(f"step {n} ({what}) failed with exit {proc.returncode}; log {log}:\n{tail}")
     return proc.stdout
+
+  def train(self, name: str, what: str, argv: list[str], workdir: str, ckpt: str) -> None:
+    """One fine-tuning stage: `python argv...` (train.py, resuming its run in `workdir`), then
+    its final model copied to `ckpt`, all at once; skipped where `ckpt` is already there."""
+    if os.path.isfile(os.path.join(ckpt, "config.json")):
+      self.skipped(name, what, ckpt)
+      return
+    self(name, argv + ["--no-progress"], what)
+    with files.atomic_directory(ckpt) as tmp:
+      shutil.copytree(os.path.join(workdir, "final"), tmp, dirs_exist_ok=True)
 
   def skipped(self, name: str, what: str, output: str) -> None:
     """Records a step whose output already exists (a resumed run): with the command and times
