@@ -70,6 +70,26 @@ _RING_SCRIPT = textwrap.dedent("""
       assert rel(g, gw) < 1e-5, rel(g, gw)
     print("KERNEL_OK", flush=True)
 
+    # 1b. The TPU ring (Pallas splash on every chunk pair, one custom VJP round the ring) in
+    # interpret mode: both layouts, with and without segment ids (documents crossing the
+    # half-chunks of 128, so some query rows see no key of a chunk), outputs and gradients.
+    q, k, v, w = inputs(1024)
+    seg = jnp.asarray(np.sort(np.random.default_rng(0).integers(0, 6, (2, 1024)), axis=1),
+                      jnp.int32)
+    for layout in ring.LAYOUTS:
+      for ids in (None, seg):
+        fn = lambda q, k, v: ring.ring_attention(q, k, v, block_size=128, layout=layout,
+                                                 segment_ids_BL=ids, interpret=True)
+        with jax.set_mesh(sharding.make_mesh("data:2,sequence:4")):
+          out, grads = jax.jit(out_and_grads(fn, w))(q, k, v)
+          assert "pallas_call" in str(jax.make_jaxpr(fn)(q, k, v)), "not the splash ring"
+        dense = lambda q, k, v: attn_lib.reference_attention(q, k, v, segment_ids_BL=ids)
+        want, want_grads = out_and_grads(dense, w)(q, k, v)
+        assert rel(out, want) < 1e-5, (layout, ids is None, rel(out, want))
+        for g, gw in zip(grads, want_grads):
+          assert rel(g, gw) < 1e-5, (layout, ids is None, rel(g, gw))
+    print("SPLASH_RING_OK", flush=True)
+
     # 2. Work per shard, counted at run time: every query-key block product the forward pass
     # executes reports its shard (a block product of a batch stacked s times counts s).
     calls = []
@@ -137,11 +157,12 @@ def _run_ring_script(*args):
 
 
 def test_ring_attention_on_eight_devices_equals_single_device():
-  """Kernel outputs and gradients, the work per shard counted at run time (zigzag: equal on
+  """Kernel outputs and gradients (the XLA ring, and the TPU ring's splash in interpret mode,
+  with and without segment ids), the work per shard counted at run time (zigzag: equal on
   every shard; contiguous: the schedule's 1 : 3 : … ratio) with both layouts' outputs, and the
   whole PI model's logits, on 8 fake CPU devices."""
   out = _run_ring_script()
-  assert "COUNTS" in out
+  assert "COUNTS" in out and "SPLASH_RING_OK" in out
 
 
 @pytest.mark.slow
@@ -156,7 +177,8 @@ def test_ring_attention_whole_model_gradients():
 @pytest.mark.parametrize("seq_len", [32768, 131072], ids=["32K", "128K"])
 def test_ring_compiles_in_the_real_train_step_for_tpu(seq_len):
   """trainer.make_train_step with zigzag ring attention, compiled for v5e:2x4 (8 chips) on a mesh
-  fsdp:2 × sequence:4, PI linear:4: the K/V ring (collective-permute) is in the program."""
+  fsdp:2 × sequence:4, PI linear:4: the K/V ring (collective-permute) and the splash kernels
+  (tpu_custom_call) are in the program."""
   from tests import tpu_aot
   model = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
                       num_heads=4, num_kv_heads=2, head_dim=16,
@@ -165,6 +187,8 @@ def test_ring_compiles_in_the_real_train_step_for_tpu(seq_len):
                        run=RunOptions(attention_impl="ring", compute_dtype="bfloat16"))
   _, compiled = tpu_aot.compile_train_step(model, config,
                                            tpu_aot.tpu_mesh("v5e:2x4", "fsdp:2,sequence:4"))
-  assert "collective-permute" in compiled.as_text()
+  text = compiled.as_text()
+  assert "collective-permute" in text
+  assert "tpu_custom_call" in text  # splash on every chunk pair
   memory = compiled.memory_analysis()
   assert memory.argument_size_in_bytes > 0 and memory.temp_size_in_bytes > 0

@@ -17,10 +17,16 @@ model.hidden_states computes them for the whole sequence), so the positions trav
 tokens.
 
 K/V chunks go round the ring with `ppermute`: after s steps shard i holds those of shard
-i − s (mod n). A key chunk later in the sequence than a query chunk is never computed; partial
-results (output, log-sum-exp) merge by the online-softmax rule in float32. The per-chunk
-computation is the blockwise kernel of pi_jax.attention.blockwise. `block_pairs_per_shard`
-gives the forward work per shard of this schedule (tests count it at run time too).
+i − s (mod n). A key chunk later in the sequence than a query chunk is never computed (the
+contiguous layout's splash ring computes and discards it: no branch); partial results (output,
+log-sum-exp) merge by the online-softmax rule in float32. `block_pairs_per_shard` gives the
+forward work per shard of this schedule (tests count it at run time too).
+
+The per-pair kernel:
+- On TPU (or with interpret=True), when a half-chunk L/(2n) is a multiple of 128: Pallas splash
+  (pi_jax.attention.kernels.splash_pair). Splash is not differentiable through its log-sum-exp,
+  so the ring has one custom VJP whose backward goes round the ring again (see _splash_ring).
+- Otherwise xla_blockwise (blockwise_core), differentiated through the ring by autodiff.
 Batch stays split over data/fsdp and heads over tensor where they divide.
 
 Segment ids (document masking) move with their positions: the queries' ids through the same
@@ -38,7 +44,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from pi_jax.attention import blockwise
+from jax.ad_checkpoint import checkpoint_name
+
+from pi_jax.attention import blockwise, kernels
+from pi_jax.attention.blockwise import RESIDUALS_NAME
 from pi_jax.sharding import LOGICAL_AXIS_RULES, logical_to_spec
 
 # The mesh axis the sequence ("length") is split over, from the one axis table.
@@ -106,11 +115,11 @@ def _from_zigzag(first, second, axis, n, is_even):
 
 
 def _ring_shard(q_BCNH, k_BCKH, v_BCKH, seg_BC=None, *, block_size: int, axis: str,
-                n_shards: int, layout: str):
+                n_shards: int, layout: str, splash: bool, interpret: bool):
   """Runs on one shard: the local contiguous chunk (C = L/n positions) and its segment ids
-  (or None); returns its output."""
+  (or None); returns its output. splash: the per-pair kernel is Pallas splash, else
+  xla_blockwise."""
   n = n_shards
-  kh = k_BCKH.shape[2]
   c2 = q_BCNH.shape[1] // 2
   idx = jax.lax.axis_index(axis)
   is_even = idx % 2 == 0
@@ -119,17 +128,33 @@ def _ring_shard(q_BCNH, k_BCKH, v_BCKH, seg_BC=None, *, block_size: int, axis: s
     halves = [_to_zigzag(x, axis, n, is_even) for x in local]
   else:
     halves = [(x[:, :c2], x[:, c2:]) for x in local]
+  if seg_BC is None:
+    halves.append((None, None))
+  schedule = functools.partial(_splash_schedule, interpret=interpret) if splash else _xla_schedule
+  first, second = schedule(*halves, block_size=block_size, axis=axis, n=n, layout=layout)
+  first, second = first.astype(q_BCNH.dtype), second.astype(q_BCNH.dtype)
+  if layout == "zigzag":
+    return _from_zigzag(first, second, axis, n, is_even)
+  return jnp.concatenate([first, second], axis=1)
+
+
+def _xla_schedule(qs, ks, vs, segs, *, block_size, axis, n, layout):
+  """The ring with xla_blockwise on every chunk pair (autodiff through the ring: each pair's
+  custom VJP, the merges and the permutes). (q, k, v, segment-id) half-chunk pairs in, the two
+  output halves [B, C/2, N, H] out."""
+  kh = ks[0].shape[2]
+  c2 = qs[0].shape[1]
+  idx = jax.lax.axis_index(axis)
   t = blockwise.block_length(c2, block_size)
   pad = (-c2) % t
   widths = ((0, 0), (0, pad), (0, 0), (0, 0))
-  padded = [[jnp.pad(x, widths) if pad else x for x in pair] for pair in halves[:3]]
+  padded = [[jnp.pad(x, widths) if pad else x for x in pair] for pair in (qs, ks, vs)]
   # (q blocks, their segment ids or None) and (k blocks, v blocks, their segment ids or None).
   qs = [(blockwise.to_blocks_q(x, kh, t), None) for x in padded[0]]
   kvs = [(blockwise.to_blocks_kv(k, t), blockwise.to_blocks_kv(v, t), None)
          for k, v in zip(padded[1], padded[2])]
-  if seg_BC is not None:
-    segs = [blockwise.pad_segments(x, pad) for x in halves[3]]
-    segs = [blockwise.to_blocks_segments(s, t) for s in segs]
+  if segs[0] is not None:
+    segs = [blockwise.to_blocks_segments(blockwise.pad_segments(x, pad), t) for x in segs]
     qs = [(q, s) for (q, _), s in zip(qs, segs)]
     kvs = [(k, v, s) for (k, v, _), s in zip(kvs, segs)]
   kv_valid = c2 if pad else None  # block padding at the end of each half-chunk is masked
@@ -149,10 +174,8 @@ def _ring_shard(q_BCNH, k_BCKH, v_BCKH, seg_BC=None, *, block_size: int, axis: s
   out0, out1 = attend([(qs[0], kvs[0]), (qs[1], kvs[1])], True)
   (o_10,) = attend([(qs[1], kvs[0])], False)
   out1 = _merge(*out1, *o_10)
-  perm = [(i, (i + 1) % n) for i in range(n)]
-  select = lambda p, a, b: jax.tree.map(lambda x, y: jnp.where(p, x, y), a, b)
   for step in range(1, n):
-    kvs = jax.lax.ppermute(kvs, axis, perm)
+    kvs = jax.lax.ppermute(kvs, axis, _ring_perm(n))
     src = (idx - step) % n  # the shard whose K/V chunks are now held
     if layout == "zigzag":
       # src < idx: K/V chunk src precedes both query chunks, chunk 2n−1−src neither.
@@ -160,29 +183,178 @@ def _ring_shard(q_BCNH, k_BCKH, v_BCKH, seg_BC=None, *, block_size: int, axis: s
       # one of them (query chunk 2, K/V chunk 1) fixed; selects pick the other: no branch.
       early = src < idx
       o_fixed, o_x = attend([(qs[1], kvs[0]),
-                             (select(early, qs[0], qs[1]), select(early, kvs[0], kvs[1]))],
+                             (_select(early, qs[0], qs[1]), _select(early, kvs[0], kvs[1]))],
                             False)
       out1 = _merge(*out1, *o_fixed)
-      out0 = select(early, _merge(*out0, *o_x), out0)
-      out1 = select(early, out1, _merge(*out1, *o_x))
+      out0 = _select(early, _merge(*out0, *o_x), out0)
+      out1 = _select(early, out1, _merge(*out1, *o_x))
     else:
       def attend_all(outs, kvs):  # both query chunks against both (earlier) K/V chunks
         o00, o01, o10, o11 = attend([(q, kv) for q in qs for kv in kvs], False)
         return (_merge(*_merge(*outs[0], *o00), *o01), _merge(*_merge(*outs[1], *o10), *o11))
       out0, out1 = jax.lax.cond(src < idx, attend_all, lambda outs, kvs: outs, (out0, out1), kvs)
-  first, second = (blockwise.from_blocks_q(o, t)[:, :c2].astype(q_BCNH.dtype)
-                   for o, _ in (out0, out1))
-  if layout == "zigzag":
-    return _from_zigzag(first, second, axis, n, is_even)
-  return jnp.concatenate([first, second], axis=1)
+  return [blockwise.from_blocks_q(o, t)[:, :c2] for o, _ in (out0, out1)]
+
+
+def _ring_perm(n):
+  """ppermute pairs sending every shard's K/V chunks (and their gradients) to the next one."""
+  return [(i, (i + 1) % n) for i in range(n)]
+
+
+def _select(pred, a, b):
+  """a where pred else b, leaf by leaf (pred is a per-shard scalar: no branch)."""
+  return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+
+# --- the ring with Pallas splash on every chunk pair (TPU) ---------------------------------------
+#
+# Splash returns each pair's log-sum-exp but is not differentiable through it, so the whole ring
+# has one custom VJP: the forward pass merges the pairs' (out, lse); the backward pass goes round
+# the ring once more, giving each pair splash's backward kernel the GLOBAL out and lse (then
+# exp(s − lse) and Σ out·dout are the whole softmax's, and the pairs' dq, dk, dv add up to the
+# gradient). dq accumulates at home; dk and dv (float32) travel with their K/V chunk and take
+# one more hop home at the end. Layout [B, N, C/2, H] (heads before positions, as splash has
+# them); the segment ids are the mask inside the kernel, with no [C, C] array anywhere.
+
+def _splash_schedule(qs, ks, vs, segs, *, block_size, axis, n, layout, interpret):
+  """_xla_schedule's contract, with splash on every chunk pair (_splash_ring)."""
+  heads_first = lambda x: x.transpose(0, 2, 1, 3)
+  qs = [heads_first(kernels.splash_scale(x)) for x in qs]
+  ks, vs = ([heads_first(x) for x in xs] for xs in (ks, vs))
+  outs = _splash_ring(tuple(qs), tuple(ks), tuple(vs), tuple(segs), block_size, interpret, axis,
+                      n, layout)
+  return [heads_first(o) for o in outs]
+
+
+def _splash_steps(n, layout, idx):
+  """For each ring step 1..n−1, the (query half, K/V half, active) chunk pairs computed; a half
+  index may be a per-shard 0/1, and a pair that is not `active` (a per-shard bool: its K/V chunk
+  is later than its query chunk) is computed and discarded."""
+  for step in range(1, n):
+    src = (idx - step) % n
+    early = src < idx
+    if layout == "zigzag":
+      x = jnp.where(early, 0, 1)
+      yield [(1, 0, True), (x, x, True)]
+    else:  # contiguous: both query halves against both K/V halves, or nothing
+      yield [(a, b, early) for a in (0, 1) for b in (0, 1)]
+
+
+def _pair_kernels(qs, block_size, interpret):
+  """{causal: splash kernel} for the half-chunk pairs of queries qs ([B, N, C/2, H] each)."""
+  _, heads, c2, _ = qs[0].shape
+  return {causal: kernels.splash_pair_kernel(c2, heads, block_size, causal, interpret)
+          for causal in (True, False)}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _splash_ring(qs, ks, vs, segs, block_size, interpret, axis, n, layout):
+  return _splash_ring_fwd(qs, ks, vs, segs, block_size, interpret, axis, n, layout)[0]
+
+
+def _splash_ring_fwd(qs, ks, vs, segs, block_size, interpret, axis, n, layout):
+  kern = _pair_kernels(qs, block_size, interpret)
+  idx = jax.lax.axis_index(axis)
+  last = []
+
+  def attend(causal, i, j, kv):
+    args = _in_turn((_pick(qs, i), _pick(kv[0], j), _pick(kv[1], j), _pick(segs, i),
+                     _pick(kv[2], j)), last)
+    o, lse = kernels.splash_pair(kern[causal], *args)
+    last[:] = [lse]
+    return o, lse
+
+  own = (ks, vs, segs)
+  out = [attend(True, 0, 0, own), attend(True, 1, 1, own)]
+  out[1] = _merge_splash(out[1], attend(False, 1, 0, own))
+  kv = own
+  for pairs in _splash_steps(n, layout, idx):
+    kv = jax.lax.ppermute(kv, axis, _ring_perm(n))
+    for i, j, active in pairs:
+      o = attend(False, i, j, kv)
+      for half in (0, 1):
+        use = jnp.logical_and(active, jnp.asarray(i) == half)
+        out[half] = _select(use, _merge_splash(out[half], o), out[half])
+  outs = tuple(o.astype(qs[0].dtype) for o, _ in out)
+  lses = tuple(checkpoint_name(lse, RESIDUALS_NAME) for _, lse in out)
+  outs = tuple(checkpoint_name(o, RESIDUALS_NAME) for o in outs)
+  return outs, (qs, ks, vs, segs, outs, lses)
+
+
+def _splash_ring_bwd(block_size, interpret, axis, n, layout, res, douts):
+  qs, ks, vs, segs, outs, lses = res
+  kern = _pair_kernels(qs, block_size, interpret)
+  idx = jax.lax.axis_index(axis)
+  f32 = lambda x: x.astype(jnp.float32)
+  last = []
+
+  def grads(causal, i, j, kv):
+    args = _in_turn((_pick(qs, i), _pick(kv[0], j), _pick(kv[1], j), _pick(segs, i),
+                     _pick(kv[2], j), _pick(outs, i), _pick(lses, i), _pick(douts, i)), last)
+    g = kernels.splash_pair_grads(kern[causal], *args)
+    last[:] = [g[0]]
+    return g
+
+  dq = [jnp.zeros(q.shape, jnp.float32) for q in qs]
+  dkv = [[jnp.zeros(k.shape, jnp.float32) for k in ks], [jnp.zeros(v.shape, jnp.float32)
+                                                        for v in vs]]
+
+  def add(i, j, active, g):
+    for half in (0, 1):
+      for acc, at, grad in ((dq, i, g[0]), (dkv[0], j, g[1]), (dkv[1], j, g[2])):
+        use = jnp.logical_and(active, jnp.asarray(at) == half)
+        acc[half] = acc[half] + jnp.where(use, f32(grad), 0.0)
+
+  own = (ks, vs, segs)
+  for causal, i, j in ((True, 0, 0), (True, 1, 1), (False, 1, 0)):
+    add(i, j, True, grads(causal, i, j, own))
+  kv = own
+  for pairs in _splash_steps(n, layout, idx):
+    kv, dkv = jax.lax.ppermute((kv, dkv), axis, _ring_perm(n))
+    dkv = [list(x) for x in dkv]
+    for i, j, active in pairs:
+      add(i, j, active, grads(False, i, j, kv))
+  if n > 1:  # each K/V chunk's gradient is one hop from home
+    dkv = jax.lax.ppermute(dkv, axis, _ring_perm(n))
+  cast = lambda gs, xs: tuple(g.astype(x.dtype) for g, x in zip(gs, xs))
+  return cast(dq, qs), cast(dkv[0], ks), cast(dkv[1], vs), None
+
+
+_splash_ring.defvjp(_splash_ring_fwd, _splash_ring_bwd)
+
+
+def _in_turn(args, last):
+  """args, available only once `last` (the previous splash call's output) is: the calls then
+  run one at a time. Each has a [N, C/2, 128] float32 buffer of its own (splash's lane-wide
+  log-sum-exp), which XLA would otherwise keep live for several calls at once: 212 MB a chip
+  instead of 24 at 32K on 4 shards, without ids (docs/long_sequences.md)."""
+  return jax.lax.optimization_barrier((args, last))[0] if last else args
+
+
+def _pick(xs, i):
+  """xs[i] of a pair of half-chunks, i a Python or per-shard 0/1 (a select); None stays None."""
+  if xs is None or xs[0] is None:
+    return None
+  if isinstance(i, int):
+    return xs[i]
+  return jnp.where(i == 0, xs[0], xs[1])
+
+
+def _merge_splash(a, b):
+  """_merge for splash's (out [B, N, C, H], lse [B, N, C]) pairs, in float32. A pair's own
+  output comes in the compute dtype (splash writes q's dtype): with bf16 compute each partial
+  is rounded to bf16 once before the float32 merge, where xla_blockwise's stay float32."""
+  (o_a, lse_a), (o_b, lse_b) = a, b
+  return _merge(o_a.astype(jnp.float32), lse_a, o_b.astype(jnp.float32), lse_b)
 
 
 def ring_attention(q_BLNH, k_BLKH, v_BLKH, *, block_size: int = 512, axis: str = SEQUENCE_AXIS,
-                   layout: str = "zigzag", segment_ids_BL=None):
+                   layout: str = "zigzag", segment_ids_BL=None, interpret: bool = False):
   """Causal attention with context parallelism over mesh axis `axis` (under `jax.set_mesh`).
 
   segment_ids_BL: int [B, L] or None (document masking; module docstring). Without a mesh, or
-  when `axis` has size 1, this is exactly xla_blockwise attention.
+  when `axis` has size 1, this is exactly xla_blockwise attention. interpret: the splash
+  per-pair kernel in Pallas interpret mode, on any backend (tests on the CPU).
   """
   shard_chunks(1, layout)  # validates the layout name
   mesh = jax.sharding.get_abstract_mesh()
@@ -201,8 +373,11 @@ def ring_attention(q_BLNH, k_BLKH, v_BLKH, *, block_size: int = 512, axis: str =
   heads = q_spec[2] if q_spec[2] == kv_spec[2] else None  # GQA groups stay whole on a shard
   q_spec = P(q_spec[0], axis, heads, None)
   kv_spec = P(kv_spec[0], axis, heads, None)
+  # Splash per chunk pair on TPU when the half-chunks are whole splash tiles (module docstring).
+  splash = ((interpret or kernels.backend() == "tpu")
+            and (l // (2 * n_shards)) % kernels.SPLASH_TILE == 0)
   fn = functools.partial(_ring_shard, block_size=block_size, axis=axis, n_shards=n_shards,
-                         layout=layout)
+                         layout=layout, splash=splash, interpret=interpret)
   args, specs = (q_BLNH, k_BLKH, v_BLKH), (q_spec, kv_spec, kv_spec)
   if segment_ids_BL is not None:
     args, specs = args + (segment_ids_BL.astype(jnp.int32),), specs + (P(q_spec[0], axis),)
