@@ -107,7 +107,27 @@ def summed_loss(config: ModelConfig, params, tokens_BL, targets_BL, mask_BL,
   nll_BL = token_nll(config, params, tokens_BL, targets_BL, positions_BL, chunk, segment_ids_BL,
                      run=run)
   mask = mask_BL.astype(jnp.float32)
-  return jnp.sum(nll_BL * mask), jnp.sum(mask)
+  return pairwise_sum(nll_BL * mask), jnp.sum(mask)
+
+
+def pairwise_sum(x: jax.Array) -> jax.Array:
+  """The sum of all of x's elements by halving (zero-padded to a power of two): the same
+  additions in the same order in every program. XLA's reduce orders its additions by how it
+  fused the operand, so the same masked NLL summed 1-2 ulp apart in the concat and documents
+  training steps on an AVX-512 host (tests/test_packing.py); log2(size) elementwise adds.
+
+  Under a mesh of several devices it is jnp.sum (partial sums and an all-reduce): halving a
+  sharded array moves its halves between devices, and on XLA:CPU those collective permutes,
+  issued beside the step's other collectives, deadlocked 8 fake devices."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.size > 1:
+    return jnp.sum(x)
+  x = x.reshape(-1)
+  size = 1 << max(0, (x.shape[0] - 1).bit_length())
+  x = jnp.pad(x, (0, size - x.shape[0]))
+  while x.shape[0] > 1:
+    x = x[:x.shape[0] // 2] + x[x.shape[0] // 2:]
+  return x[0]
 
 
 def mean_loss(config: ModelConfig, params, tokens_BL, targets_BL, mask_BL,

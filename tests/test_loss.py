@@ -92,3 +92,14 @@ def test_bad_chunk_is_an_error():
   params = model_lib.init_params(CFG, jax.random.key(0))
   with pytest.raises(ValueError, match="chunk"):
     loss_lib.chunked_nll(CFG, params, jnp.zeros((1, 8, 32)), jnp.zeros((1, 8), jnp.int32), chunk=0)
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (2, 24), (3, 5, 11)])
+def test_pairwise_sum_is_the_sum_and_its_gradient_is_ones(shape):
+  """loss.pairwise_sum (the summed NLL's fixed-order sum) against a float64 sum, and its
+  gradient; the same bits under jit as eagerly (one order of additions)."""
+  x = jax.random.normal(jax.random.key(0), shape) * 10
+  got = loss_lib.pairwise_sum(x)
+  np.testing.assert_allclose(float(got), np.sum(np.asarray(x, np.float64)), rtol=1e-6)
+  assert float(jax.jit(loss_lib.pairwise_sum)(x)) == float(got)
+  np.testing.assert_array_equal(jax.grad(loss_lib.pairwise_sum)(x), np.ones(shape, np.float32))

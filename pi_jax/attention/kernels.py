@@ -66,10 +66,12 @@ MAX_DQ_COPIES = 8
 MAX_DKV_BLOCK = 4096
 
 
-def splash_block_sizes(length: int, blk: int, max_dq_copies: int = MAX_DQ_COPIES):
-  """Splash's BlockSizes for a padded `length` and tile `blk` (see MAX_DQ_COPIES); with
-  max_dq_copies=0, always the separate dq kernel."""
+def splash_block_sizes(length: int, blk: int, max_dq_copies: int | None = None):
+  """Splash's BlockSizes for a padded `length` and tile `blk` (see MAX_DQ_COPIES, the default
+  of max_dq_copies); with max_dq_copies=0, always the separate dq kernel."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  if max_dq_copies is None:
+    max_dq_copies = MAX_DQ_COPIES
   n = length // blk
   per_block = next(d for d in range(-(-n // max(max_dq_copies, 1)), n + 1) if n % d == 0)
   fused = max_dq_copies > 0 and per_block * blk <= MAX_DKV_BLOCK

@@ -76,8 +76,8 @@ def make_train_step(config: TrainConfig, model: ModelConfig, optimizer, sharding
       (total, count, grads), _ = jax.lax.scan(body, (0.0, 0.0, zeros), micro_ABL1)
     # One reciprocal for the loss and every gradient: with concat rows the count is a constant
     # and XLA turns a division by it into this multiplication anyway; written out, rows whose
-    # count is data (packing=documents) take the same rounding. test_packing.py: gradients and
-    # parameters bit for bit; the loss within 2 ulp (the summed NLL itself differs on some hosts).
+    # count is data (packing=documents) take the same rounding (test_packing.py: loss, gradients
+    # and parameters bit for bit; the summed NLL is loss.pairwise_sum's, the same in both).
     inv_count = 1.0 / count
     loss = total * inv_count
     grads = jax.tree.map(lambda g, p: (g * inv_count).astype(p.dtype), grads, params)
