@@ -23,6 +23,23 @@ def test_ring_without_mesh_is_blockwise():
   np.testing.assert_allclose(out, attn_lib.reference_attention(q, k, v), rtol=1e-5, atol=1e-5)
 
 
+def test_ring_falls_back_to_xla_blockwise_when_splash_backward_changes(monkeypatch):
+  """A jax whose private splash backward takes other arguments: the ring warns, naming it, and
+  runs xla_blockwise on each pair (no Pallas call in the program)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  assert attn_lib.kernels.splash_pair_unsupported() is None  # the pinned jax
+  monkeypatch.setattr(sk, "_splash_attention_bwd", lambda res, do, *, new_arg: None)
+  ks = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(ks[0], (1, 512, 2, 8))  # half-chunks of 128 on 2 shards
+  k, v = (jax.random.normal(x, (1, 512, 1, 8)) for x in ks[1:])
+  fn = lambda q, k, v: ring.ring_attention(q, k, v, block_size=128, interpret=True)
+  # Traced for an abstract 2-shard mesh (this process has one CPU device).
+  two_shards = jax.sharding.AbstractMesh((2,), (ring.SEQUENCE_AXIS,))
+  with jax.sharding.use_abstract_mesh(two_shards), pytest.warns(UserWarning, match="new_arg"):
+    jaxpr = str(jax.make_jaxpr(fn)(q, k, v))
+  assert "pallas_call" not in jaxpr and "ppermute" in jaxpr
+
+
 def test_schedule_work_per_shard():
   """The schedule's forward block pairs: zigzag equal on every shard, contiguous 1 : … : 2n−1."""
   n, nb = 8, 4

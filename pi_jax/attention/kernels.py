@@ -12,6 +12,7 @@ backend.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 
 import jax
@@ -198,6 +199,27 @@ def splash_pair(kernel, q_BNCH, k_BKCH, v_BKCH, q_seg_BC=None, kv_seg_BC=None):
     out, (lse,) = kernel(q, k, v, segment_ids=_segment_ids(q_seg, kv_seg))
     return out, lse
   return jax.vmap(one)(q_BNCH, k_BKCH, v_BKCH, q_seg_BC, kv_seg_BC)
+
+
+# splash_pair_grads calls splash's backward, a private function of jax, with these arguments
+# (jax 0.10.2, as requirements.txt pins).
+SPLASH_BWD_PARAMS = ("save_residuals", "mask_value", "is_mqa", "block_sizes",
+                     "residual_checkpoint_name", "mask_function", "attn_logits_soft_cap",
+                     "interpret", "res", "do")
+
+
+def splash_pair_unsupported() -> str | None:
+  """Why this jax's splash cannot run ring attention's chunk pairs (its private backward is
+  missing or takes other arguments), or None when it can."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  fn = getattr(sk, "_splash_attention_bwd", None)
+  if fn is None:
+    return f"jax {jax.__version__}'s splash has no _splash_attention_bwd"
+  params = tuple(inspect.signature(fn).parameters)
+  if params != SPLASH_BWD_PARAMS:
+    return (f"jax {jax.__version__}'s splash _splash_attention_bwd takes {params}, not "
+            f"{SPLASH_BWD_PARAMS}")
+  return None
 
 
 def splash_pair_grads(kernel, q_BNCH, k_BKCH, v_BKCH, q_seg_BC, kv_seg_BC, out_BNCH, lse_BNC,

@@ -38,6 +38,7 @@ chunk gets a partial result with lse ≈ MASK_VALUE, which the merge weighs by e
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -376,6 +377,11 @@ def ring_attention(q_BLNH, k_BLKH, v_BLKH, *, block_size: int = 512, axis: str =
   # Splash per chunk pair on TPU when the half-chunks are whole splash tiles (module docstring).
   splash = ((interpret or kernels.backend() == "tpu")
             and (l // (2 * n_shards)) % kernels.SPLASH_TILE == 0)
+  why = kernels.splash_pair_unsupported() if splash else None
+  if why:
+    warnings.warn(f"ring attention runs xla_blockwise on each chunk pair, not splash: {why} "
+                  "(pi_jax pins jax 0.10.2)")
+    splash = False
   fn = functools.partial(_ring_shard, block_size=block_size, axis=axis, n_shards=n_shards,
                          layout=layout, splash=splash, interpret=interpret)
   args, specs = (q_BLNH, k_BLKH, v_BLKH), (q_spec, kv_spec, kv_spec)
