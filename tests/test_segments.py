@@ -326,7 +326,7 @@ def _per_chip_bytes(model, run, topology, mesh_spec, seq_len, with_ids):
 _RING_MEMORY = pytest.mark.xfail(strict=True, reason="ring + ids in the model: splash's lane-wide "
                                  "query ids, up to 1 MB a chip more than the ids at 8K "
                                  "(docs/long_sequences.md)")
-_TINY_8K = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+_TINY_SHAPE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                 num_kv_heads=2, head_dim=16)
 
 
@@ -337,7 +337,7 @@ _TINY_8K = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layer
 def test_segment_ids_compile_for_tpu_without_more_memory(impl, topology, mesh_spec, seq_len):
   """Per chip, the program with ids needs at most the ids' own bytes more than without
   (bf16, full remat; the tiny model's few weights leave attention and loss to dominate)."""
-  model = ModelConfig(**_TINY_8K, max_position_embeddings=seq_len // 4).with_rope_scaling(
+  model = ModelConfig(**_TINY_SHAPE, max_position_embeddings=seq_len // 4).with_rope_scaling(
       "linear:4")
   run = RunOptions(attention_impl=impl, compute_dtype="bfloat16", remat="full")
   without, _ = _per_chip_bytes(model, run, topology, mesh_spec, seq_len, False)
@@ -356,7 +356,7 @@ def test_ring_segment_ids_cost_at_most_splash_lane_wide_query_ids():
   plus splash's lane-wide copy of one shard's query ids ([C/2, 128] int32 for each of its two
   half-chunks), and no more per chip than the XLA ring needed WITHOUT ids (33,380,864 B)."""
   seq_len, shards = 8192, 4
-  model = ModelConfig(**_TINY_8K, max_position_embeddings=seq_len // 4).with_rope_scaling(
+  model = ModelConfig(**_TINY_SHAPE, max_position_embeddings=seq_len // 4).with_rope_scaling(
       "linear:4")
   run = RunOptions(attention_impl="ring", compute_dtype="bfloat16", remat="full")
   without, _ = _per_chip_bytes(model, run, "v5e:2x4", "fsdp:2,sequence:4", seq_len, False)

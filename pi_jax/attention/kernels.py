@@ -182,8 +182,8 @@ def splash_pair_kernel(length: int, num_heads: int, block_size: int, causal: boo
   one = sm.CausalMask(shape) if causal else sm.FullMask(shape)
   return sk.make_splash_mha(mask=sm.MultiHeadMask([one] * num_heads),
                             block_sizes=splash_block_sizes(length, blk, RING_DQ_COPIES),
-                            head_shards=1,
-                            q_seq_shards=1, save_residuals=True, interpret=interpret)
+                            head_shards=1, q_seq_shards=1, save_residuals=True,
+                            interpret=interpret)
 
 
 def _segment_ids(q_seg_C, kv_seg_C):

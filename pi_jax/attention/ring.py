@@ -43,9 +43,8 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
-
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
 from pi_jax.attention import blockwise, kernels
 from pi_jax.attention.blockwise import RESIDUALS_NAME
@@ -241,6 +240,10 @@ def _splash_steps(n, layout, idx):
       yield [(a, b, early) for a in (0, 1) for b in (0, 1)]
 
 
+# A shard's own two chunks at ring step 0: (causal, query half, K/V half).
+_OWN_PAIRS = ((True, 0, 0), (True, 1, 1), (False, 1, 0))
+
+
 def _pair_kernels(qs, block_size, interpret):
   """{causal: splash kernel} for the half-chunk pairs of queries qs ([B, N, C/2, H] each)."""
   _, heads, c2, _ = qs[0].shape
@@ -266,8 +269,10 @@ def _splash_ring_fwd(qs, ks, vs, segs, block_size, interpret, axis, n, layout):
     return o, lse
 
   own = (ks, vs, segs)
-  out = [attend(True, 0, 0, own), attend(True, 1, 1, own)]
-  out[1] = _merge_splash(out[1], attend(False, 1, 0, own))
+  out = [None, None]
+  for causal, i, j in _OWN_PAIRS:
+    o = attend(causal, i, j, own)
+    out[i] = o if out[i] is None else _merge_splash(out[i], o)
   kv = own
   for pairs in _splash_steps(n, layout, idx):
     kv = jax.lax.ppermute(kv, axis, _ring_perm(n))
@@ -307,7 +312,7 @@ def _splash_ring_bwd(block_size, interpret, axis, n, layout, res, douts):
         acc[half] = acc[half] + jnp.where(use, f32(grad), 0.0)
 
   own = (ks, vs, segs)
-  for causal, i, j in ((True, 0, 0), (True, 1, 1), (False, 1, 0)):
+  for causal, i, j in _OWN_PAIRS:
     add(i, j, True, grads(causal, i, j, own))
   kv = own
   for pairs in _splash_steps(n, layout, idx):
@@ -338,7 +343,7 @@ def _pick(xs, i):
     return None
   if isinstance(i, int):
     return xs[i]
-  return jnp.where(i == 0, xs[0], xs[1])
+  return _select(i == 0, xs[0], xs[1])
 
 
 def _merge_splash(a, b):
