@@ -244,14 +244,7 @@ class Llama(nnx.Module):
       layer = nnx.merge(layer_def, layer_params)  # this layer's [Y] slice as a DecoderLayer
       # The one activation remat keeps per layer (the "offload" policy moves it to host memory).
       x_BLD = checkpoint_name(x_BLD, "layer_input")
-      seg_BL = segment_ids_BL
-      if seg_BL is not None:
-        # Tied to this layer's input, the ids are no longer loop-invariant: what attention
-        # derives from them (zig-zag halves, blocked copies) is computed in each layer and dies
-        # there, instead of being hoisted out of the scan and held through the whole pass
-        # (ring at 8K in the model: -1.15 MB a chip on TPU, docs/long_sequences.md).
-        x_BLD, seg_BL = jax.lax.optimization_barrier((x_BLD, seg_BL))
-      return layer(x_BLD, cos, sin, kernels, cache_kv, cache_index, seg_BL)
+      return layer(x_BLD, cos, sin, kernels, cache_kv, cache_index, segment_ids_BL)
 
     layer_fn = _remat(layer_fn, run.remat)
     cache_xs = None if cache is None else (cache["k"], cache["v"])

@@ -23,23 +23,6 @@ def test_ring_without_mesh_is_blockwise():
   np.testing.assert_allclose(out, attn_lib.reference_attention(q, k, v), rtol=1e-5, atol=1e-5)
 
 
-def test_ring_falls_back_to_xla_blockwise_when_splash_backward_changes(monkeypatch):
-  """A jax whose private splash backward takes other arguments: the ring warns, naming it, and
-  runs xla_blockwise on each pair (no Pallas call in the program)."""
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-  assert attn_lib.kernels.splash_pair_unsupported() is None  # the pinned jax
-  monkeypatch.setattr(sk, "_splash_attention_bwd", lambda res, do, *, new_arg: None)
-  ks = jax.random.split(jax.random.key(0), 3)
-  q = jax.random.normal(ks[0], (1, 512, 2, 8))  # half-chunks of 128 on 2 shards
-  k, v = (jax.random.normal(x, (1, 512, 1, 8)) for x in ks[1:])
-  fn = lambda q, k, v: ring.ring_attention(q, k, v, block_size=128, interpret=True)
-  # Traced for an abstract 2-shard mesh (this process has one CPU device).
-  two_shards = jax.sharding.AbstractMesh((2,), (ring.SEQUENCE_AXIS,))
-  with jax.sharding.use_abstract_mesh(two_shards), pytest.warns(UserWarning, match="new_arg"):
-    jaxpr = str(jax.make_jaxpr(fn)(q, k, v))
-  assert "pallas_call" not in jaxpr and "ppermute" in jaxpr
-
-
 def test_schedule_work_per_shard():
   """The schedule's forward block pairs: zigzag equal on every shard, contiguous 1 : … : 2n−1."""
   n, nb = 8, 4
@@ -87,8 +70,8 @@ _RING_SCRIPT = textwrap.dedent("""
       assert rel(g, gw) < 1e-5, rel(g, gw)
     print("KERNEL_OK", flush=True)
 
-    # 1b. The TPU ring (Pallas splash on every chunk pair, one custom VJP round the ring) in
-    # interpret mode: both layouts, with and without segment ids (documents crossing the
+    # 1b. The TPU ring (the Pallas pair kernel on every chunk pair, one custom VJP round the
+    # ring) in interpret mode: both layouts, with and without segment ids (documents crossing the
     # half-chunks of 128, so some query rows see no key of a chunk), outputs and gradients.
     q, k, v, w = inputs(1024)
     seg = jnp.asarray(np.sort(np.random.default_rng(0).integers(0, 6, (2, 1024)), axis=1),
@@ -99,13 +82,13 @@ _RING_SCRIPT = textwrap.dedent("""
                                                  segment_ids_BL=ids, interpret=True)
         with jax.set_mesh(sharding.make_mesh("data:2,sequence:4")):
           out, grads = jax.jit(out_and_grads(fn, w))(q, k, v)
-          assert "pallas_call" in str(jax.make_jaxpr(fn)(q, k, v)), "not the splash ring"
+          assert "pallas_call" in str(jax.make_jaxpr(fn)(q, k, v)), "not the Pallas ring"
         dense = lambda q, k, v: attn_lib.reference_attention(q, k, v, segment_ids_BL=ids)
         want, want_grads = out_and_grads(dense, w)(q, k, v)
         assert rel(out, want) < 1e-5, (layout, ids is None, rel(out, want))
         for g, gw in zip(grads, want_grads):
           assert rel(g, gw) < 1e-5, (layout, ids is None, rel(g, gw))
-    print("SPLASH_RING_OK", flush=True)
+    print("PALLAS_RING_OK", flush=True)
 
     # 2. Work per shard, counted at run time: every query-key block product the forward pass
     # executes reports its shard (a block product of a batch stacked s times counts s).
@@ -174,12 +157,12 @@ def _run_ring_script(*args):
 
 
 def test_ring_attention_on_eight_devices_equals_single_device():
-  """Kernel outputs and gradients (the XLA ring, and the TPU ring's splash in interpret mode,
+  """Kernel outputs and gradients (the XLA ring, and the TPU ring's Pallas kernel in interpret mode,
   with and without segment ids), the work per shard counted at run time (zigzag: equal on
   every shard; contiguous: the schedule's 1 : 3 : … ratio) with both layouts' outputs, and the
   whole PI model's logits, on 8 fake CPU devices."""
   out = _run_ring_script()
-  assert "COUNTS" in out and "SPLASH_RING_OK" in out
+  assert "COUNTS" in out and "PALLAS_RING_OK" in out
 
 
 @pytest.mark.slow
@@ -194,7 +177,7 @@ def test_ring_attention_whole_model_gradients():
 @pytest.mark.parametrize("seq_len", [32768, 131072], ids=["32K", "128K"])
 def test_ring_compiles_in_the_real_train_step_for_tpu(seq_len):
   """trainer.make_train_step with zigzag ring attention, compiled for v5e:2x4 (8 chips) on a mesh
-  fsdp:2 × sequence:4, PI linear:4: the K/V ring (collective-permute) and the splash kernels
+  fsdp:2 × sequence:4, PI linear:4: the K/V ring (collective-permute) and the pair kernels
   (tpu_custom_call) are in the program."""
   from tests import tpu_aot
   model = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
@@ -206,6 +189,6 @@ def test_ring_compiles_in_the_real_train_step_for_tpu(seq_len):
                                            tpu_aot.tpu_mesh("v5e:2x4", "fsdp:2,sequence:4"))
   text = compiled.as_text()
   assert "collective-permute" in text
-  assert "tpu_custom_call" in text  # splash on every chunk pair
+  assert "tpu_custom_call" in text  # pair_flash on every chunk pair
   memory = compiled.memory_analysis()
   assert memory.argument_size_in_bytes > 0 and memory.temp_size_in_bytes > 0

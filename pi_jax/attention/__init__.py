@@ -11,7 +11,7 @@ heads of a group share one K/V head, which is never copied per query head) and r
 - cudnn, splash (kernels.py): the cuDNN flash kernel on NVIDIA GPUs, Pallas splash on TPU
   (inside shard_map over batch and heads; verified on CPU in Pallas interpret mode).
 - ring (ring.py): context parallelism over the `sequence` mesh axis, load-balanced (zig-zag);
-  splash on every chunk pair on TPU, xla_blockwise elsewhere.
+  a Pallas flash kernel on every chunk pair on TPU (pair_flash.py), xla_blockwise elsewhere.
 Which one a run uses ("auto", the tile) is decided by pi_jax.dispatch, not here.
 
 Document masking: every implementation takes segment ids int [B, L] (a query sees only earlier
@@ -42,7 +42,7 @@ def attention(q_BLNH, k_BLKH, v_BLKH, *, impl: str = "xla_blockwise", block_size
   block_size: the tile. kv_heads_in_turn: xla_blockwise computes one kv head at a time (faster
   on the CPU). segment_ids_BL: int [B, L] or None; with ids a query sees only earlier-or-equal
   keys of its own segment (packed documents); cudnn then runs masked xla_blockwise (module
-  docstring). interpret: run the Pallas kernels (splash, and ring's splash per chunk pair) in
+  docstring). interpret: run the Pallas kernels (splash, and ring's pair kernel) in
   interpret mode, on any backend.
   """
   if q_BLNH.shape[2] % k_BLKH.shape[2]:

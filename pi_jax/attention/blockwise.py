@@ -285,7 +285,7 @@ def blockwise_attention_grads(q_BLNH, k_BLKH, v_BLKH, out_BLNH, lse_BNL, dout_BL
   lse = to_blocks_q(lse, kh, t)[..., 0]
   q_seg = kv_seg = None
   if segment_ids_BL is not None:
-    seg = pad_segments(segment_ids_BL, pad)
+    seg = pad_segments(per_call(segment_ids_BL, dout_BLNH), pad)
     q_seg = kv_seg = to_blocks_segments(seg, t)
   dq, dk, dv = _blockwise_bwd_core(to_blocks_q(q, kh, t), to_blocks_kv(k, t), to_blocks_kv(v, t),
                                    to_blocks_q(out, kh, t), lse, to_blocks_q(dout, kh, t),
@@ -307,6 +307,17 @@ def _one_kv_head_at_a_time(core, q, k, v, q_seg, kv_seg):
   return jnp.moveaxis(out[:, :, :, 0], 0, 2)
 
 
+def per_call(segment_ids, like):
+  """segment_ids (or None), available only once `like` is: tied to an input that changes from
+  one layer to the next, the ids stop being invariant in the model's layer scan, so what an
+  XLA kernel derives from them (padded, blocked, zig-zag or lane-wide copies) is computed in
+  each layer and dies there instead of being hoisted out of the scan and held through the whole
+  pass (the XLA ring at 8K: -1.15 MB a chip on TPU, docs/long_sequences.md)."""
+  if segment_ids is None:
+    return None
+  return jax.lax.optimization_barrier((like, segment_ids))[1]
+
+
 def blockwise_attention(q_BLNH, k_BLKH, v_BLKH, *, block_size: int = 512,
                         kv_heads_in_turn: bool = False, segment_ids_BL=None):
   """Causal flash attention in plain XLA (see the module docstring); exact up to rounding.
@@ -326,7 +337,7 @@ def blockwise_attention(q_BLNH, k_BLKH, v_BLKH, *, block_size: int = 512,
   q, k, v = to_blocks_q(q_BLNH, kh, t), to_blocks_kv(k_BLKH, t), to_blocks_kv(v_BLKH, t)
   q_seg = kv_seg = None
   if segment_ids_BL is not None:
-    seg = pad_segments(segment_ids_BL.astype(jnp.int32), pad)
+    seg = pad_segments(per_call(segment_ids_BL, q_BLNH).astype(jnp.int32), pad)
     q_seg = kv_seg = to_blocks_segments(seg, t)
   if kv_heads_in_turn and kh > 1:
     out = _one_kv_head_at_a_time(core, q, k, v, q_seg, kv_seg)

@@ -12,7 +12,6 @@ backend.
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 
 import jax
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from pi_jax import sharding as sharding_lib
-from pi_jax.attention.blockwise import RESIDUALS_NAME
+from pi_jax.attention.blockwise import RESIDUALS_NAME, per_call
 
 # Splash tiles the sequence by this many positions (the TPU lane width).
 SPLASH_TILE = 128
@@ -67,15 +66,12 @@ MAX_DQ_COPIES = 8
 MAX_DKV_BLOCK = 4096
 
 
-def splash_block_sizes(length: int, blk: int, max_dq_copies: int | None = None):
-  """Splash's BlockSizes for a padded `length` and tile `blk` (see MAX_DQ_COPIES, the default
-  of max_dq_copies); with max_dq_copies=0, always the separate dq kernel."""
+def splash_block_sizes(length: int, blk: int):
+  """Splash's BlockSizes for a padded `length` and tile `blk` (see MAX_DQ_COPIES)."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-  if max_dq_copies is None:
-    max_dq_copies = MAX_DQ_COPIES
   n = length // blk
-  per_block = next(d for d in range(-(-n // max(max_dq_copies, 1)), n + 1) if n % d == 0)
-  fused = max_dq_copies > 0 and per_block * blk <= MAX_DKV_BLOCK
+  per_block = next(d for d in range(-(-n // MAX_DQ_COPIES), n + 1) if n % d == 0)
+  fused = per_block * blk <= MAX_DKV_BLOCK
   dq = {} if fused else {"block_q_dq": blk, "block_kv_dq": blk}
   return sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk,
                        block_kv_dkv=per_block * blk if fused else blk, block_kv_dkv_compute=blk,
@@ -93,6 +89,7 @@ def _splash_local(q_BLNH, k_BLKH, v_BLKH, seg_BL=None, *, block_size: int, inter
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
   _, l, n, _ = q_BLNH.shape
+  seg_BL = per_call(seg_BL, q_BLNH)  # splash's lane-wide copy of the ids lives per call
   pad = (-l) % SPLASH_TILE  # trailing padding is hidden from every real query by the causal mask
   lp = l + pad
   if pad:
@@ -160,89 +157,3 @@ def over_batch_and_heads(fn, name: str, q_BLNH, k_BLKH, v_BLKH, segment_ids_BL=N
   specs = (q_spec, kv_spec, kv_spec, P(q_spec[0], None))[:len(args)]
   return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=q_spec,
                        check_vma=False)(*args)
-
-
-# --- splash on one chunk pair, for ring attention ---------------------------------------------
-
-# Ring attention's pairs use splash's separate dq kernel (no partial dq copies; Q·Kᵀ computed
-# again): with the fused kernel's 8 copies the ring's per-chip memory for 7B at 128K on a
-# v5p-128 (fsdp 8 × sequence 8) was 23.47 GiB of temporaries, with the separate one 16.68 GiB.
-RING_DQ_COPIES = 0
-
-
-def splash_pair_kernel(length: int, num_heads: int, block_size: int, causal: bool,
-                       interpret: bool):
-  """A splash kernel for one query chunk against one key chunk, both `length` positions (a
-  multiple of 128): causal (the chunk against itself) or full (against an earlier chunk). It
-  returns the log-sum-exp beside the output, which ring attention merges by."""
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-  blk = splash_block(length, block_size)
-  shape = (length, length)
-  one = sm.CausalMask(shape) if causal else sm.FullMask(shape)
-  return sk.make_splash_mha(mask=sm.MultiHeadMask([one] * num_heads),
-                            block_sizes=splash_block_sizes(length, blk, RING_DQ_COPIES),
-                            head_shards=1, q_seq_shards=1, save_residuals=True,
-                            interpret=interpret)
-
-
-def _segment_ids(q_seg_C, kv_seg_C):
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-  return None if q_seg_C is None else sk.SegmentIds(q=q_seg_C, kv=kv_seg_C)
-
-
-def splash_pair(kernel, q_BNCH, k_BKCH, v_BKCH, q_seg_BC=None, kv_seg_BC=None):
-  """(out [B, N, C, H] in q's dtype, lse [B, N, C] float32) of `kernel` (splash_pair_kernel) on
-  scaled queries, vmapped over the batch. A query row with no visible key (its document has no
-  key in this chunk) gets lse ≈ the mask value: weight exactly 0 in a log-sum-exp merge."""
-  def one(q, k, v, q_seg, kv_seg):
-    out, (lse,) = kernel(q, k, v, segment_ids=_segment_ids(q_seg, kv_seg))
-    return out, lse
-  return jax.vmap(one)(q_BNCH, k_BKCH, v_BKCH, q_seg_BC, kv_seg_BC)
-
-
-# splash_pair_grads calls splash's backward, a private function of jax, with these arguments
-# (jax 0.10.2, as requirements.txt pins).
-SPLASH_BWD_PARAMS = ("save_residuals", "mask_value", "is_mqa", "block_sizes",
-                     "residual_checkpoint_name", "mask_function", "attn_logits_soft_cap",
-                     "interpret", "res", "do")
-
-
-def splash_pair_unsupported() -> str | None:
-  """Why this jax's splash cannot run ring attention's chunk pairs (its private backward is
-  missing or takes other arguments), or None when it can."""
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-  fn = getattr(sk, "_splash_attention_bwd", None)
-  if fn is None:
-    return f"jax {jax.__version__}'s splash has no _splash_attention_bwd"
-  params = tuple(inspect.signature(fn).parameters)
-  if params != SPLASH_BWD_PARAMS:
-    return (f"jax {jax.__version__}'s splash _splash_attention_bwd takes {params}, not "
-            f"{SPLASH_BWD_PARAMS}")
-  return None
-
-
-def splash_pair_grads(kernel, q_BNCH, k_BKCH, v_BKCH, q_seg_BC, kv_seg_BC, out_BNCH, lse_BNC,
-                      dout_BNCH):
-  """(dq, dk, dv) of one chunk pair's share of an attention whose softmax spans more keys:
-  `out` and `lse` are those of the WHOLE attention (all chunks merged), so the probabilities
-  exp(s − lse) and the row terms Σ out·dout are the global ones and the shares of all chunk
-  pairs sum to the gradient. Splash's own backward kernels (the jax version requirements.txt
-  pins; splash has no public entry point that takes outside statistics)."""
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-  kw = kernel.kwargs
-  # What _splash_attention does to the mask infos before its custom VJP (a no-op for static
-  # masks of one partial-block table, kept so the kernels see what they always see).
-  collapse = lambda info: None if info is None or info.partial_mask_blocks is None else (
-      info._replace(partial_mask_blocks=info.partial_mask_blocks.reshape(
-          -1, *info.partial_mask_blocks.shape[-2:])))
-  dq_info = collapse(kernel.dq_mask_info) or kernel.dq_mask_info
-  dkv_info = collapse(kernel.dkv_mask_info) or kernel.dkv_mask_info
-
-  def one(q, k, v, q_seg, kv_seg, out, lse, dout):
-    res = (q, k, v, _segment_ids(q_seg, kv_seg), None, out, lse, dq_info, dkv_info)
-    grads = sk._splash_attention_bwd(  # pylint: disable=protected-access
-        False, kw["mask_value"], kw["is_mqa"], kw["block_sizes"], None, kw["mask_function"],
-        kw["attn_logits_soft_cap"], kw["interpret"], res, dout)
-    return grads[3:6]
-  return jax.vmap(one)(q_BNCH, k_BKCH, v_BKCH, q_seg_BC, kv_seg_BC, out_BNCH, lse_BNC, dout_BNCH)

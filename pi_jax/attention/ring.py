@@ -18,14 +18,14 @@ tokens.
 
 K/V chunks go round the ring with `ppermute`: after s steps shard i holds those of shard
 i − s (mod n). A key chunk later in the sequence than a query chunk is never computed (the
-contiguous layout's splash ring computes and discards it: no branch); partial results (output,
+contiguous layout's Pallas ring computes and discards it: no branch); partial results (output,
 log-sum-exp) merge by the online-softmax rule in float32. `block_pairs_per_shard` gives the
 forward work per shard of this schedule (tests count it at run time too).
 
 The per-pair kernel:
-- On TPU (or with interpret=True), when a half-chunk L/(2n) is a multiple of 128: Pallas splash
-  (pi_jax.attention.kernels.splash_pair). Splash is not differentiable through its log-sum-exp,
-  so the ring has one custom VJP whose backward goes round the ring again (see _splash_ring).
+- On TPU (or with interpret=True), when a half-chunk L/(2n) is a multiple of 128: a Pallas
+  flash kernel (pi_jax.attention.pair_flash), forward and gradients apart, so the ring has one
+  custom VJP whose backward goes round the ring again (see _flash_ring).
 - Otherwise xla_blockwise (blockwise_core), differentiated through the ring by autodiff.
 Batch stays split over data/fsdp and heads over tensor where they divide.
 
@@ -38,7 +38,6 @@ chunk gets a partial result with lse ≈ MASK_VALUE, which the merge weighs by e
 from __future__ import annotations
 
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +45,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-from pi_jax.attention import blockwise, kernels
+from pi_jax.attention import blockwise, kernels, pair_flash
 from pi_jax.attention.blockwise import RESIDUALS_NAME
 from pi_jax.sharding import LOGICAL_AXIS_RULES, logical_to_spec
 
@@ -115,12 +114,14 @@ def _from_zigzag(first, second, axis, n, is_even):
 
 
 def _ring_shard(q_BCNH, k_BCKH, v_BCKH, seg_BC=None, *, block_size: int, axis: str,
-                n_shards: int, layout: str, splash: bool, interpret: bool):
+                n_shards: int, layout: str, flash: bool, interpret: bool):
   """Runs on one shard: the local contiguous chunk (C = L/n positions) and its segment ids
-  (or None); returns its output. splash: the per-pair kernel is Pallas splash, else
+  (or None); returns its output. flash: the per-pair kernel is the Pallas pair_flash, else
   xla_blockwise."""
   n = n_shards
   c2 = q_BCNH.shape[1] // 2
+  if not flash:  # XLA per pair derives padded, blocked copies of the ids: per layer, not hoisted
+    seg_BC = blockwise.per_call(seg_BC, q_BCNH)
   idx = jax.lax.axis_index(axis)
   is_even = idx % 2 == 0
   local = (q_BCNH, k_BCKH, v_BCKH) + (() if seg_BC is None else (seg_BC,))
@@ -130,7 +131,7 @@ def _ring_shard(q_BCNH, k_BCKH, v_BCKH, seg_BC=None, *, block_size: int, axis: s
     halves = [(x[:, :c2], x[:, c2:]) for x in local]
   if seg_BC is None:
     halves.append((None, None))
-  schedule = functools.partial(_splash_schedule, interpret=interpret) if splash else _xla_schedule
+  schedule = functools.partial(_flash_schedule, interpret=interpret) if flash else _xla_schedule
   first, second = schedule(*halves, block_size=block_size, axis=axis, n=n, layout=layout)
   first, second = first.astype(q_BCNH.dtype), second.astype(q_BCNH.dtype)
   if layout == "zigzag":
@@ -206,27 +207,27 @@ def _select(pred, a, b):
   return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
 
 
-# --- the ring with Pallas splash on every chunk pair (TPU) ---------------------------------------
+# --- the ring with the Pallas pair kernel on every chunk pair (TPU) ------------------------------
 #
-# Splash returns each pair's log-sum-exp but is not differentiable through it, so the whole ring
-# has one custom VJP: the forward pass merges the pairs' (out, lse); the backward pass goes round
-# the ring once more, giving each pair splash's backward kernel the GLOBAL out and lse (then
-# exp(s − lse) and Σ out·dout are the whole softmax's, and the pairs' dq, dk, dv add up to the
-# gradient). dq accumulates at home; dk and dv (float32) travel with their K/V chunk and take
-# one more hop home at the end. Layout [B, N, C/2, H] (heads before positions, as splash has
-# them); the segment ids are the mask inside the kernel, with no [C, C] array anywhere.
+# The kernel's forward returns each pair's log-sum-exp but is not differentiable through it, so
+# the whole ring has one custom VJP: the forward pass merges the pairs' (out, lse); the backward
+# pass goes round the ring once more, giving each pair's gradient kernels the GLOBAL out and lse
+# (then exp(s − lse) and Σ out·dout are the whole softmax's, and the pairs' dq, dk, dv add up to
+# the gradient). dq accumulates at home; dk and dv (float32) travel with their K/V chunk and
+# take one more hop home at the end. Layout [B, N, C/2, H] (heads before positions); the
+# segment ids are the mask inside the kernel, with no [C, C] array anywhere.
 
-def _splash_schedule(qs, ks, vs, segs, *, block_size, axis, n, layout, interpret):
-  """_xla_schedule's contract, with splash on every chunk pair (_splash_ring)."""
+def _flash_schedule(qs, ks, vs, segs, *, block_size, axis, n, layout, interpret):
+  """_xla_schedule's contract, with pair_flash on every chunk pair (_flash_ring)."""
   heads_first = lambda x: x.transpose(0, 2, 1, 3)
   qs = [heads_first(kernels.splash_scale(x)) for x in qs]
   ks, vs = ([heads_first(x) for x in xs] for xs in (ks, vs))
-  outs = _splash_ring(tuple(qs), tuple(ks), tuple(vs), tuple(segs), block_size, interpret, axis,
-                      n, layout)
+  outs = _flash_ring(tuple(qs), tuple(ks), tuple(vs), tuple(segs), block_size, interpret, axis,
+                     n, layout)
   return [heads_first(o) for o in outs]
 
 
-def _splash_steps(n, layout, idx):
+def _flash_steps(n, layout, idx):
   """For each ring step 1..n−1, the (query half, K/V half, active) chunk pairs computed; a half
   index may be a per-shard 0/1, and a pair that is not `active` (a per-shard bool: its K/V chunk
   is later than its query chunk) is computed and discarded."""
@@ -244,78 +245,64 @@ def _splash_steps(n, layout, idx):
 _OWN_PAIRS = ((True, 0, 0), (True, 1, 1), (False, 1, 0))
 
 
-def _pair_kernels(qs, block_size, interpret):
-  """{causal: splash kernel} for the half-chunk pairs of queries qs ([B, N, C/2, H] each)."""
-  _, heads, c2, _ = qs[0].shape
-  return {causal: kernels.splash_pair_kernel(c2, heads, block_size, causal, interpret)
-          for causal in (True, False)}
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _splash_ring(qs, ks, vs, segs, block_size, interpret, axis, n, layout):
-  return _splash_ring_fwd(qs, ks, vs, segs, block_size, interpret, axis, n, layout)[0]
+def _flash_ring(qs, ks, vs, segs, block_size, interpret, axis, n, layout):
+  return _flash_ring_fwd(qs, ks, vs, segs, block_size, interpret, axis, n, layout)[0]
 
 
-def _splash_ring_fwd(qs, ks, vs, segs, block_size, interpret, axis, n, layout):
-  kern = _pair_kernels(qs, block_size, interpret)
+def _flash_ring_fwd(qs, ks, vs, segs, block_size, interpret, axis, n, layout):
   idx = jax.lax.axis_index(axis)
-  last = []
+  out = [None, None]
 
   def attend(causal, i, j, kv):
     args = _in_turn((_pick(qs, i), _pick(kv[0], j), _pick(kv[1], j), _pick(segs, i),
-                     _pick(kv[2], j)), last)
-    o, lse = kernels.splash_pair(kern[causal], *args)
-    last[:] = [lse]
-    return o, lse
+                     _pick(kv[2], j)), out)
+    return pair_flash.pair_forward(*args, causal=causal, block_size=block_size,
+                                   interpret=interpret)
 
   own = (ks, vs, segs)
-  out = [None, None]
   for causal, i, j in _OWN_PAIRS:
     o = attend(causal, i, j, own)
-    out[i] = o if out[i] is None else _merge_splash(out[i], o)
+    out[i] = o if out[i] is None else _merge_pair(out[i], o)
   kv = own
-  for pairs in _splash_steps(n, layout, idx):
+  for pairs in _flash_steps(n, layout, idx):
     kv = jax.lax.ppermute(kv, axis, _ring_perm(n))
     for i, j, active in pairs:
       o = attend(False, i, j, kv)
       for half in (0, 1):
         use = jnp.logical_and(active, jnp.asarray(i) == half)
-        out[half] = _select(use, _merge_splash(out[half], o), out[half])
+        out[half] = _select(use, _merge_pair(out[half], o), out[half])
   outs = tuple(o.astype(qs[0].dtype) for o, _ in out)
   lses = tuple(checkpoint_name(lse, RESIDUALS_NAME) for _, lse in out)
   outs = tuple(checkpoint_name(o, RESIDUALS_NAME) for o in outs)
   return outs, (qs, ks, vs, segs, outs, lses)
 
 
-def _splash_ring_bwd(block_size, interpret, axis, n, layout, res, douts):
+def _flash_ring_bwd(block_size, interpret, axis, n, layout, res, douts):
   qs, ks, vs, segs, outs, lses = res
-  kern = _pair_kernels(qs, block_size, interpret)
   idx = jax.lax.axis_index(axis)
-  f32 = lambda x: x.astype(jnp.float32)
-  last = []
-
-  def grads(causal, i, j, kv):
-    args = _in_turn((_pick(qs, i), _pick(kv[0], j), _pick(kv[1], j), _pick(segs, i),
-                     _pick(kv[2], j), _pick(outs, i), _pick(lses, i), _pick(douts, i)), last)
-    g = kernels.splash_pair_grads(kern[causal], *args)
-    last[:] = [g[0]]
-    return g
-
   dq = [jnp.zeros(q.shape, jnp.float32) for q in qs]
   dkv = [[jnp.zeros(k.shape, jnp.float32) for k in ks], [jnp.zeros(v.shape, jnp.float32)
                                                         for v in vs]]
+
+  def grads(causal, i, j, kv):
+    args = _in_turn((_pick(qs, i), _pick(kv[0], j), _pick(kv[1], j), _pick(segs, i),
+                     _pick(kv[2], j), _pick(outs, i), _pick(lses, i), _pick(douts, i)),
+                    (dq, dkv))
+    return pair_flash.pair_grads(*args, causal=causal, block_size=block_size,
+                                 interpret=interpret)
 
   def add(i, j, active, g):
     for half in (0, 1):
       for acc, at, grad in ((dq, i, g[0]), (dkv[0], j, g[1]), (dkv[1], j, g[2])):
         use = jnp.logical_and(active, jnp.asarray(at) == half)
-        acc[half] = acc[half] + jnp.where(use, f32(grad), 0.0)
+        acc[half] = acc[half] + jnp.where(use, grad.astype(jnp.float32), 0.0)
 
   own = (ks, vs, segs)
   for causal, i, j in _OWN_PAIRS:
     add(i, j, True, grads(causal, i, j, own))
   kv = own
-  for pairs in _splash_steps(n, layout, idx):
+  for pairs in _flash_steps(n, layout, idx):
     kv, dkv = jax.lax.ppermute((kv, dkv), axis, _ring_perm(n))
     dkv = [list(x) for x in dkv]
     for i, j, active in pairs:
@@ -326,15 +313,18 @@ def _splash_ring_bwd(block_size, interpret, axis, n, layout, res, douts):
   return cast(dq, qs), cast(dkv[0], ks), cast(dkv[1], vs), None
 
 
-_splash_ring.defvjp(_splash_ring_fwd, _splash_ring_bwd)
+_flash_ring.defvjp(_flash_ring_fwd, _flash_ring_bwd)
 
 
-def _in_turn(args, last):
-  """args, available only once `last` (the previous splash call's output) is: the calls then
-  run one at a time. Each has a [N, C/2, 128] float32 buffer of its own (splash's lane-wide
-  log-sum-exp), which XLA would otherwise keep live for several calls at once: 212 MB a chip
-  instead of 24 at 32K on 4 shards, without ids (docs/long_sequences.md)."""
-  return jax.lax.optimization_barrier((args, last))[0] if last else args
+def _in_turn(args, sums):
+  """args, available only once `sums` (the running merge or gradient sums, None where not
+  started) are: each kernel call then runs after the previous call's results are summed, so
+  only one call's outputs are ever live. Tied to the previous call's output alone, XLA kept
+  several pairs' dk and dv for late sums: 71,724,544 B a chip for the tiny model of
+  test_segments at 32K on 4 shards, against 16,209,920 B tied to the sums (measured with
+  float32 gradient outputs)."""
+  done = jax.tree.leaves(sums)
+  return jax.lax.optimization_barrier((args, done))[0] if done else args
 
 
 def _pick(xs, i):
@@ -346,10 +336,11 @@ def _pick(xs, i):
   return _select(i == 0, xs[0], xs[1])
 
 
-def _merge_splash(a, b):
-  """_merge for splash's (out [B, N, C, H], lse [B, N, C]) pairs, in float32. A pair's own
-  output comes in the compute dtype (splash writes q's dtype): with bf16 compute each partial
-  is rounded to bf16 once before the float32 merge, where xla_blockwise's stay float32."""
+def _merge_pair(a, b):
+  """_merge for the pair kernel's (out [B, N, C, H], lse [B, N, C]) pairs, in float32. A
+  pair's own output comes in the compute dtype (the kernel writes q's dtype): with bf16 compute
+  each partial is rounded to bf16 once before the float32 merge, where xla_blockwise's stay
+  float32."""
   (o_a, lse_a), (o_b, lse_b) = a, b
   return _merge(o_a.astype(jnp.float32), lse_a, o_b.astype(jnp.float32), lse_b)
 
@@ -359,7 +350,7 @@ def ring_attention(q_BLNH, k_BLKH, v_BLKH, *, block_size: int = 512, axis: str =
   """Causal attention with context parallelism over mesh axis `axis` (under `jax.set_mesh`).
 
   segment_ids_BL: int [B, L] or None (document masking; module docstring). Without a mesh, or
-  when `axis` has size 1, this is exactly xla_blockwise attention. interpret: the splash
+  when `axis` has size 1, this is exactly xla_blockwise attention. interpret: the Pallas
   per-pair kernel in Pallas interpret mode, on any backend (tests on the CPU).
   """
   shard_chunks(1, layout)  # validates the layout name
@@ -379,16 +370,11 @@ def ring_attention(q_BLNH, k_BLKH, v_BLKH, *, block_size: int = 512, axis: str =
   heads = q_spec[2] if q_spec[2] == kv_spec[2] else None  # GQA groups stay whole on a shard
   q_spec = P(q_spec[0], axis, heads, None)
   kv_spec = P(kv_spec[0], axis, heads, None)
-  # Splash per chunk pair on TPU when the half-chunks are whole splash tiles (module docstring).
-  splash = ((interpret or kernels.backend() == "tpu")
-            and (l // (2 * n_shards)) % kernels.SPLASH_TILE == 0)
-  why = kernels.splash_pair_unsupported() if splash else None
-  if why:
-    warnings.warn(f"ring attention runs xla_blockwise on each chunk pair, not splash: {why} "
-                  "(pi_jax pins jax 0.10.2)")
-    splash = False
+  # The Pallas pair kernel on TPU when the half-chunks are whole tiles (module docstring).
+  flash = ((interpret or kernels.backend() == "tpu")
+           and (l // (2 * n_shards)) % pair_flash.TILE == 0)
   fn = functools.partial(_ring_shard, block_size=block_size, axis=axis, n_shards=n_shards,
-                         layout=layout, splash=splash, interpret=interpret)
+                         layout=layout, flash=flash, interpret=interpret)
   args, specs = (q_BLNH, k_BLKH, v_BLKH), (q_spec, kv_spec, kv_spec)
   if segment_ids_BL is not None:
     args, specs = args + (segment_ids_BL.astype(jnp.int32),), specs + (P(q_spec[0], axis),)

@@ -32,6 +32,9 @@ def memory_record(compiled, hbm_bytes: int) -> dict:
   """Per-chip bytes of a compiled executable (XLA's memory_analysis) against the chip's HBM.
 
   total = arguments + outputs − outputs aliased to donated arguments + temporaries (+ code).
+  peak_live_bytes: the most bytes the program's buffers hold at any one point of its schedule
+  (XLA's peak, in all memory spaces); the temporaries are what its heap reserves, which also
+  depends on how XLA packs the buffers.
   """
   m = compiled.memory_analysis()
   args, out, alias = m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes
@@ -48,6 +51,7 @@ def memory_record(compiled, hbm_bytes: int) -> dict:
       "temp_bytes": int(temp),
       "code_bytes": int(code),
       "host_bytes": int(host),
+      "peak_live_bytes": int(m.peak_memory_in_bytes),
   }
 
 
@@ -70,7 +74,7 @@ def overflow_record(message: str, hbm_bytes: int) -> dict | None:
     return None
   record = {"fits": False, "per_chip_bytes": None, "hbm_bytes_per_chip": int(hbm_bytes),
             "argument_bytes": None, "output_bytes": None, "alias_bytes": None,
-            "temp_bytes": None, "code_bytes": None, "host_bytes": None,
+            "temp_bytes": None, "code_bytes": None, "host_bytes": None, "peak_live_bytes": None,
             "compiler_message": message.strip()[:2000]}
   m = re.search(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm", message)
   if m:
@@ -195,7 +199,8 @@ def format_record(record: dict) -> str:
       "  per chip: arguments " + _gib(record["argument_bytes"]) +
       ", outputs " + _gib(record["output_bytes"]) +
       f" ({_gib(record['alias_bytes'])} aliased to donated arguments)" +
-      ", temporaries " + _gib(record["temp_bytes"]),
+      ", temporaries " + _gib(record["temp_bytes"]) +
+      f" (peak live {_gib(record['peak_live_bytes'])})",
       f"  total {_gib(record['per_chip_bytes'])} of {_gib(record['hbm_bytes_per_chip'])} HBM: " +
       ("fits" if record["fits"] else
        f"DOES NOT FIT (over by {_gib(record['per_chip_bytes'] - record['hbm_bytes_per_chip'])})"),
