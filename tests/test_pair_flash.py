@@ -2,8 +2,6 @@
 force, in Pallas interpret mode on the CPU; and compiled by the TPU compiler (Mosaic) with the
 segment ids read as stored."""
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,9 +134,7 @@ def test_pair_compiles_for_tpu_reading_ids_as_stored():
     ids = spec((b, c), jnp.int32)
     fn = jax.shard_map(step, mesh=mesh, in_specs=P("x"), out_specs=P("x"), check_vma=False)
     text = jax.jit(fn).lower(qs, kvs, kvs, ids, ids, qs).compile().as_text()
-    calls = [line for line in text.splitlines() if "tpu_custom_call" in line and "=" in line]
+    calls = tpu_aot.pallas_int_operands(text)
     assert len(calls) == 3, calls
-    for line in calls:
-      operands = re.search(r"operand_layout_constraints=\{(.*?)\}, ", line).group(1)
-      int_shapes = re.findall(r"s32\[([\d,]*)\]", operands)
+    for int_shapes in calls:
       assert int_shapes and all(s == f"1,1,{c}" for s in int_shapes), (h, int_shapes)

@@ -6,7 +6,6 @@ ring: at its peak, 7B at 128K, with the ids reaching its kernels as stored)."""
 
 import functools
 import os
-import re
 import textwrap
 
 import jax
@@ -370,12 +369,10 @@ def test_ring_segment_ids_reach_the_pair_kernels_as_stored():
   print(f"ring L={seq_len}: per-chip bytes without ids {without}, with ids {with_ids}; "
         f"peak live {peak_without}, {peak_with}")
   assert "collective-permute" in text
-  calls = [line for line in text.splitlines() if "tpu_custom_call" in line and " = " in line]
+  from tests import tpu_aot
   half_chunk = seq_len // (2 * shards)
   with_int_operands = 0
-  for line in calls:
-    operands = re.search(r"operand_layout_constraints=\{(.*?)\}, ", line).group(1)
-    int_shapes = re.findall(r"s32\[([\d,]*)\]", operands)
+  for int_shapes in tpu_aot.pallas_int_operands(text):
     assert all(shape == f"1,1,{half_chunk}" for shape in int_shapes), int_shapes
     with_int_operands += bool(int_shapes)
   assert with_int_operands >= 3  # the forward, dq and dk/dv kernels at least

@@ -8,6 +8,8 @@ Without libtpu the calling test FAILS with that message: it never skips.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -46,3 +48,12 @@ def compile_train_step(model, config, mesh):
     step = train_step.make_train_step(config, model, optimizer, shardings, batch_sharding)
     lowered = step.lower(state_lib.with_shardings(abstract, shardings), rows)
     return lowered, lowered.compile()
+
+
+def pallas_int_operands(text: str) -> list[list[str]]:
+  """For each Pallas (Mosaic) call of a compiled program's text, the dims of its int32
+  operands, e.g. [["1,1,1024", "1,1,1024"], []] (from the call's operand layouts)."""
+  calls = [line for line in text.splitlines() if "tpu_custom_call" in line and " = " in line]
+  return [re.findall(r"s32\[([\d,]*)\]",
+                     re.search(r"operand_layout_constraints=\{(.*?)\}, ", line).group(1))
+          for line in calls]

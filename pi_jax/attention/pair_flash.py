@@ -32,23 +32,20 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pi_jax.attention.kernels import SPLASH_TILE as TILE  # the TPU lane width
+from pi_jax.attention.kernels import splash_block
 from pi_jax.attention.reference import MASK_VALUE
 
-# Chunk lengths and blocks are multiples of the TPU lane width.
-TILE = 128
 _F32 = jnp.float32
 _NT = (((1,), (1,)), ((), ()))  # a·bᵀ: contract both operands' last axes
 
 
 def block_for(length: int, block_size: int) -> int:
-  """The kernel's block: the largest multiple of TILE that is ≤ block_size and divides `length`
-  (itself a multiple of TILE)."""
+  """The kernel's block (splash's rule: the largest multiple of TILE that is ≤ block_size and
+  divides `length`), for a chunk `length` that must be a multiple of TILE."""
   if length % TILE:
     raise ValueError(f"pair flash attention: chunk length {length} is not a multiple of {TILE}")
-  blk = max(TILE, min(block_size, length) // TILE * TILE)
-  while length % blk:
-    blk -= TILE
-  return blk
+  return splash_block(length, block_size)
 
 
 def _column(row_1X):
@@ -56,16 +53,17 @@ def _column(row_1X):
   return jnp.transpose(jnp.broadcast_to(row_1X, (8, row_1X.shape[1])))[:, :1]
 
 
-def _visible(causal, row_start, col_start, shape, rows_are_queries, row_ids_col, col_ids_row):
+def _visible(causal, row_start, col_start, shape, rows_are_queries, row_ids_ref, col_ids_ref):
   """(rows, cols) bool of which scores count, or None when all do: causal (query position ≥
-  key position) and same segment. Rows are queries (forward, dq) or keys (dk, dv)."""
+  key position) and same segment (the ids refs' [1, T] blocks, or None). Rows are queries
+  (forward, dq) or keys (dk, dv)."""
   mask = None
   if causal:
     rows = row_start + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
     cols = col_start + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
     mask = rows >= cols if rows_are_queries else cols >= rows
-  if row_ids_col is not None:
-    same = row_ids_col == col_ids_row
+  if row_ids_ref is not None:
+    same = _column(row_ids_ref[...]) == col_ids_ref[...]
     mask = same if mask is None else jnp.logical_and(mask, same)
   return mask
 
@@ -89,8 +87,7 @@ def _forward_kernel(*refs, causal, has_ids, bq, bk, nk):
   @pl.when(jnp.logical_or(not causal, kj * bk < (qi + 1) * bq))
   def _():
     s = jax.lax.dot_general(q_ref[...], k_ref[...], _NT, preferred_element_type=_F32)
-    mask = _visible(causal, qi * bq, kj * bk, s.shape, True,
-                    _column(q_ids[...]) if has_ids else None, k_ids[...] if has_ids else None)
+    mask = _visible(causal, qi * bq, kj * bk, s.shape, True, q_ids, k_ids)
     if mask is not None:
       s = jnp.where(mask, s, MASK_VALUE)
     m_prev = m_sc[...]
@@ -124,8 +121,7 @@ def _dq_kernel(*refs, causal, has_ids, bq, bk, nk):
     k = k_ref[...]
     s = jax.lax.dot_general(q_ref[...], k, _NT, preferred_element_type=_F32)
     p = jnp.exp(s - _column(lse_ref[...]))
-    mask = _visible(causal, qi * bq, kj * bk, s.shape, True,
-                    _column(q_ids[...]) if has_ids else None, k_ids[...] if has_ids else None)
+    mask = _visible(causal, qi * bq, kj * bk, s.shape, True, q_ids, k_ids)
     if mask is not None:
       p = jnp.where(mask, p, 0.0)
     dp = jax.lax.dot_general(do_ref[...], v_ref[...], _NT, preferred_element_type=_F32)
@@ -153,8 +149,7 @@ def _dkv_kernel(*refs, causal, has_ids, bq, bk, nq, groups):
     q, do = q_ref[...], do_ref[...]
     s_t = jax.lax.dot_general(k_ref[...], q, _NT, preferred_element_type=_F32)
     p_t = jnp.exp(s_t - lse_ref[...])
-    mask = _visible(causal, kj * bk, qi * bq, s_t.shape, False,
-                    _column(k_ids[...]) if has_ids else None, q_ids[...] if has_ids else None)
+    mask = _visible(causal, kj * bk, qi * bq, s_t.shape, False, k_ids, q_ids)
     if mask is not None:
       p_t = jnp.where(mask, p_t, 0.0)
     dv_sc[...] += jnp.dot(p_t.astype(do.dtype), do, preferred_element_type=_F32)
