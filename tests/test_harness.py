@@ -25,18 +25,20 @@ import train_utils as tu  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = os.path.join(ROOT, "tests", "data", "harness")
 # The SmolLM2 tests share one xdist worker with tests/test_smollm2.py (its conversion and HF
-# export are set up once); the tiny-model tests spread over the others.
+# export are set up once); the tiny-model tests spread over the others. Their fixtures are
+# session-wide: the worker may run another module's tests between them, and a module fixture
+# would then run both backends over again (62 s).
 SMOLLM2 = pytest.mark.xdist_group("smollm2")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def smollm2():
   return fetch.smollm2_checkpoint()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def smollm2_hf(smollm2, tmp_path_factory):
   return to_hf.export(smollm2, str(tmp_path_factory.mktemp("hf") / "smollm2"))
 
@@ -70,7 +72,7 @@ def metrics(out, task, names):
   return {n: out["results"][task][f"{n},none"] for n in names}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def smollm2_runs(smollm2, smollm2_hf):
   """Both backends on all three tasks; max_length 64 so the rolling task has several windows
   and the longest multiple-choice request is left-truncated."""

@@ -2,6 +2,8 @@
 flags; the train step with them equals today's step bit for bit on rows of one document each
 (where positions agree), and a packed batch equals its documents run alone."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,9 +117,14 @@ def test_documents_step_on_rows_of_one_document_equals_concat_bit_for_bit(impl):
 _PARAMS = model_lib.init_params(MODEL, jax.random.key(0))
 
 
+@functools.partial(jax.jit, static_argnames=("positions", "run"))
+def _jit_loss_and_grads(params, rows, positions, run):
+  fn = lambda p: step_lib.summed_loss(MODEL, run, 16, p, rows, positions)
+  return jax.value_and_grad(fn, has_aux=True)(params)
+
+
 def _loss_and_grads(rows, positions="restart", run=RunOptions(attention_impl="reference")):
-  fn = lambda p: step_lib.summed_loss(MODEL, run, 16, p, jnp.asarray(rows), positions)
-  (total, count), grads = jax.value_and_grad(fn, has_aux=True)(_PARAMS)
+  (total, count), grads = _jit_loss_and_grads(_PARAMS, jnp.asarray(rows), positions, run)
   return float(total), float(count), grads
 
 
@@ -166,9 +173,10 @@ def test_prompt_targets_change_neither_loss_nor_gradients():
   seg, mask = jnp.asarray(rows[:, 1, :-1]), jnp.asarray(packing.target_mask(rows))
   run = RunOptions(attention_impl="reference")
 
+  @jax.jit
   def loss_and_grads(targets):
-    fn = lambda p: loss_lib.mean_loss(MODEL, p, tokens, jnp.asarray(targets), mask,
-                                      segment_ids_BL=seg, run=run)[0]
+    fn = lambda p: loss_lib.mean_loss(MODEL, p, tokens, targets, mask, segment_ids_BL=seg,
+                                      run=run)[0]
     return jax.value_and_grad(fn)(_PARAMS)
 
   want, want_g = loss_and_grads(targets)

@@ -25,7 +25,12 @@ def _demo(*args, timeout=600):
                         capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
+# The smoke run (about 90 s) is made once: its tests share one xdist worker and the fixture
+# outlives the module there.
+pytestmark = pytest.mark.xdist_group("real_smoke")
+
+
+@pytest.fixture(scope="session")
 def smoke(tmp_path_factory):
   out = tmp_path_factory.mktemp("real") / "smoke"
   proc = _demo("--real", "--smoke", "--out", str(out))

@@ -179,17 +179,30 @@ def interpret_splash(monkeypatch):
                       lambda *a, **kw: splash(*a, **{**kw, "interpret": True}))
 
 
+def _model_case():
+  """(config, params, tokens, targets, NLL weights) of the model tests on SEGMENTS."""
+  base = _tiny()
+  tokens, targets = _tokens(SEGMENTS)
+  return (base, model_lib.init_params(base, jax.random.key(0)), tokens, targets,
+          jax.random.uniform(jax.random.key(3), SEGMENTS.shape))
+
+
+@functools.lru_cache(maxsize=1)
+def _documents_alone():
+  """Per-token NLL and weighted-sum gradients of each SEGMENTS document run alone (reference
+  attention, no ids): what every implementation's packed row must give."""
+  base, params, tokens, targets, weights = _model_case()
+  alone = jax.jit(lambda p: per_document(
+      lambda x, y: loss_lib.token_nll(base, p, x, y, run=_run()), SEGMENTS, tokens, targets))
+  return _nll_and_grads(alone, params, weights)
+
+
 @pytest.mark.parametrize("impl", _with_marks(IMPLS))
 def test_model_packed_row_equals_documents_alone(impl, interpret_splash):
   """Each token's NLL and every parameter gradient (of a weighted NLL sum) of a packed row equal
   those of its document run alone from position 0 (reference attention, no ids)."""
-  base = _tiny()
-  params = model_lib.init_params(base, jax.random.key(0))
-  tokens, targets = _tokens(SEGMENTS)
-  weights = jax.random.uniform(jax.random.key(3), SEGMENTS.shape)
-  alone = lambda p: per_document(lambda x, y: loss_lib.token_nll(base, p, x, y, run=_run()),
-                                 SEGMENTS, tokens, targets)
-  want, want_grads = _nll_and_grads(alone, params, weights)
+  base, params, tokens, targets, weights = _model_case()
+  want, want_grads = _documents_alone()
   run = _run(impl, IMPLS[impl].get("block_size"))
   packed = jax.jit(lambda p: loss_lib.token_nll(base, p, tokens, targets, chunk=16,
                                                 segment_ids_BL=jnp.asarray(SEGMENTS), run=run))
@@ -264,8 +277,8 @@ _DEVICES_SCRIPT = textwrap.dedent("""
     weights = jax.random.uniform(jax.random.key(3), seg.shape)
     def nll_and_grads(fn):
       return fn(params), jax.grad(lambda p: jnp.sum(fn(p) * weights))(params)
-    want, want_g = nll_and_grads(lambda p: per_document(
-        lambda x, y: loss_lib.token_nll(base, p, x, y, run=_run()), seg, tokens, targets))
+    want, want_g = nll_and_grads(jax.jit(lambda p: per_document(
+        lambda x, y: loss_lib.token_nll(base, p, x, y, run=_run()), seg, tokens, targets)))
     from pi_jax import native
     cases = [("ring", "data:2,sequence:4"), ("ring", "sequence:8"),
              ("cpu_flash", "data:2,fsdp:2,tensor:2"), ("xla_blockwise", "data:2,fsdp:2,tensor:2"),
