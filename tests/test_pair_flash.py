@@ -115,8 +115,8 @@ def test_pair_refuses_bad_shapes():
 
 def test_pair_compiles_for_tpu_reading_ids_as_stored():
   """The TPU compiler (Mosaic) takes the forward and both gradient kernels, bf16, head dims 16
-  and 128; every integer operand of a kernel is a row of ids, [B, 1, C] int32 (4 bytes a
-  position: no lane-wide [C, 128] copy)."""
+  and 128; the integer operands of a kernel are its two block offsets and the rows of ids,
+  [B, 1, C] int32 (4 bytes a position: no lane-wide [C, 128] copy)."""
   from jax.sharding import PartitionSpec as P
   from tests import tpu_aot
   devices = tpu_aot.tpu_devices("v5e:2x2")
@@ -136,5 +136,5 @@ def test_pair_compiles_for_tpu_reading_ids_as_stored():
     text = jax.jit(fn).lower(qs, kvs, kvs, ids, ids, qs).compile().as_text()
     calls = tpu_aot.pallas_int_operands(text)
     assert len(calls) == 3, calls
-    for int_shapes in calls:
-      assert int_shapes and all(s == f"1,1,{c}" for s in int_shapes), (h, int_shapes)
+    for int_shapes in calls:  # the prefetched block offsets [2], then the two rows of ids
+      assert int_shapes == ["2", f"1,1,{c}", f"1,1,{c}"], (h, int_shapes)

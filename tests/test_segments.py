@@ -373,20 +373,20 @@ def _ring_tpu(with_ids):
 
 
 def test_ring_segment_ids_reach_the_pair_kernels_as_stored():
-  """The ring with ids, compiled for v5e:2x4 (fsdp:2 × sequence:4, 8K): K/V and their ids go
-  round the ring (collective-permute), and every integer operand of every Pallas call is a row
-  of ids as stored, [1, 1, C/2] int32 (4 bytes a position: no lane-wide or [C, C] copy)."""
-  seq_len, shards = _RING_ARGS["seq_len"], 4
+  """The ring with ids, compiled for v5e:2x4 (fsdp:2 × sequence:4, 8K): K/V go round the ring
+  (collective-permute), and the integer operands of every Pallas call are its two block offsets
+  and the shard's row of ids as stored, [1, 1, L] int32 (4 bytes a position: no lane-wide,
+  [C, C] or per-chunk copy)."""
+  seq_len = _RING_ARGS["seq_len"]
   without, peak_without, _ = _ring_tpu(False)
   with_ids, peak_with, text = _ring_tpu(True)
   print(f"ring L={seq_len}: per-chip bytes without ids {without}, with ids {with_ids}; "
         f"peak live {peak_without}, {peak_with}")
   assert "collective-permute" in text
   from tests import tpu_aot
-  half_chunk = seq_len // (2 * shards)
   with_int_operands = 0
   for int_shapes in tpu_aot.pallas_int_operands(text):
-    assert all(shape == f"1,1,{half_chunk}" for shape in int_shapes), int_shapes
+    assert int_shapes in ([], ["2", f"1,1,{seq_len}", f"1,1,{seq_len}"]), int_shapes
     with_int_operands += bool(int_shapes)
   assert with_int_operands >= 3  # the forward, dq and dk/dv kernels at least
 
@@ -406,11 +406,12 @@ def test_ring_segment_ids_reserved_bytes_within_the_ids():
 
 
 @pytest.mark.slow  # two compiles of 7B for 64 chips, about a minute each
-def test_ring_segment_ids_add_at_most_the_ids_to_the_peak():
+def test_ring_segment_ids_add_at_most_the_ids_to_the_7b_step():
   """7B at 131072 tokens on a v5p-128 (fsdp 8 × sequence 8, the step train.py --compile-only
   compiles): packing=documents holds at most the whole batch's ids (8 × 131072 int32, 4 MiB)
-  more at its peak than packing=concat (measured +832,000 B). The reserved totals are printed
-  beside it (measured 17,363,415,744 and 17,369,933,632 B of temporaries)."""
+  more than packing=concat, both in its data bytes (arguments + outputs − aliased +
+  temporaries; measured +2,228,544 B) and at its peak (measured +2,706,944 B). The program's
+  code is printed beside it, not bounded (measured +12,546,048 B)."""
   from pi_jax.train import aot
   from pi_jax.train import config as config_lib
   base = config_lib.apply_overrides(
@@ -419,10 +420,14 @@ def test_ring_segment_ids_add_at_most_the_ids_to_the_peak():
        "mesh=fsdp:-1,sequence:8"])
   records = {packing: aot.compile_train_step(base.replace(packing=packing), "v5p-128")
              for packing in ("concat", "documents")}
+  data = lambda r: (r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"]
+                    + r["temp_bytes"])
   ids_bytes = base.global_batch * base.seq_len * 4
   for packing, r in records.items():
-    print(f"{packing}: peak live {r['peak_live_bytes']}, per chip {r['per_chip_bytes']}, "
-          f"temporaries {r['temp_bytes']}")
+    print(f"{packing}: data bytes {data(r)}, peak live {r['peak_live_bytes']}, code "
+          f"{r['code_bytes']}, per chip {r['per_chip_bytes']}")
   assert all(r["attention_compiled"] == "ring" for r in records.values())
-  grown = records["documents"]["peak_live_bytes"] - records["concat"]["peak_live_bytes"]
+  concat, documents = records["concat"], records["documents"]
+  assert data(documents) - data(concat) <= ids_bytes
+  grown = documents["peak_live_bytes"] - concat["peak_live_bytes"]
   assert grown <= ids_bytes, (grown, ids_bytes)

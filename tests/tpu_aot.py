@@ -54,6 +54,16 @@ def pallas_int_operands(text: str) -> list[list[str]]:
   """For each Pallas (Mosaic) call of a compiled program's text, the dims of its int32
   operands, e.g. [["1,1,1024", "1,1,1024"], []] (from the call's operand layouts)."""
   calls = [line for line in text.splitlines() if "tpu_custom_call" in line and " = " in line]
-  return [re.findall(r"s32\[([\d,]*)\]",
-                     re.search(r"operand_layout_constraints=\{(.*?)\}, ", line).group(1))
+  return [re.findall(r"s32\[([\d,]*)\]", _braced(line, "operand_layout_constraints={"))
           for line in calls]
+
+
+def _braced(line: str, opening: str) -> str:
+  """The text between `opening` (which ends with "{") and its matching "}"."""
+  start = line.index(opening) + len(opening)
+  depth = 1
+  for end in range(start, len(line)):
+    depth += {"{": 1, "}": -1}.get(line[end], 0)
+    if depth == 0:
+      return line[start:end]
+  raise ValueError(f"no closing brace after {opening!r}")

@@ -13,7 +13,10 @@ Queries come scaled (1/√H). A pair is causal (a chunk against itself) or full 
 earlier chunk). GQA natively: query head n reads key head n // G.
 
 Segment ids (document masking) are read as they are stored, one int32 a position ([B, 1, C],
-blocks of [1, T]); the kernel turns a block of query ids into a column itself. Splash instead
+blocks of [1, T]); the kernel turns a block of query ids into a column itself. With `ids_starts`
+the ids are a longer row (ring attention hands every pair its shard's whole row of ids) and the
+chunks' first positions pick the blocks, as scalars prefetched before the grid runs: no copy of
+a chunk's ids is made for a call. Splash instead
 takes query ids lane-wide ([C, 128] int32, 128 times the ids) and its log-sum-exp lane-wide
 ([N, C, 128] float32): in the ring those buffers made the ids cost ~15 times their own bytes
 per chip (docs/long_sequences.md). Here out, lse and the row terms are [B, N, 1, C] rows.
@@ -69,8 +72,9 @@ def _visible(causal, row_start, col_start, shape, rows_are_queries, row_ids_ref,
 
 
 def _ids(refs, has_ids):
-  """(query ids ref, key ids ref, the other refs) of a kernel's refs."""
-  return (refs[0], refs[1], refs[2:]) if has_ids else (None, None, refs)
+  """(query ids ref, key ids ref, the other refs) of a kernel's refs; with ids the first ref is
+  the prefetched block offsets, which only the index maps read."""
+  return (refs[1], refs[2], refs[3:]) if has_ids else (None, None, refs)
 
 
 def _forward_kernel(*refs, causal, has_ids, bq, bk, nk):
@@ -163,23 +167,43 @@ def _dkv_kernel(*refs, causal, has_ids, bq, bk, nq, groups):
     dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def _check(q_BNCH, k_BKCH, q_ids_BC):
+def _check(q_BNCH, k_BKCH, ids, ids_starts):
   b, n, c, _ = q_BNCH.shape
   if k_BKCH.shape[2] != c or n % k_BKCH.shape[1]:
     raise ValueError(f"pair flash attention: queries {q_BNCH.shape} and keys {k_BKCH.shape} "
                      "need the same chunk length and a whole number of query heads per key head")
-  if q_ids_BC is not None and q_ids_BC.shape != (b, c):
-    raise ValueError(f"pair flash attention: segment ids {q_ids_BC.shape}, not {(b, c)}")
+  for x in ids:
+    if x is None:
+      continue
+    if ids_starts is None and x.shape != (b, c):
+      raise ValueError(f"pair flash attention: segment ids {x.shape}, not {(b, c)}")
+    if ids_starts is not None and (x.ndim != 2 or x.shape[0] != b or x.shape[1] < c):
+      raise ValueError(f"pair flash attention: segment ids {x.shape} are not rows of at "
+                       f"least the chunk's {c} positions for batch {b}")
   return b, n, c, n // k_BKCH.shape[1]
 
 
-def _ids_args(q_ids_BC, kv_ids_BC, q_block, k_block):
-  """The ids as [B, 1, C] int32 arguments and their block specs (none without ids)."""
+def _ids_args(q_ids_BC, kv_ids_BC, ids_starts, blocks, q_block, k_block):
+  """(the prefetched [query, key] block offsets and the ids as [B, 1, ·] int32 arguments, their
+  block specs), or ((), []) without ids. q_block, k_block: (block length, index map of the grid
+  indices and the offsets ref to the block index within the chunk)."""
   if q_ids_BC is None:
     return (), []
-  args = tuple(x.astype(jnp.int32)[:, None, :] for x in (q_ids_BC, kv_ids_BC))
-  return args, [pl.BlockSpec((None, 1, q_block[0]), q_block[1]),
-                pl.BlockSpec((None, 1, k_block[0]), k_block[1])]
+  starts = (0, 0) if ids_starts is None else ids_starts
+  offsets = jnp.stack([jnp.asarray(x, jnp.int32) // t for x, t in zip(starts, blocks)])
+  ids = tuple(x.astype(jnp.int32)[:, None, :] for x in (q_ids_BC, kv_ids_BC))
+  spec = lambda t, index, which: pl.BlockSpec(
+      (None, 1, t), lambda *a: (a[0], 0, a[-1][which] + index(*a)))
+  return (offsets, *ids), [spec(*q_block, 0), spec(*k_block, 1)]
+
+
+def _grid_spec(ids, grid, in_specs, out_specs, scratch_shapes):
+  """The pallas_call grid: with ids, the block offsets (ids[0]) are prefetched scalars."""
+  if ids:
+    return pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=grid, in_specs=in_specs,
+                                        out_specs=out_specs, scratch_shapes=scratch_shapes)
+  return pl.GridSpec(grid=grid, in_specs=in_specs, out_specs=out_specs,
+                     scratch_shapes=scratch_shapes)
 
 
 def _key_block(causal, bq, bk):
@@ -188,39 +212,43 @@ def _key_block(causal, bq, bk):
   return lambda qi, kj: jnp.minimum(kj, ((qi + 1) * bq - 1) // bk) if causal else kj
 
 
-def _query_major(causal, bq, bk, h, groups, q_ids_BC, kv_ids_BC):
+def _query_major(causal, bq, bk, h, groups, q_ids_BC, kv_ids_BC, ids_starts):
   """(ids arguments, their specs, q spec, k/v spec, row spec) of a (b, n, query block, key
-  block) grid: the forward and the dq kernel."""
+  block) grid: the forward and the dq kernel. Index maps take (b, n, i, j[, offsets])."""
   key = _key_block(causal, bq, bk)
-  ids, ids_specs = _ids_args(q_ids_BC, kv_ids_BC, (bq, lambda b_, n_, i, j: (b_, 0, i)),
-                             (bk, lambda b_, n_, i, j: (b_, 0, key(i, j))))
-  q_spec = pl.BlockSpec((None, None, bq, h), lambda b_, n_, i, j: (b_, n_, i, 0))
-  kv_spec = pl.BlockSpec((None, None, bk, h), lambda b_, n_, i, j: (b_, n_ // groups, key(i, j), 0))
-  row_spec = pl.BlockSpec((None, None, 1, bq), lambda b_, n_, i, j: (b_, n_, 0, i))
+  ids, ids_specs = _ids_args(q_ids_BC, kv_ids_BC, ids_starts, (bq, bk),
+                             (bq, lambda b_, n_, i, j, *_: i),
+                             (bk, lambda b_, n_, i, j, *_: key(i, j)))
+  q_spec = pl.BlockSpec((None, None, bq, h), lambda b_, n_, i, j, *_: (b_, n_, i, 0))
+  kv_spec = pl.BlockSpec((None, None, bk, h),
+                         lambda b_, n_, i, j, *_: (b_, n_ // groups, key(i, j), 0))
+  row_spec = pl.BlockSpec((None, None, 1, bq), lambda b_, n_, i, j, *_: (b_, n_, 0, i))
   return ids, ids_specs, q_spec, kv_spec, row_spec
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "block_size", "interpret"))
 def pair_forward(q_BNCH, k_BKCH, v_BKCH, q_ids_BC=None, kv_ids_BC=None, *, causal: bool,
-                 block_size: int = 512, interpret: bool = False):
+                 block_size: int = 512, interpret: bool = False, ids_starts=None):
   """(out [B, N, C, H] in q's dtype, lse [B, N, C] float32) of scaled queries against one key
-  chunk; q_ids_BC, kv_ids_BC: int [B, C] segment ids of the two chunks, or None."""
-  b, n, c, groups = _check(q_BNCH, k_BKCH, q_ids_BC)
+  chunk; q_ids_BC, kv_ids_BC: int [B, C] segment ids of the two chunks, or None. ids_starts:
+  (query chunk start, key chunk start), int scalars that are multiples of the kernel's block
+  (`block_for`): the ids are then longer rows [B, L] and the chunks' ids begin there."""
+  b, n, c, groups = _check(q_BNCH, k_BKCH, (q_ids_BC, kv_ids_BC), ids_starts)
   h = q_BNCH.shape[3]
   bq = bk = block_for(c, block_size)
   nq, nk = c // bq, c // bk
   ids, ids_specs, q_spec, kv_spec, row_spec = _query_major(causal, bq, bk, h, groups, q_ids_BC,
-                                                           kv_ids_BC)
+                                                           kv_ids_BC, ids_starts)
   kernel = functools.partial(_forward_kernel, causal=causal, has_ids=bool(ids), bq=bq, bk=bk,
                              nk=nk)
   out, lse = pl.pallas_call(
-      kernel, grid=(b, n, nq, nk),
-      in_specs=ids_specs + [q_spec, kv_spec, kv_spec],
-      out_specs=[q_spec, row_spec],
+      kernel,
+      grid_spec=_grid_spec(ids, (b, n, nq, nk), ids_specs + [q_spec, kv_spec, kv_spec],
+                           [q_spec, row_spec],
+                           [pltpu.VMEM((bq, 1), _F32), pltpu.VMEM((bq, 1), _F32),
+                            pltpu.VMEM((bq, h), _F32)]),
       out_shape=[jax.ShapeDtypeStruct(q_BNCH.shape, q_BNCH.dtype),
                  jax.ShapeDtypeStruct((b, n, 1, c), _F32)],
-      scratch_shapes=[pltpu.VMEM((bq, 1), _F32), pltpu.VMEM((bq, 1), _F32),
-                      pltpu.VMEM((bq, h), _F32)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       interpret=interpret, name="pair_flash_forward",
@@ -230,11 +258,12 @@ def pair_forward(q_BNCH, k_BKCH, v_BKCH, q_ids_BC=None, kv_ids_BC=None, *, causa
 
 @functools.partial(jax.jit, static_argnames=("causal", "block_size", "interpret"))
 def pair_grads(q_BNCH, k_BKCH, v_BKCH, q_ids_BC, kv_ids_BC, out_BNCH, lse_BNC, dout_BNCH, *,
-               causal: bool, block_size: int = 512, interpret: bool = False):
+               causal: bool, block_size: int = 512, interpret: bool = False, ids_starts=None):
   """(dq [B, N, C, H], dk, dv [B, K, C, H]) in q's and k's dtypes (summed in float32 inside):
   this pair's share of the gradient of an attention whose output and log-sum-exp over ALL its
-  keys are out_BNCH and lse_BNC (module docstring); dout_BNCH is that output's cotangent."""
-  b, n, c, groups = _check(q_BNCH, k_BKCH, q_ids_BC)
+  keys are out_BNCH and lse_BNC (module docstring); dout_BNCH is that output's cotangent.
+  ids_starts: as in `pair_forward`."""
+  b, n, c, groups = _check(q_BNCH, k_BKCH, (q_ids_BC, kv_ids_BC), ids_starts)
   kh, h = k_BKCH.shape[1], q_BNCH.shape[3]
   bq = bk = block_for(c, block_size)
   nq, nk = c // bq, c // bk
@@ -245,14 +274,13 @@ def pair_grads(q_BNCH, k_BKCH, v_BKCH, q_ids_BC, kv_ids_BC, out_BNCH, lse_BNC, d
 
   # dq: (query block, key block) steps, keys innermost.
   ids, ids_specs, q_spec, kv_spec, row_spec = _query_major(causal, bq, bk, h, groups, q_ids_BC,
-                                                           kv_ids_BC)
+                                                           kv_ids_BC, ids_starts)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, causal=causal, has_ids=bool(ids), bq=bq, bk=bk, nk=nk),
-      grid=(b, n, nq, nk),
-      in_specs=ids_specs + [q_spec, kv_spec, kv_spec, row_spec, row_spec, q_spec],
-      out_specs=q_spec,
+      grid_spec=_grid_spec(ids, (b, n, nq, nk),
+                           ids_specs + [q_spec, kv_spec, kv_spec, row_spec, row_spec, q_spec],
+                           q_spec, [pltpu.VMEM((bq, h), _F32)]),
       out_shape=jax.ShapeDtypeStruct(q_BNCH.shape, q_BNCH.dtype),
-      scratch_shapes=[pltpu.VMEM((bq, h), _F32)],
       compiler_params=params(("parallel", "parallel", "parallel", "arbitrary")),
       interpret=interpret, name="pair_flash_dq",
   )(*ids, q_BNCH, k_BKCH, v_BKCH, lse_rows, di_rows, dout_BNCH)
@@ -260,22 +288,22 @@ def pair_grads(q_BNCH, k_BKCH, v_BKCH, q_ids_BC, kv_ids_BC, out_BNCH, lse_BNC, d
   # dk, dv: (key block, query head of the group, query block) steps, queries innermost; a
   # causal pair's skipped steps read the first query block they need.
   first = (lambda j, i: jnp.maximum(i, (j * bk) // bq)) if causal else (lambda j, i: i)
-  ids, ids_specs = _ids_args(q_ids_BC, kv_ids_BC,
-                             (bq, lambda b_, k_, j, g, i: (b_, 0, first(j, i))),
-                             (bk, lambda b_, k_, j, g, i: (b_, 0, j)))
+  ids, ids_specs = _ids_args(q_ids_BC, kv_ids_BC, ids_starts, (bq, bk),
+                             (bq, lambda b_, k_, j, g, i, *_: first(j, i)),
+                             (bk, lambda b_, k_, j, g, i, *_: j))
   q_spec = pl.BlockSpec((None, None, bq, h),
-                        lambda b_, k_, j, g, i: (b_, k_ * groups + g, first(j, i), 0))
-  kv_spec = pl.BlockSpec((None, None, bk, h), lambda b_, k_, j, g, i: (b_, k_, j, 0))
+                        lambda b_, k_, j, g, i, *_: (b_, k_ * groups + g, first(j, i), 0))
+  kv_spec = pl.BlockSpec((None, None, bk, h), lambda b_, k_, j, g, i, *_: (b_, k_, j, 0))
   row_spec = pl.BlockSpec((None, None, 1, bq),
-                          lambda b_, k_, j, g, i: (b_, k_ * groups + g, 0, first(j, i)))
+                          lambda b_, k_, j, g, i, *_: (b_, k_ * groups + g, 0, first(j, i)))
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, causal=causal, has_ids=bool(ids), bq=bq, bk=bk, nq=nq,
                         groups=groups),
-      grid=(b, kh, nk, groups, nq),
-      in_specs=ids_specs + [q_spec, kv_spec, kv_spec, row_spec, row_spec, q_spec],
-      out_specs=[kv_spec, kv_spec],
+      grid_spec=_grid_spec(ids, (b, kh, nk, groups, nq),
+                           ids_specs + [q_spec, kv_spec, kv_spec, row_spec, row_spec, q_spec],
+                           [kv_spec, kv_spec],
+                           [pltpu.VMEM((bk, h), _F32), pltpu.VMEM((bk, h), _F32)]),
       out_shape=[jax.ShapeDtypeStruct(k_BKCH.shape, k_BKCH.dtype)] * 2,
-      scratch_shapes=[pltpu.VMEM((bk, h), _F32), pltpu.VMEM((bk, h), _F32)],
       compiler_params=params(("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
       interpret=interpret, name="pair_flash_dkv",
   )(*ids, q_BNCH, k_BKCH, v_BKCH, lse_rows, di_rows, dout_BNCH)

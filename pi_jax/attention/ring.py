@@ -29,10 +29,15 @@ The per-pair kernel:
 - Otherwise xla_blockwise (blockwise_core), differentiated through the ring by autodiff.
 Batch stays split over data/fsdp and heads over tensor where they divide.
 
-Segment ids (document masking) move with their positions: the queries' ids through the same
-zig-zag permutes as q, the keys' ids around the ring beside k and v (int32, 4 bytes a position
-against k and v's 2·K·H elements). A query chunk that holds no key of its document in some K/V
-chunk gets a partial result with lse ≈ MASK_VALUE, which the merge weighs by exactly 0.
+Segment ids (document masking): the Pallas pair kernel reads every chunk's ids in place from
+the shard's whole row of ids ([B, L] int32, 4 bytes a position), at the chunk's first position
+(a prefetched scalar): the ids never move round the ring, and no chunk's ids are copied. Copies
+going round the ring were loop-invariant, so XLA took them out of the layer loop and kept every
+step's copy through it (7B at 128K: 26 [1, 8192] buffers carried through the backward loop,
++6.5 MB of temporaries a chip). The XLA pairs move the queries' ids through the same zig-zag
+permutes as q, and the keys' ids round the ring beside k and v. A query chunk that holds no
+key of its document in some K/V chunk gets a partial result with lse ≈ MASK_VALUE, which the
+merge weighs by exactly 0.
 """
 
 from __future__ import annotations
@@ -113,26 +118,29 @@ def _from_zigzag(first, second, axis, n, is_even):
   return jnp.concatenate([even, odd], axis=1)
 
 
-def _ring_shard(q_BCNH, k_BCKH, v_BCKH, seg_BC=None, *, block_size: int, axis: str,
+def _ring_shard(q_BCNH, k_BCKH, v_BCKH, seg=None, *, block_size: int, axis: str,
                 n_shards: int, layout: str, flash: bool, interpret: bool):
-  """Runs on one shard: the local contiguous chunk (C = L/n positions) and its segment ids
-  (or None); returns its output. flash: the per-pair kernel is the Pallas pair_flash, else
-  xla_blockwise."""
+  """Runs on one shard: the local contiguous chunk (C = L/n positions) and the segment ids
+  (or None): the whole row [B, L] for the Pallas pairs (`flash`), else the local chunk's
+  [B, C]. Returns the local output."""
   n = n_shards
   c2 = q_BCNH.shape[1] // 2
-  if not flash:  # XLA per pair derives padded, blocked copies of the ids: per layer, not hoisted
-    seg_BC = blockwise.per_call(seg_BC, q_BCNH)
   idx = jax.lax.axis_index(axis)
   is_even = idx % 2 == 0
-  local = (q_BCNH, k_BCKH, v_BCKH) + (() if seg_BC is None else (seg_BC,))
+  local = (q_BCNH, k_BCKH, v_BCKH)
+  if not flash and seg is not None:  # XLA pairs derive padded, blocked copies: per layer
+    local += (blockwise.per_call(seg, q_BCNH),)
   if layout == "zigzag":
     halves = [_to_zigzag(x, axis, n, is_even) for x in local]
   else:
     halves = [(x[:, :c2], x[:, c2:]) for x in local]
-  if seg_BC is None:
-    halves.append((None, None))
-  schedule = functools.partial(_flash_schedule, interpret=interpret) if flash else _xla_schedule
-  first, second = schedule(*halves, block_size=block_size, axis=axis, n=n, layout=layout)
+  if flash:
+    first, second = _flash_schedule(*halves, seg, block_size=block_size, axis=axis, n=n,
+                                    layout=layout, interpret=interpret)
+  else:
+    if seg is None:
+      halves.append((None, None))
+    first, second = _xla_schedule(*halves, block_size=block_size, axis=axis, n=n, layout=layout)
   first, second = first.astype(q_BCNH.dtype), second.astype(q_BCNH.dtype)
   if layout == "zigzag":
     return _from_zigzag(first, second, axis, n, is_even)
@@ -217,14 +225,23 @@ def _select(pred, a, b):
 # take one more hop home at the end. Layout [B, N, C/2, H] (heads before positions); the
 # segment ids are the mask inside the kernel, with no [C, C] array anywhere.
 
-def _flash_schedule(qs, ks, vs, segs, *, block_size, axis, n, layout, interpret):
-  """_xla_schedule's contract, with pair_flash on every chunk pair (_flash_ring)."""
+def _flash_schedule(qs, ks, vs, seg_BL, *, block_size, axis, n, layout, interpret):
+  """_xla_schedule's contract, with pair_flash on every chunk pair (_flash_ring), and the whole
+  row of segment ids (or None) in place of the half-chunks' ids."""
   heads_first = lambda x: x.transpose(0, 2, 1, 3)
   qs = [heads_first(kernels.splash_scale(x)) for x in qs]
   ks, vs = ([heads_first(x) for x in xs] for xs in (ks, vs))
-  outs = _flash_ring(tuple(qs), tuple(ks), tuple(vs), tuple(segs), block_size, interpret, axis,
-                     n, layout)
+  outs = _flash_ring(tuple(qs), tuple(ks), tuple(vs), seg_BL, block_size, interpret, axis, n,
+                     layout)
   return [heads_first(o) for o in outs]
+
+
+def _chunk_starts(shard, n, layout, c2):
+  """The first positions (in the whole row) of a shard's two half-chunks; `shard` may be
+  traced."""
+  if layout == "zigzag":
+    return shard * c2, (2 * n - 1 - shard) * c2
+  return 2 * shard * c2, (2 * shard + 1) * c2
 
 
 def _flash_steps(n, layout, idx):
@@ -246,51 +263,65 @@ _OWN_PAIRS = ((True, 0, 0), (True, 1, 1), (False, 1, 0))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _flash_ring(qs, ks, vs, segs, block_size, interpret, axis, n, layout):
-  return _flash_ring_fwd(qs, ks, vs, segs, block_size, interpret, axis, n, layout)[0]
+def _flash_ring(qs, ks, vs, seg_BL, block_size, interpret, axis, n, layout):
+  return _flash_ring_fwd(qs, ks, vs, seg_BL, block_size, interpret, axis, n, layout)[0]
 
 
-def _flash_ring_fwd(qs, ks, vs, segs, block_size, interpret, axis, n, layout):
+def _pair_ids(seg_BL, q_starts, kv_starts, i, j):
+  """(query ids, key ids, ids_starts) of pair_flash for half-chunks i, j: the whole row twice
+  and where the two chunks begin in it, or Nones."""
+  if seg_BL is None:
+    return None, None, None
+  return seg_BL, seg_BL, (_pick(q_starts, i), _pick(kv_starts, j))
+
+
+def _flash_ring_fwd(qs, ks, vs, seg_BL, block_size, interpret, axis, n, layout):
   idx = jax.lax.axis_index(axis)
+  c2 = qs[0].shape[2]
+  q_starts = _chunk_starts(idx, n, layout, c2)
   out = [None, None]
 
-  def attend(causal, i, j, kv):
-    args = _in_turn((_pick(qs, i), _pick(kv[0], j), _pick(kv[1], j), _pick(segs, i),
-                     _pick(kv[2], j)), out)
-    return pair_flash.pair_forward(*args, causal=causal, block_size=block_size,
-                                   interpret=interpret)
+  def attend(causal, i, j, kv, kv_starts):
+    q, k, v, (q_ids, kv_ids, starts) = _in_turn(
+        (_pick(qs, i), _pick(kv[0], j), _pick(kv[1], j),
+         _pair_ids(seg_BL, q_starts, kv_starts, i, j)), out)
+    return pair_flash.pair_forward(q, k, v, q_ids, kv_ids, causal=causal, block_size=block_size,
+                                   interpret=interpret, ids_starts=starts)
 
-  own = (ks, vs, segs)
+  own = (ks, vs)
   for causal, i, j in _OWN_PAIRS:
-    o = attend(causal, i, j, own)
+    o = attend(causal, i, j, own, q_starts)
     out[i] = o if out[i] is None else _merge_pair(out[i], o)
   kv = own
-  for pairs in _flash_steps(n, layout, idx):
+  for step, pairs in enumerate(_flash_steps(n, layout, idx), start=1):
     kv = jax.lax.ppermute(kv, axis, _ring_perm(n))
+    kv_starts = _chunk_starts((idx - step) % n, n, layout, c2)
     for i, j, active in pairs:
-      o = attend(False, i, j, kv)
+      o = attend(False, i, j, kv, kv_starts)
       for half in (0, 1):
         use = jnp.logical_and(active, jnp.asarray(i) == half)
         out[half] = _select(use, _merge_pair(out[half], o), out[half])
   outs = tuple(o.astype(qs[0].dtype) for o, _ in out)
   lses = tuple(checkpoint_name(lse, RESIDUALS_NAME) for _, lse in out)
   outs = tuple(checkpoint_name(o, RESIDUALS_NAME) for o in outs)
-  return outs, (qs, ks, vs, segs, outs, lses)
+  return outs, (qs, ks, vs, seg_BL, outs, lses)
 
 
 def _flash_ring_bwd(block_size, interpret, axis, n, layout, res, douts):
-  qs, ks, vs, segs, outs, lses = res
+  qs, ks, vs, seg_BL, outs, lses = res
   idx = jax.lax.axis_index(axis)
+  c2 = qs[0].shape[2]
+  q_starts = _chunk_starts(idx, n, layout, c2)
   dq = [jnp.zeros(q.shape, jnp.float32) for q in qs]
   dkv = [[jnp.zeros(k.shape, jnp.float32) for k in ks], [jnp.zeros(v.shape, jnp.float32)
                                                         for v in vs]]
 
-  def grads(causal, i, j, kv):
-    args = _in_turn((_pick(qs, i), _pick(kv[0], j), _pick(kv[1], j), _pick(segs, i),
-                     _pick(kv[2], j), _pick(outs, i), _pick(lses, i), _pick(douts, i)),
-                    (dq, dkv))
-    return pair_flash.pair_grads(*args, causal=causal, block_size=block_size,
-                                 interpret=interpret)
+  def grads(causal, i, j, kv, kv_starts):
+    q, k, v, o, lse, do, (q_ids, kv_ids, starts) = _in_turn(
+        (_pick(qs, i), _pick(kv[0], j), _pick(kv[1], j), _pick(outs, i), _pick(lses, i),
+         _pick(douts, i), _pair_ids(seg_BL, q_starts, kv_starts, i, j)), (dq, dkv))
+    return pair_flash.pair_grads(q, k, v, q_ids, kv_ids, o, lse, do, causal=causal,
+                                 block_size=block_size, interpret=interpret, ids_starts=starts)
 
   def add(i, j, active, g):
     for half in (0, 1):
@@ -298,15 +329,16 @@ def _flash_ring_bwd(block_size, interpret, axis, n, layout, res, douts):
         use = jnp.logical_and(active, jnp.asarray(at) == half)
         acc[half] = acc[half] + jnp.where(use, grad.astype(jnp.float32), 0.0)
 
-  own = (ks, vs, segs)
+  own = (ks, vs)
   for causal, i, j in _OWN_PAIRS:
-    add(i, j, True, grads(causal, i, j, own))
+    add(i, j, True, grads(causal, i, j, own, q_starts))
   kv = own
-  for pairs in _flash_steps(n, layout, idx):
+  for step, pairs in enumerate(_flash_steps(n, layout, idx), start=1):
     kv, dkv = jax.lax.ppermute((kv, dkv), axis, _ring_perm(n))
     dkv = [list(x) for x in dkv]
+    kv_starts = _chunk_starts((idx - step) % n, n, layout, c2)
     for i, j, active in pairs:
-      add(i, j, active, grads(False, i, j, kv))
+      add(i, j, active, grads(False, i, j, kv, kv_starts))
   if n > 1:  # each K/V chunk's gradient is one hop from home
     dkv = jax.lax.ppermute(dkv, axis, _ring_perm(n))
   cast = lambda gs, xs: tuple(g.astype(x.dtype) for g, x in zip(gs, xs))
@@ -376,7 +408,8 @@ def ring_attention(q_BLNH, k_BLKH, v_BLKH, *, block_size: int = 512, axis: str =
   fn = functools.partial(_ring_shard, block_size=block_size, axis=axis, n_shards=n_shards,
                          layout=layout, flash=flash, interpret=interpret)
   args, specs = (q_BLNH, k_BLKH, v_BLKH), (q_spec, kv_spec, kv_spec)
-  if segment_ids_BL is not None:
-    args, specs = args + (segment_ids_BL.astype(jnp.int32),), specs + (P(q_spec[0], axis),)
+  if segment_ids_BL is not None:  # the Pallas pairs read the whole row in place (docstring)
+    args += (segment_ids_BL.astype(jnp.int32),)
+    specs += (P(q_spec[0], None if flash else axis),)
   return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=q_spec,
                        check_vma=False)(*args)
