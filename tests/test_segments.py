@@ -17,6 +17,7 @@ from pi_jax import attention as attn_lib
 from pi_jax import native
 from pi_jax import loss as loss_lib
 from pi_jax import model as model_lib
+from pi_jax import sharding
 from pi_jax.attention import blockwise, kernels
 from pi_jax.config import ModelConfig
 from pi_jax.run import RunOptions
@@ -112,6 +113,14 @@ def _assert_same(got, want, bitwise):
     np.testing.assert_array_equal(got, want)
   else:
     assert _rel(got, want) < 2e-6
+
+
+def test_splash_separate_dq_kernel_with_ids_equals_documents_alone(monkeypatch):
+  """Splash's unfused backward (its dq kernel beside dk/dv), which segment ids take from 32K on
+  (kernels.MAX_DKV_BLOCK_SEGMENTED), forced here on a short row."""
+  monkeypatch.setattr(kernels, "MAX_DKV_BLOCK_SEGMENTED", 0)
+  assert not kernels.splash_block_sizes(128, 128, segmented=True).use_fused_bwd_kernel
+  test_attention_packed_equals_documents_alone("splash")
 
 
 @pytest.mark.parametrize("impl", _with_marks(IMPLS))
@@ -313,7 +322,6 @@ def _compiled(model, run, topology, mesh_spec, seq_len, with_ids):
   """(per-chip bytes: arguments + outputs − aliased + temporaries, XLA's peak live bytes, the
   program's text) of the loss and its parameter gradients, compiled for `topology`, with or
   without segment ids."""
-  from pi_jax import sharding
   from pi_jax.train import state as state_lib
   from tests import tpu_aot
   mesh = tpu_aot.tpu_mesh(topology, mesh_spec)
@@ -360,6 +368,24 @@ def test_splash_segment_ids_compile_for_tpu_without_more_memory():
         f"(+{with_ids - without}; ids {ids_bytes}); peak live {peak_without}, {peak_with}")
   assert "tpu_custom_call" in text
   assert with_ids - without <= ids_bytes, (without, with_ids, ids_bytes)
+
+
+def test_splash_segment_ids_compile_at_32k_with_head_dim_128():
+  """Splash's gradient with ids at 7B's attention shape (32 heads of 128, 32K) compiles for a
+  v5p: with 4096-row key blocks its fused dk/dv kernel asked for 17.03 MiB of VMEM, over the
+  16 MiB limit, and the 7B recipe with packing=documents did not compile
+  (kernels.MAX_DKV_BLOCK_SEGMENTED)."""
+  from tests import tpu_aot
+  mesh = tpu_aot.tpu_mesh("v5p:2x2x1", "fsdp:-1")
+  l, heads, h = 32768, 32, 128
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(
+      shape, dtype, sharding=sharding.named_sharding(mesh, ("batch",) + (None,) * (len(shape) - 1),
+                                                     shape))
+  q, seg = spec((4, l, heads, h), jnp.bfloat16), spec((4, l), jnp.int32)
+  loss = lambda q, k, v, seg: jnp.sum(attn_lib.attention(
+      q, k, v, impl="splash", segment_ids_BL=seg).astype(jnp.float32))
+  with jax.set_mesh(mesh):
+    jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, q, q, seg).compile()
 
 
 _RING_ARGS = dict(topology="v5e:2x4", mesh_spec="fsdp:2,sequence:4", seq_len=8192)

@@ -133,6 +133,10 @@ def test_splash_block_sizes_cap_the_partial_dq():
   assert mid.use_fused_bwd_kernel and (mid.block_kv_dkv, mid.block_kv_dkv_compute) == (4096, 512)
   long = kernels.splash_block_sizes(131072, 512)  # 16384-row key blocks: too wide for VMEM
   assert not long.use_fused_bwd_kernel and (long.block_q_dq, long.block_kv_dq) == (512, 512)
+  # With segment ids the fused kernel's key block stops at 2048 rows (VMEM).
+  assert kernels.splash_block_sizes(16384, 512, segmented=True).block_kv_dkv == 2048
+  assert kernels.splash_block_sizes(16384, 512, segmented=True).use_fused_bwd_kernel
+  assert not kernels.splash_block_sizes(32768, 512, segmented=True).use_fused_bwd_kernel
 
 
 def test_splash_wide_key_blocks_equal_reference(monkeypatch):

@@ -62,16 +62,21 @@ def splash_block(length: int, block_size: int) -> int:
 # the masked tiles of the diagonal block too (+~11% of the backward's attention work at 8
 # copies). Past MAX_DKV_BLOCK rows (its k, v and float32 dk, dv accumulators live in VMEM) the
 # separate dq kernel is used instead: no partial dq, but Q·Kᵀ and dO·Vᵀ computed twice.
+# With segment ids the fused dk/dv kernel also holds the ids' blocks (the queries' lane-wide):
+# at 4096 key rows, head dim 128, it asks Mosaic for 17.03 MiB of VMEM, over the 16 MiB scoped
+# limit, and 7B at 32K with packing=documents did not compile (8 Dec 2026). It fits at 2048.
 MAX_DQ_COPIES = 8
 MAX_DKV_BLOCK = 4096
+MAX_DKV_BLOCK_SEGMENTED = 2048
 
 
-def splash_block_sizes(length: int, blk: int):
-  """Splash's BlockSizes for a padded `length` and tile `blk` (see MAX_DQ_COPIES)."""
+def splash_block_sizes(length: int, blk: int, segmented: bool = False):
+  """Splash's BlockSizes for a padded `length` and tile `blk` (see MAX_DQ_COPIES); segmented:
+  with segment ids (MAX_DKV_BLOCK_SEGMENTED)."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   n = length // blk
   per_block = next(d for d in range(-(-n // MAX_DQ_COPIES), n + 1) if n % d == 0)
-  fused = per_block * blk <= MAX_DKV_BLOCK
+  fused = per_block * blk <= (MAX_DKV_BLOCK_SEGMENTED if segmented else MAX_DKV_BLOCK)
   dq = {} if fused else {"block_q_dq": blk, "block_kv_dq": blk}
   return sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk,
                        block_kv_dkv=per_block * blk if fused else blk, block_kv_dkv_compute=blk,
@@ -98,7 +103,7 @@ def _splash_local(q_BLNH, k_BLKH, v_BLKH, seg_BL=None, *, block_size: int, inter
     if seg_BL is not None:  # padding is a segment of its own: its queries see only padding
       seg_BL = jnp.pad(seg_BL, ((0, 0), (0, pad)), constant_values=-1)
   blk = splash_block(lp, block_size)
-  sizes = splash_block_sizes(lp, blk)
+  sizes = splash_block_sizes(lp, blk, segmented=seg_BL is not None)
   mask = sm.MultiHeadMask([sm.CausalMask((lp, lp)) for _ in range(n)])
   kernel = sk.make_splash_mha(mask=mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
                               residual_checkpoint_name=RESIDUALS_NAME, interpret=interpret)

@@ -282,9 +282,8 @@ def _flash_ring_fwd(qs, ks, vs, seg_BL, block_size, interpret, axis, n, layout):
   out = [None, None]
 
   def attend(causal, i, j, kv, kv_starts):
-    q, k, v, (q_ids, kv_ids, starts) = _in_turn(
-        (_pick(qs, i), _pick(kv[0], j), _pick(kv[1], j),
-         _pair_ids(seg_BL, q_starts, kv_starts, i, j)), out)
+    q, k, v = _in_turn((_pick(qs, i), _pick(kv[0], j), _pick(kv[1], j)), out)
+    q_ids, kv_ids, starts = _pair_ids(seg_BL, q_starts, kv_starts, i, j)
     return pair_flash.pair_forward(q, k, v, q_ids, kv_ids, causal=causal, block_size=block_size,
                                    interpret=interpret, ids_starts=starts)
 
@@ -317,9 +316,9 @@ def _flash_ring_bwd(block_size, interpret, axis, n, layout, res, douts):
                                                         for v in vs]]
 
   def grads(causal, i, j, kv, kv_starts):
-    q, k, v, o, lse, do, (q_ids, kv_ids, starts) = _in_turn(
-        (_pick(qs, i), _pick(kv[0], j), _pick(kv[1], j), _pick(outs, i), _pick(lses, i),
-         _pick(douts, i), _pair_ids(seg_BL, q_starts, kv_starts, i, j)), (dq, dkv))
+    q, k, v, o, lse, do = _in_turn((_pick(qs, i), _pick(kv[0], j), _pick(kv[1], j),
+                                    _pick(outs, i), _pick(lses, i), _pick(douts, i)), (dq, dkv))
+    q_ids, kv_ids, starts = _pair_ids(seg_BL, q_starts, kv_starts, i, j)
     return pair_flash.pair_grads(q, k, v, q_ids, kv_ids, o, lse, do, causal=causal,
                                  block_size=block_size, interpret=interpret, ids_starts=starts)
 
