@@ -39,6 +39,16 @@ def test_schedule_work_per_shard():
     ring.shard_chunks(4, "striped")
 
 
+@pytest.mark.parametrize("layout", ring.LAYOUTS)
+def test_chunk_starts_are_the_shard_chunks_in_positions(layout):
+  """The Pallas ring's traced chunk starts (where each pair reads its ids) agree with
+  shard_chunks, the table the XLA ring and the schedule tests use."""
+  for n in (1, 2, 4, 8):
+    for shard in range(n):
+      got = ring._chunk_starts(shard, n, layout, 256)
+      assert list(got) == (ring.shard_chunks(n, layout)[shard] * 256).tolist()
+
+
 _RING_SCRIPT = textwrap.dedent("""
     import sys
     from pi_jax import attention as attn_lib, model, sharding

@@ -16,10 +16,10 @@ Segment ids (document masking) are read as they are stored, one int32 a position
 blocks of [1, T]); the kernel turns a block of query ids into a column itself. With `ids_starts`
 the ids are a longer row (ring attention hands every pair its shard's whole row of ids) and the
 chunks' first positions pick the blocks, as scalars prefetched before the grid runs: no copy of
-a chunk's ids is made for a call. Splash instead
-takes query ids lane-wide ([C, 128] int32, 128 times the ids) and its log-sum-exp lane-wide
-([N, C, 128] float32): in the ring those buffers made the ids cost ~15 times their own bytes
-per chip (docs/long_sequences.md). Here out, lse and the row terms are [B, N, 1, C] rows.
+a chunk's ids is made for a call. Splash instead takes query ids lane-wide ([C, 128] int32, 128
+times the ids) and its log-sum-exp lane-wide ([N, C, 128] float32): in the ring those buffers
+made the ids cost ~15 times their own bytes per chip (docs/long_sequences.md). Here out, lse
+and the row terms are [B, N, 1, C] rows.
 
 Masked scores are MASK_VALUE, as in the other implementations: a query row that sees no key in
 this chunk gets lse ≈ MASK_VALUE, which a log-sum-exp merge weighs by exactly 0; the diagonal

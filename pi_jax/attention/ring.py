@@ -237,25 +237,27 @@ def _flash_schedule(qs, ks, vs, seg_BL, *, block_size, axis, n, layout, interpre
 
 
 def _chunk_starts(shard, n, layout, c2):
-  """The first positions (in the whole row) of a shard's two half-chunks; `shard` may be
-  traced."""
+  """The first positions (in the whole row) of a shard's two half-chunks: `shard_chunks` in
+  arithmetic, for a traced `shard` (indexing that table instead measured 96,768 B more a chip,
+  tiny ring at 8K)."""
   if layout == "zigzag":
     return shard * c2, (2 * n - 1 - shard) * c2
   return 2 * shard * c2, (2 * shard + 1) * c2
 
 
 def _flash_steps(n, layout, idx):
-  """For each ring step 1..n−1, the (query half, K/V half, active) chunk pairs computed; a half
-  index may be a per-shard 0/1, and a pair that is not `active` (a per-shard bool: its K/V chunk
-  is later than its query chunk) is computed and discarded."""
+  """For each ring step 1..n−1: the shard whose K/V chunks are then held, and the (query half,
+  K/V half, active) chunk pairs computed; a half index may be a per-shard 0/1, and a pair that
+  is not `active` (a per-shard bool: its K/V chunk is later than its query chunk) is computed
+  and discarded."""
   for step in range(1, n):
     src = (idx - step) % n
     early = src < idx
     if layout == "zigzag":
       x = jnp.where(early, 0, 1)
-      yield [(1, 0, True), (x, x, True)]
+      yield src, [(1, 0, True), (x, x, True)]
     else:  # contiguous: both query halves against both K/V halves, or nothing
-      yield [(a, b, early) for a in (0, 1) for b in (0, 1)]
+      yield src, [(a, b, early) for a in (0, 1) for b in (0, 1)]
 
 
 # A shard's own two chunks at ring step 0: (causal, query half, K/V half).
@@ -292,9 +294,9 @@ def _flash_ring_fwd(qs, ks, vs, seg_BL, block_size, interpret, axis, n, layout):
     o = attend(causal, i, j, own, q_starts)
     out[i] = o if out[i] is None else _merge_pair(out[i], o)
   kv = own
-  for step, pairs in enumerate(_flash_steps(n, layout, idx), start=1):
+  for src, pairs in _flash_steps(n, layout, idx):
     kv = jax.lax.ppermute(kv, axis, _ring_perm(n))
-    kv_starts = _chunk_starts((idx - step) % n, n, layout, c2)
+    kv_starts = _chunk_starts(src, n, layout, c2)
     for i, j, active in pairs:
       o = attend(False, i, j, kv, kv_starts)
       for half in (0, 1):
@@ -332,10 +334,10 @@ def _flash_ring_bwd(block_size, interpret, axis, n, layout, res, douts):
   for causal, i, j in _OWN_PAIRS:
     add(i, j, True, grads(causal, i, j, own, q_starts))
   kv = own
-  for step, pairs in enumerate(_flash_steps(n, layout, idx), start=1):
+  for src, pairs in _flash_steps(n, layout, idx):
     kv, dkv = jax.lax.ppermute((kv, dkv), axis, _ring_perm(n))
     dkv = [list(x) for x in dkv]
-    kv_starts = _chunk_starts((idx - step) % n, n, layout, c2)
+    kv_starts = _chunk_starts(src, n, layout, c2)
     for i, j, active in pairs:
       add(i, j, active, grads(False, i, j, kv, kv_starts))
   if n > 1:  # each K/V chunk's gradient is one hop from home
