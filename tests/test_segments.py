@@ -1,8 +1,9 @@
 """Document masking (segment ids, issue 25): a row of packed documents equals each document run
 alone (brute force) in every attention implementation, in outputs, per-token NLL and gradients,
 on 1 and 8 fake devices; one segment equals no segment ids bit for bit; splash and ring with
-ids compile for a TPU slice, and cost per chip no more than the ids (splash: in the total; the
-ring: at its peak, 7B at 128K, with the ids reaching its kernels as stored)."""
+ids compile for a TPU slice (splash also at 7B's attention shape at 32K), and cost per chip no
+more than the ids (splash: in the total; the ring: at its peak, and at 7B at 128K in its data
+bytes too, with the ids reaching its kernels as stored)."""
 
 import functools
 import os

@@ -52,7 +52,7 @@ def compile_train_step(model, config, mesh):
 
 def pallas_int_operands(text: str) -> list[list[str]]:
   """For each Pallas (Mosaic) call of a compiled program's text, the dims of its int32
-  operands, e.g. [["1,1,1024", "1,1,1024"], []] (from the call's operand layouts)."""
+  operands, e.g. [["2", "1,1,1024", "1,1,1024"], []] (from the call's operand layouts)."""
   calls = [line for line in text.splitlines() if "tpu_custom_call" in line and " = " in line]
   return [re.findall(r"s32\[([\d,]*)\]", _braced(line, "operand_layout_constraints={"))
           for line in calls]
